@@ -1,0 +1,17 @@
+"""The TFDS builder `mura` (MURA-v1.1). `import tfds_mura` registers it with TFDS.
+
+    import tfds_mura, tensorflow_datasets as tfds
+    builder = tfds.builder('mura', data_dir=DATA_DIR)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR))
+    train = tfds.data_source('mura', data_dir=DATA_DIR, split='train')   # grain / random access
+
+A built dataset is read without this package: `tfds.data_source('mura', data_dir=DATA_DIR)`.
+"""
+
+from tfds_mura.mura.mura_dataset_builder import BODY_PARTS
+from tfds_mura.mura.mura_dataset_builder import Builder as Mura
+from tfds_mura.mura.mura_dataset_builder import image_counts
+from tfds_mura.mura.mura_dataset_builder import LABELS
+from tfds_mura.mura.mura_dataset_builder import MuraDataError
+
+__all__ = ['BODY_PARTS', 'LABELS', 'Mura', 'MuraDataError', 'image_counts']

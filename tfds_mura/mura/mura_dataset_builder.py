@@ -1,0 +1,393 @@
+"""MURA-v1.1: musculoskeletal radiographs, one normal/abnormal label per study.
+
+The builder reads only what the official CSVs list (never a glob), checks every row against the
+files and folder names before writing anything, and keeps each view as one example with its
+study, body part, patient and view number, so that study-level prediction can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import multiprocessing
+import os
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+_DESCRIPTION = """\
+MURA (musculoskeletal radiographs) is a large dataset of bone X-rays: 40,561 multi-view radiographs
+of 14,863 upper-extremity studies from 12,173 patients (elbow, finger, forearm, hand, humerus,
+shoulder, wrist). Each study was labelled normal or abnormal by board-certified radiologists of
+Stanford Hospital at diagnostic time. The public release (v1.1) has a train split (13,457 studies,
+36,808 images) and a validation split (1,199 studies, 3,197 images); the test split is hidden.
+
+Each example is one view (one PNG) of a study. Images are stored as 8-bit grayscale PNGs (RGB and
+RGBA files of the release are converted to grayscale at build time). `study_id` groups the views of
+a study (`valid/XR_WRIST/patient11185/study1_positive`): a study is identified by split, body part,
+patient and study number together, since one patient can have `study1` under several body parts.
+
+The image counts per split and body part (normal, abnormal), which the paper's weighted loss needs,
+are in `info.metadata['image_counts']`, readable without decoding any image.
+"""
+
+_CITATION = """\
+@article{rajpurkar2017mura,
+  title   = {MURA: Large Dataset for Abnormality Detection in Musculoskeletal Radiographs},
+  author  = {Rajpurkar, Pranav and Irvin, Jeremy and Bagul, Aarti and Ding, Daisy and Duan, Tony
+             and Mehta, Hershel and Yang, Brandon and Zhu, Kaylie and Laird, Dillon and Ball,
+             Robyn L. and Langlotz, Curtis and Shpanskaya, Katie and Lungren, Matthew P. and
+             Ng, Andrew Y.},
+  journal = {arXiv preprint arXiv:1712.06957},
+  year    = {2017}
+}
+"""
+
+HOMEPAGE = 'https://stanfordmlgroup.github.io/competitions/mura/'
+
+# The 7 study types, in the order of the ClassLabel (alphabetical, as the folders `XR_<PART>`).
+BODY_PARTS = ('elbow', 'finger', 'forearm', 'hand', 'humerus', 'shoulder', 'wrist')
+LABELS = ('normal', 'abnormal')
+# MURA's folder names -> TFDS split names.
+SPLITS = {'train': 'train', 'valid': 'validation'}
+ROOT = 'MURA-v1.1'
+ZIP_NAME = 'MURA-v1.1.zip'
+
+_IMAGE_PATH = re.compile(
+    r'^MURA-v1\.1/(?P<split>train|valid)/XR_(?P<part>[A-Z]+)/patient(?P<patient>\d+)/'
+    r'study(?P<study>\d+)_(?P<folder_label>positive|negative)/image(?P<view>\d+)\.png$')
+_MAX_LISTED = 20  # offending rows shown in an error; the count says how many more
+
+
+class MuraDataError(ValueError):
+  """The manual download is missing, incomplete or contradicts itself; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """One row of `<split>_image_paths.csv`, checked against its study's label row."""
+  image_path: str   # as in the CSV: MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive/image1.png
+  study_id: str     # valid/XR_WRIST/patient11185/study1_positive
+  body_part: str    # wrist
+  patient_id: int
+  view: int
+  label: int        # 1 = abnormal
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the files are: an extracted `MURA-v1.1/` folder or the official zip, read in place.
+
+
+class Source:
+  """Reads files under MURA's root by their CSV paths (`MURA-v1.1/...`), from a folder or a zip."""
+
+  def __init__(self, manual_dir: epath.PathLike):
+    manual_dir = epath.Path(manual_dir)
+    self.description = os.fspath(manual_dir)
+    self._zip_path = None
+    self._zip = None
+    if (manual_dir / ROOT / 'train_labeled_studies.csv').exists():
+      self._base = manual_dir
+    elif (manual_dir / 'train_labeled_studies.csv').exists() and manual_dir.name == ROOT:
+      self._base = manual_dir.parent  # the user pointed at MURA-v1.1/ itself
+    elif (manual_dir / ZIP_NAME).exists():
+      self._base = None
+      self._zip_path = manual_dir / ZIP_NAME
+      self.description = os.fspath(self._zip_path)
+    else:
+      found = sorted(p.name for p in manual_dir.iterdir())[:10] if manual_dir.exists() else []
+      raise MuraDataError(
+          f'Neither {ROOT}/ (with its CSVs) nor {ZIP_NAME} is in the manual_dir {manual_dir} '
+          f'(it holds: {found or "nothing"}).\n{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+
+  def __getstate__(self):  # worker processes reopen the zip themselves
+    return {**self.__dict__, '_zip': None}
+
+  def _zipfile(self) -> zipfile.ZipFile:
+    if self._zip is None:
+      self._zip = zipfile.ZipFile(self._zip_path.open('rb'))
+      self._names = set(self._zip.namelist())
+    return self._zip
+
+  def exists(self, path: str) -> bool:
+    if self._base is not None:
+      return (self._base / path).exists()
+    self._zipfile()
+    return path in self._names
+
+  def read_bytes(self, path: str) -> bytes:
+    if self._base is not None:
+      return (self._base / path).read_bytes()
+    return self._zipfile().read(path)
+
+  def where(self, path: str) -> str:
+    """A path a person can open (for error messages)."""
+    return os.fspath(self._base / path) if self._base is not None else f'{self._zip_path}:{path}'
+
+  def missing(self, paths: Sequence[str], num_workers: int) -> list[str]:
+    """The paths that are not there (checked in parallel threads: stat is I/O bound)."""
+    if self._base is None:
+      self._zipfile()
+      return [p for p in paths if p not in self._names]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(4, num_workers * 4)) as pool:
+      present = list(pool.map(lambda p: (self._base / p).exists(), paths, chunksize=256))
+    return [p for p, ok in zip(paths, present) if not ok]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CSVs: no header, study paths end in '/'. Redistributed copies add a header or CRLF endings.
+
+
+def read_csv_rows(source: Source, name: str, num_fields: int) -> list[tuple[int, list[str]]]:
+  """(line number, fields) of a MURA CSV; skips a leading header row with a warning."""
+  path = f'{ROOT}/{name}'
+  if not source.exists(path):
+    raise MuraDataError(f'{source.where(path)} is missing: every MURA-v1.1 release has it.\n'
+                        f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  text = source.read_bytes(path).decode('utf-8-sig')
+  rows, errors = [], []
+  for number, line in enumerate(text.splitlines(), start=1):  # splitlines: LF and CRLF alike
+    if not line.strip():
+      continue
+    fields = [f.strip() for f in line.split(',')]
+    if not rows and not errors and not fields[0].startswith(f'{ROOT}/'):
+      logging.warning('%s: line %d looks like a header row (%r), not a path; skipping it. The '
+                      'official CSVs have no header.', source.where(path), number, line)
+      continue
+    if len(fields) != num_fields:
+      errors.append(f'line {number}: expected {num_fields} comma-separated field(s), got {line!r}')
+      continue
+    rows.append((number, fields))
+  _raise_if(errors, f'{source.where(path)} has malformed rows')
+  return rows
+
+
+def _raise_if(problems: Sequence[str], what: str):
+  if problems:
+    listed = '\n  '.join(problems[:_MAX_LISTED])
+    more = f'\n  ... and {len(problems) - _MAX_LISTED} more' if len(problems) > _MAX_LISTED else ''
+    raise MuraDataError(f'{what} ({len(problems)}):\n  {listed}{more}')
+
+
+def read_split(source: Source, split: str, num_workers: int = 1) -> list[View]:
+  """Every view of a MURA split (`train` or `valid`), cross-checked; raises listing all problems."""
+  labels_csv = f'{split}_labeled_studies.csv'
+  images_csv = f'{split}_image_paths.csv'
+  study_labels: dict[str, int] = {}
+  problems = []
+  for line, (study_path, label) in read_csv_rows(source, labels_csv, 2):
+    where = f'{labels_csv} line {line}'
+    study_path = study_path if study_path.endswith('/') else study_path + '/'
+    match = _IMAGE_PATH.match(study_path + 'image1.png')
+    if label not in ('0', '1'):
+      problems.append(f'{where}: label {label!r} is not 0 or 1')
+    elif match is None or match['split'] != split:
+      problems.append(f'{where}: {study_path!r} is not a {ROOT}/{split}/XR_<PART>/patientN/studyK_'
+                      '{positive,negative}/ study path')
+    elif match['part'].lower() not in BODY_PARTS:
+      problems.append(f'{where}: unknown body part XR_{match["part"]} (expected one of '
+                      f'{", ".join("XR_" + p.upper() for p in BODY_PARTS)})')
+    elif (match['folder_label'] == 'positive') != (label == '1'):
+      problems.append(f'{where}: label {label} contradicts the folder name {study_path!r}')
+    elif study_path in study_labels:
+      problems.append(f'{where}: study {study_path} is listed twice')
+    else:
+      study_labels[study_path] = int(label)
+  _raise_if(problems, f'{labels_csv} contradicts itself or MURA\'s layout')
+
+  views, seen, studies_with_views = [], set(), set()
+  for line, (image_path,) in read_csv_rows(source, images_csv, 1):
+    where = f'{images_csv} line {line}'
+    match = _IMAGE_PATH.match(image_path)
+    study_path = image_path.rsplit('/', 1)[0] + '/'
+    if match is None or match['split'] != split:
+      problems.append(f'{where}: {image_path!r} is not a {ROOT}/{split}/XR_<PART>/patientN/'
+                      'studyK_{positive,negative}/imageN.png path')
+    elif image_path in seen:
+      problems.append(f'{where}: image {image_path} is listed twice')
+    elif study_path not in study_labels:
+      problems.append(f'{where}: image {image_path} belongs to a study with no row in {labels_csv}')
+    else:
+      seen.add(image_path)
+      studies_with_views.add(study_path)
+      views.append(View(
+          image_path=image_path, study_id=study_path[len(ROOT) + 1:-1],
+          body_part=match['part'].lower(), patient_id=int(match['patient']),
+          view=int(match['view']), label=study_labels[study_path]))
+  problems += [f'{labels_csv}: study {s} has no image in {images_csv}'
+               for s in study_labels if s not in studies_with_views]
+  problems += [f'{images_csv}: {v} is listed but the file is not in {source.description}'
+               for v in source.missing([v.image_path for v in views], num_workers)]
+  _raise_if(problems, f'The {split} split of {source.description} is inconsistent')
+  return views
+
+
+def count_images(views: Sequence[View]) -> dict[str, dict[str, int]]:
+  """{body_part: {'normal': N_T, 'abnormal': A_T}}: the counts of the paper's weighted loss."""
+  counts = {part: {label: 0 for label in LABELS} for part in BODY_PARTS}
+  for v in views:
+    counts[v.body_part][LABELS[v.label]] += 1
+  return counts
+
+
+def count_studies(views: Sequence[View]) -> dict[str, dict[str, int]]:
+  counts = {part: {label: 0 for label in LABELS} for part in BODY_PARTS}
+  for study_id, body_part, label in {(v.study_id, v.body_part, v.label) for v in views}:
+    counts[body_part][LABELS[label]] += 1
+  return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Images: decode every file (a corrupt or truncated PNG fails here), store 8-bit grayscale PNG.
+
+
+def grayscale_png(data: bytes) -> bytes:
+  """PNG bytes of the image as 8-bit grayscale; raises on anything that does not decode fully.
+
+  Grayscale PNGs are kept byte for byte. RGB and RGBA views (MURA's RGB files have three equal
+  channels) become 'L' with ITU-R 601 luma, which is exact for equal channels; alpha is dropped.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as image:
+    if image.format != 'PNG':
+      raise ValueError(f'not a PNG but {image.format}')
+    image.load()  # decodes every row: a truncated file raises here
+    if image.mode == 'L':
+      return data
+    if image.mode in ('I;16', 'I;16B', 'I'):
+      pixels = np.asarray(image, np.uint32) >> 8  # 16-bit radiographs: keep the top 8 bits
+      image = Image.fromarray(pixels.astype(np.uint8))
+    elif image.mode in ('RGB', 'RGBA', 'LA', 'P', '1'):
+      image = image.convert('L')
+    else:
+      raise ValueError(f'unsupported PNG mode {image.mode!r}')
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG', compress_level=3)
+    return buffer.getvalue()
+
+
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source):
+  global _WORKER_SOURCE
+  _WORKER_SOURCE = source
+
+
+def _encode_view(image_path: str) -> tuple[bytes | None, str | None]:
+  try:
+    return grayscale_png(_WORKER_SOURCE.read_bytes(image_path)), None
+  except Exception as e:  # pylint: disable=broad-except  (reported, with the file, by the caller)
+    return None, f'{_WORKER_SOURCE.where(image_path)}: {type(e).__name__}: {e}'
+
+
+def encode_views(source: Source, views: Sequence[View], num_workers: int) -> Iterator[tuple[View, bytes]]:
+  """(view, grayscale PNG) in order, decoded on all cores; raises listing every bad image."""
+  bad = []
+  paths = [v.image_path for v in views]
+  if num_workers > 1:
+    pool = multiprocessing.get_context('spawn').Pool(num_workers, _init_worker, (source,))
+    results = pool.imap(_encode_view, paths, chunksize=16)
+  else:
+    pool = None
+    _init_worker(source)
+    results = map(_encode_view, paths)
+  try:
+    for v, (png, error) in zip(views, results):
+      if error is not None:
+        bad.append(error)  # keep going: the error lists every bad file, not just the first
+      elif not bad:
+        yield v, png
+  finally:
+    if pool is not None:
+      pool.terminate()
+  _raise_if(bad, 'Corrupt, truncated or unsupported images (the build stopped; fix or re-download '
+                 'them)')
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """DatasetBuilder for MURA-v1.1."""
+
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'MURA-v1.1, the public release (train and valid splits).'}
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+  MURA needs registration and may not be redistributed:
+    1. Register and accept the Stanford AIMI research use agreement at
+       {HOMEPAGE}
+       (or the Stanford AIMI shared datasets page, https://aimi.stanford.edu/shared-datasets).
+    2. Download MURA-v1.1.zip (about 3.3 GB).
+    3. Put it into the manual_dir (default ~/tensorflow_datasets/downloads/manual/), either as the
+       zip itself, `<manual_dir>/MURA-v1.1.zip` (read in place, no need to extract), or extracted,
+       `<manual_dir>/MURA-v1.1/` holding train/, valid/ and the four CSVs
+       (train_image_paths.csv, train_labeled_studies.csv, valid_image_paths.csv,
+       valid_labeled_studies.csv).
+    4. python -m tfds_mura.build --manual_dir <manual_dir> --data_dir <data_dir>
+  """
+
+  def __init__(self, *, file_format=None, num_workers: int | None = None, **kwargs):
+    # ArrayRecord by default: random access for grain, and no TensorFlow needed to write or read.
+    super().__init__(file_format=file_format or 'array_record', **kwargs)
+    self._num_workers = num_workers or os.cpu_count() or 1
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format='png'),
+            'label': tfds.features.ClassLabel(names=LABELS),
+            'body_part': tfds.features.ClassLabel(names=BODY_PARTS),
+            'study_id': tfds.features.Text(),
+            'patient_id': tfds.features.Scalar(dtype=np.int32),
+            'view': tfds.features.Scalar(dtype=np.int32),
+            'image_path': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'label'),
+        homepage=HOMEPAGE,
+        citation=_CITATION,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    try:
+      manual_dir = dl_manager.manual_dir
+    except AssertionError as e:  # TFDS's own error for a missing or empty manual_dir
+      raise MuraDataError(f'{e}') from None
+    source = Source(manual_dir)
+    # Check both splits before writing anything: a bad validation CSV should not cost a train build.
+    views = {split: read_split(source, split, self._num_workers) for split in SPLITS}
+    self.info.metadata['image_counts'] = {SPLITS[s]: count_images(v) for s, v in views.items()}
+    self.info.metadata['study_counts'] = {SPLITS[s]: count_studies(v) for s, v in views.items()}
+    return {SPLITS[s]: self._generate_examples(source, v) for s, v in views.items()}
+
+  def _generate_examples(self, source: Source, views: Sequence[View]):
+    for v, png in encode_views(source, views, self._num_workers):
+      yield v.image_path, {
+          'image': png,
+          'label': v.label,
+          'body_part': v.body_part,
+          'study_id': v.study_id,
+          'patient_id': v.patient_id,
+          'view': v.view,
+          'image_path': v.image_path,
+      }
+
+
+def image_counts(info: tfds.core.DatasetInfo, split: str = 'train') -> dict[str, dict[str, int]]:
+  """{body_part: {'normal': N, 'abnormal': A}} of a built MURA split, from metadata (no decoding)."""
+  metadata = info.metadata
+  if metadata is None or 'image_counts' not in metadata:
+    raise MuraDataError(f'{info.data_dir} has no image_counts metadata: rebuild it with tfds_mura '
+                        '>= 1.1.0 (python -m tfds_mura.build).')
+  if split not in metadata['image_counts']:
+    raise MuraDataError(f'split {split!r} not in {sorted(metadata["image_counts"])}')
+  return metadata['image_counts'][split]
