@@ -3,8 +3,9 @@
     python -m tfds_mura.build --manual_dir DIR --data_dir DIR [--file_format array_record|tfrecord]
 
 `manual_dir` holds `MURA-v1.1.zip` or the extracted `MURA-v1.1/`. Images are checked and encoded on
-all cores. The stock TFDS command does the same build:
-`tfds build tfds_mura/mura --manual_dir DIR --data_dir DIR` (from a checkout).
+all cores. (TFDS 4.9.10's own `tfds build` CLI imports apache_beam, which this project does not
+need; with it installed, `tfds build mura --imports tfds_mura --manual_dir DIR --data_dir DIR
+--file_format array_record` is the equivalent.)
 """
 
 from __future__ import annotations

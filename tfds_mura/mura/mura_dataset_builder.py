@@ -335,8 +335,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   """
 
   def __init__(self, *, file_format=None, num_workers: int | None = None, **kwargs):
-    # ArrayRecord by default: random access for grain, and no TensorFlow needed to write or read.
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
+    super().__init__(file_format=file_format, **kwargs)  # a built dataset keeps its own format
+    if file_format is None and not self.is_prepared():
+      # ArrayRecord by default: random access for grain, and no TensorFlow to write or read it.
+      self.info.set_file_format('array_record', override=True)
     self._num_workers = num_workers or os.cpu_count() or 1
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -1,0 +1,46 @@
+"""mura-jax's entry point: `python -m mura_jax.main --config CONFIG --workdir DIR`.
+
+`config.mode` picks the job. Without --config, `configs/demo.py` runs (the embedded default).
+Override any config value on the command line: `--config.data.synthetic_seed=1`.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'configs', 'demo.py')
+
+config_flags.DEFINE_config_file('config', _DEMO_CONFIG, 'Python file with get_config().')
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, reports (and the demo data) go.')
+flags.mark_flags_as_required(['workdir'])
+FLAGS = flags.FLAGS
+
+
+def run_data(config, workdir):
+  """Prepares the dataset (synthetic if configured) and prints what is in it."""
+  from mura_jax import data  # pylint: disable=g-import-not-at-top
+  from tfds_mura import build  # pylint: disable=g-import-not-at-top
+  builder = data.prepare_dataset(config, workdir)
+  print(f'\nmura {builder.info.version} ({builder.info.file_format.value}) in {builder.data_dir}')
+  print(build.summary_table(builder.info))
+
+
+MODES = {'data': run_data}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if config.mode not in MODES:
+    raise app.UsageError(f'config.mode={config.mode!r}; expected one of {sorted(MODES)}')
+  logging.info('Config:\n%s', config)
+  MODES[config.mode](config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,33 @@
+"""Shared fixtures: one small synthetic MURA-v1.1 and its built TFDS dataset per test session."""
+
+import os
+
+# Tests see 4 CPU devices, as a 4-accelerator host would (sharded == unsharded tests need them).
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('KERAS_BACKEND', 'jax')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+from mura_jax import synthetic  # noqa: E402
+
+STUDIES_PER_PART = 6
+VALID_STUDIES_PER_PART = 4
+
+
+@pytest.fixture(scope='session')
+def synthetic_dir(tmp_path_factory):
+  """OUT_DIR of `python -m mura_jax.synthetic` (holds MURA-v1.1/ and synthetic_annotations.csv)."""
+  out = tmp_path_factory.mktemp('synthetic')
+  synthetic.make_synthetic_mura(out, STUDIES_PER_PART, VALID_STUDIES_PER_PART, seed=0,
+                                num_workers=2, progress=False)
+  return out
+
+
+@pytest.fixture(scope='session')
+def mura_data_dir(synthetic_dir, tmp_path_factory):
+  """A TFDS data_dir with `mura` built (array_record) from the synthetic tree."""
+  from tfds_mura import build  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  build.build(str(synthetic_dir), str(data_dir), num_workers=2)
+  return data_dir
