@@ -29,15 +29,45 @@ def run_data(config, workdir):
   print(build.summary_table(builder.info))
 
 
-MODES = {'data': run_data}
+def run_train(config, workdir):
+  """Prepares the data (synthetic if configured), trains, then evaluates the best checkpoint."""
+  from mura_jax import data, train  # pylint: disable=g-import-not-at-top
+  if config.data.synthetic:
+    data.prepare_dataset(config, workdir)
+  summary = train.train_and_evaluate(config, workdir)
+  if summary['status'] == 'done':
+    run_evaluate(config, workdir)
+
+
+def run_evaluate(config, workdir):
+  """Evaluates a checkpoint (config.evaluation.checkpoint: best, latest or a step)."""
+  from mura_jax import train  # pylint: disable=g-import-not-at-top
+  report = train.evaluate_checkpoint(config, workdir, config.evaluation.split,
+                                     config.evaluation.checkpoint)
+  logging.info('Evaluation report: %s/eval/%s/report.json', workdir, config.evaluation.split)
+  return report
+
+
+MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate}
+
+
+class _QuietLibraries:
+  """Keeps orbax's and TFDS's per-operation INFO lines out of the run's log (warnings pass)."""
+
+  def filter(self, record):
+    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorflow_datasets', 'grain'))
+    return record.levelno >= 30 or not noisy
 
 
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
   if config.mode not in MODES:
     raise app.UsageError(f'config.mode={config.mode!r}; expected one of {sorted(MODES)}')
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed()
   logging.info('Config:\n%s', config)
   MODES[config.mode](config, FLAGS.workdir)
 

@@ -1,0 +1,218 @@
+"""Grain input pipelines over the TFDS `mura` data source: decode, augment, batch, shard per host.
+
+Each host reads only its part of every global batch: global batch k holds the epoch's positions
+[k*B, (k+1)*B), and host p the positions [k*B + p*b, k*B + (p+1)*b) with b = B / processes. The
+global batch, put together by `parallel.global_batch`, is thus the same on 1 or N hosts, and so is
+the training. Augmentation draws from a generator seeded by (seed, epoch, position), so it is the
+same whatever the number of hosts or grain workers.
+
+Images leave the pipeline as uint8 (B, S, S, 1): four times less to copy to the devices than
+float RGB. `normalize` turns them into the model's input on the device, inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+# ImageNet statistics (torchvision): the paper normalises MURA with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ('squash', 'pad')
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitIndex:
+  """What every view of a split is, read from the records without decoding one image."""
+  studies: tuple[str, ...]      # study ids, e.g. 'valid/XR_WRIST/patient11185/study1_positive'
+  study_index: np.ndarray       # (views,) int32: index into `studies`
+  label: np.ndarray             # (views,) int32: 1 = abnormal
+  body_part: np.ndarray         # (views,) int32: index into tfds_mura.BODY_PARTS
+  image_path: tuple[str, ...]   # (views,) as in MURA's CSV
+
+  def __len__(self):
+    return len(self.label)
+
+
+def data_source(data_dir: str, split: str):
+  """The `mura` split as a random-access source; a clear error when the dataset is not built."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source('mura', data_dir=data_dir, split=split)
+  except Exception as e:  # pylint: disable=broad-except  (TFDS raises several kinds)
+    raise FileNotFoundError(
+        f'No built `mura` dataset with split {split!r} in {data_dir} ({type(e).__name__}: {e}).\n'
+        'Build it first: python -m tfds_mura.build --manual_dir DIR --data_dir '
+        f'{data_dir}   (DIR holds MURA-v1.1.zip or MURA-v1.1/; or run configs/demo.py for a '
+        'synthetic one).') from e
+
+
+def read_split_index(data_dir: str, split: str) -> SplitIndex:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_source(data_dir, split)  # the clear error, if any
+  source = tfds.data_source('mura', data_dir=data_dir, split=split,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+  examples = source.__getitems__(list(range(len(source))))
+  study_ids = [ex['study_id'].decode() for ex in examples]
+  studies = tuple(dict.fromkeys(study_ids))  # first-seen order
+  position = {s: i for i, s in enumerate(studies)}
+  return SplitIndex(
+      studies=studies,
+      study_index=np.array([position[s] for s in study_ids], np.int32),
+      label=np.array([ex['label'] for ex in examples], np.int32),
+      body_part=np.array([ex['body_part'] for ex in examples], np.int32),
+      image_path=tuple(ex['image_path'].decode() for ex in examples))
+
+
+# ------------------------------------------------------------------------------------------------
+# One view: augment (train only), resize, keep uint8.
+
+
+def preprocess_view(image: np.ndarray, image_size: int, resize: str = 'squash',
+                    rng: np.random.Generator | None = None, flip: bool = True,
+                    rotation_degrees: float = 30.0) -> np.ndarray:
+  """uint8 (H, W, 1) -> uint8 (S, S, 1). With `rng`: random lateral flip and rotation first.
+
+  'squash' scales to S x S as the paper does (aspect ratio lost); 'pad' pads to a square with
+  black (the radiograph's background) first, keeping the aspect ratio.
+  """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f'resize={resize!r}; expected one of {RESIZE_MODES}')
+  pil = Image.fromarray(image[..., 0])
+  if rng is not None:
+    if flip and rng.random() < 0.5:
+      pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rotation_degrees:
+      angle = float(rng.uniform(-rotation_degrees, rotation_degrees))
+      pil = pil.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+  if resize == 'pad':
+    side = max(pil.size)
+    square = Image.new('L', (side, side), 0)
+    square.paste(pil, ((side - pil.size[0]) // 2, (side - pil.size[1]) // 2))
+    pil = square
+  pil = pil.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
+  return np.asarray(pil, np.uint8)[..., None]
+
+
+def normalize(images: jnp.ndarray, in_channels: int = 3) -> jnp.ndarray:
+  """uint8 (..., 1) gray -> float32 model input with ImageNet normalisation, on the device.
+
+  3 channels: the gray image in each channel, normalised per channel (what an ImageNet network
+  expects). 1 channel: normalised with the channels' mean statistics, for models whose conv0 was
+  folded over the input channels (`models.weights`).
+  """
+  x = images.astype(jnp.float32) / 255.0
+  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
+  if in_channels == 3:
+    return (jnp.repeat(x, 3, axis=-1) - mean) / std
+  if in_channels == 1:
+    return (x - mean.mean()) / std.mean()
+  raise ValueError(f'in_channels={in_channels}; expected 1 or 3')
+
+
+# ------------------------------------------------------------------------------------------------
+# Which example sits at which position, per host.
+
+
+def local_positions(num_positions: int, global_batch: int, process_index: int,
+                    process_count: int, start_batch: int = 0) -> np.ndarray:
+  """This host's positions of an epoch, batch by batch (see the module docstring)."""
+  if global_batch % process_count:
+    raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+  b = global_batch // process_count
+  batches = np.arange(start_batch, num_positions // global_batch)
+  return (batches[:, None] * global_batch + process_index * b + np.arange(b)[None, :]).reshape(-1)
+
+
+def _train_view(position_and_index, source, seed, epoch, image_size, resize, flip, rotation):
+  position, index = position_and_index
+  example = source[int(index)]
+  rng = np.random.default_rng([seed, epoch, int(position)])
+  return {
+      'image': preprocess_view(example['image'], image_size, resize, rng, flip, rotation),
+      'label': np.int32(example['label']),
+      'body_part': np.int32(example['body_part']),
+  }
+
+
+def _eval_view(position, source, num_examples, image_size, resize):
+  valid = position < num_examples
+  index = int(position) if valid else 0  # padding repeats view 0 and carries mask 0
+  example = source[index]
+  return {
+      'image': preprocess_view(example['image'], image_size, resize),
+      'label': np.int32(example['label']),
+      'body_part': np.int32(example['body_part']),
+      'index': np.int32(index),   # the view's row in the split (and in SplitIndex)
+      'mask': np.float32(valid),
+  }
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The example at each position of a training epoch: a permutation from (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batches(source, *, seed: int, epoch: int, global_batch: int, image_size: int,
+                  resize: str = 'squash', flip: bool = True, rotation_degrees: float = 30.0,
+                  process_index: int = 0, process_count: int = 1, start_batch: int = 0,
+                  num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+  """This host's training batches of one epoch, from `start_batch` on (exact resume).
+
+  The last incomplete global batch is dropped, as `drop_last` training does; every example is
+  seen in the next epochs' other orders.
+  """
+  order = epoch_order(len(source), seed, epoch)
+  positions = local_positions(len(source), global_batch, process_index, process_count, start_batch)
+  pairs = np.stack([positions, order[positions]], axis=1)
+  view = functools.partial(_train_view, source=source, seed=seed, epoch=epoch,
+                           image_size=image_size, resize=resize, flip=flip,
+                           rotation=rotation_degrees)
+  dataset = (grain.MapDataset.source(pairs).map(view)
+             .batch(global_batch // process_count, drop_remainder=True))
+  return _to_iter(dataset, num_workers, prefetch)
+
+
+def num_train_batches(num_examples: int, global_batch: int) -> int:
+  return num_examples // global_batch
+
+
+def eval_batches(source, *, global_batch: int, image_size: int, resize: str = 'squash',
+                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                 prefetch: int = 2) -> grain.IterDataset:
+  """Every view of the split exactly once, in order; the last batch padded with `mask` 0."""
+  num_padded = -(-len(source) // global_batch) * global_batch
+  positions = local_positions(num_padded, global_batch, process_index, process_count)
+  view = functools.partial(_eval_view, source=source, num_examples=len(source),
+                           image_size=image_size, resize=resize)
+  dataset = grain.MapDataset.source(positions).map(view).batch(global_batch // process_count)
+  return _to_iter(dataset, num_workers, prefetch)
+
+
+def _to_iter(dataset: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1),
+                                                       prefetch_buffer_size=max(prefetch, 1)))
+  if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read absl flags; outside an absl app nobody parsed them.
+      flags.FLAGS.mark_as_parsed()
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iterable
+
+
+def batches_of(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates and closes the multiprocessing workers when done or abandoned."""
+  iterator = iter(dataset)
+  try:
+    yield from iterator
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()
