@@ -1,0 +1,290 @@
+"""Training as in the paper: the loss, the schedule, sharding, exact resume, and its errors."""
+
+import math
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs'))
+import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from mura_jax import input_pipeline  # noqa: E402
+from mura_jax import parallel  # noqa: E402
+from mura_jax import train  # noqa: E402
+
+
+def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.data.data_dir = str(data_dir)
+  config.data.image_size = 32
+  config.data.rotation_degrees = 20.0
+  config.model.arch = 'custom'
+  config.model.growth_rate = 4
+  config.model.block_config = (1, 1)
+  config.model.num_init_features = 8
+  config.model.bn_size = 2
+  config.optimizer.learning_rate = 1e-3
+  config.train.global_batch_size = 8
+  config.train.num_epochs = 2
+  config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = 5
+  config.evaluation.global_batch_size = 16
+  config.evaluation.bootstrap_resamples = 50
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's weighted loss.
+
+
+def test_loss_weights_are_the_papers():
+  counts = {p: {'normal': 10 + i, 'abnormal': 5 + 2 * i} for i, p in enumerate(train.BODY_PARTS)}
+  w = train.loss_weights(counts)
+  for t, part in enumerate(train.BODY_PARTS):
+    n, a = counts[part]['normal'], counts[part]['abnormal']
+    assert w[t, 1] == pytest.approx(n / (a + n)) and w[t, 0] == pytest.approx(a / (a + n))
+  counts['hand'] = {'normal': 0, 'abnormal': 0}
+  with pytest.raises(ValueError, match='no hand images'):
+    train.loss_weights(counts)
+
+
+def test_weighted_loss_on_a_hand_checked_batch():
+  # Wrist: N = 6 normal, A = 4 abnormal images -> w_1 = 6/10 on abnormal, w_0 = 4/10 on normal.
+  # Elbow: N = 1, A = 3 -> w_1 = 1/4, w_0 = 3/4.
+  counts = {p: {'normal': 1, 'abnormal': 1} for p in train.BODY_PARTS}
+  counts['wrist'] = {'normal': 6, 'abnormal': 4}
+  counts['elbow'] = {'normal': 1, 'abnormal': 3}
+  weights = train.loss_weights(counts)
+  wrist, elbow = train.BODY_PARTS.index('wrist'), train.BODY_PARTS.index('elbow')
+  logits = jnp.array([0.0, 2.0, -1.0])
+  labels = jnp.array([1, 0, 1])
+  parts = jnp.array([wrist, wrist, elbow])
+  sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+  by_hand = (0.6 * -math.log(sigmoid(0.0))          # abnormal wrist view, p = 0.5
+             + 0.4 * -math.log(1 - sigmoid(2.0))    # normal wrist view
+             + 0.25 * -math.log(sigmoid(-1.0))) / 3  # abnormal elbow view
+  assert float(train.weighted_bce(logits, labels, parts, weights)) == pytest.approx(by_hand, rel=1e-6)
+  # A mask leaves padded views out of the mean.
+  masked = train.weighted_bce(logits, labels, parts, weights, mask=jnp.array([1.0, 1.0, 0.0]))
+  assert float(masked) == pytest.approx((0.6 * math.log(2) + 0.4 * -math.log(1 - sigmoid(2.0))) / 2,
+                                        rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plateau schedule: lr / 10 once the validation loss stops improving, and not before.
+
+
+def test_plateau_divides_the_learning_rate_by_ten_only_after_a_plateau():
+  config = common.base_config()
+  plateau = train.create_plateau(config)
+  state = plateau.init({'w': jnp.zeros(3)})
+  scales = []
+  for validation_loss in (1.0, 0.8, 0.7, 0.65, 0.66, 0.60, 0.61, 0.62):
+    _, state = plateau.update(updates={}, state=state, value=validation_loss)
+    scales.append(float(state.scale))
+  # Improving for 4 epochs: full lr. 0.66 > 0.65: one epoch without improvement -> / 10.
+  # 0.60 improves: stays. 0.61 does not -> / 10 again; 0.62 neither -> / 10 again (patience 1).
+  np.testing.assert_allclose(scales, [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input positions: every view exactly once in evaluation; host shards make up the global batch.
+
+
+class FakeSource:
+  """A random-access source of `n` tiny views whose pixels encode their index."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    image = np.full((10 + i % 3, 12, 1), i % 256, np.uint8)
+    return {'image': image, 'label': i % 2, 'body_part': i % 7}
+
+
+@pytest.mark.parametrize('n,batch,processes', [(13, 4, 1), (13, 4, 2), (5, 8, 2), (16, 8, 4)])
+def test_eval_pipeline_yields_every_view_exactly_once(n, batch, processes):
+  seen = []
+  for p in range(processes):
+    batches = list(input_pipeline.batches_of(input_pipeline.eval_batches(
+        FakeSource(n), global_batch=batch, image_size=8, process_index=p, process_count=processes)))
+    assert all(b['image'].shape == (batch // processes, 8, 8, 1) for b in batches)
+    for b in batches:
+      seen += list(b['index'][b['mask'] > 0])
+      # The pixels are the view's own (padding repeats view 0 with mask 0).
+      np.testing.assert_array_equal(b['image'][:, 0, 0, 0], b['index'] % 256)
+  assert sorted(seen) == list(range(n))
+
+
+def test_host_shards_make_up_the_single_host_batches():
+  source = FakeSource(37)
+  kwargs = dict(seed=3, epoch=1, global_batch=8, image_size=8, rotation_degrees=10.0)
+  single = list(input_pipeline.batches_of(input_pipeline.train_batches(source, **kwargs)))
+  hosts = [list(input_pipeline.batches_of(input_pipeline.train_batches(
+      source, process_index=p, process_count=2, **kwargs))) for p in range(2)]
+  assert len(single) == 37 // 8
+  for k, batch in enumerate(single):
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], np.concatenate([hosts[0][k][key], hosts[1][k][key]]))
+  # Resuming at batch 2 gives the same batches from there on.
+  resumed = list(input_pipeline.batches_of(input_pipeline.train_batches(source, start_batch=2, **kwargs)))
+  for a, b in zip(resumed, single[2:]):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  # Another epoch, another order.
+  other = list(input_pipeline.batches_of(input_pipeline.train_batches(source, **{**kwargs, 'epoch': 2})))
+  assert not np.array_equal(other[0]['label'], single[0]['label']) or not np.array_equal(
+      other[0]['image'], single[0]['image'])
+
+
+def test_preprocess_view_modes():
+  image = np.zeros((40, 20, 1), np.uint8)
+  image[:, :] = 200
+  squashed = input_pipeline.preprocess_view(image, 16, 'squash')
+  padded = input_pipeline.preprocess_view(image, 16, 'pad')
+  assert squashed.shape == padded.shape == (16, 16, 1)
+  assert squashed.min() == 200  # the whole square is the image
+  assert padded[:, 0].max() == 0 and padded[8, 8, 0] == 200  # black bars left and right
+  with pytest.raises(ValueError, match='resize'):
+    input_pipeline.preprocess_view(image, 16, 'crop')
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding: 4 devices compute what 1 device computes.
+
+
+def test_sharded_steps_equal_unsharded(mura_data_dir):
+  assert jax.device_count() >= 4, 'conftest sets --xla_force_host_platform_device_count=4'
+  # The paper's lr (1e-4). Adam moves each weight by about lr per step whatever the gradient's
+  # size, so float32 reduction-order differences in near-zero gradients show up at the lr's scale.
+  config = tiny_config(mura_data_dir, **{'optimizer.learning_rate': 1e-4})
+  model = train.create_model(config)
+  weights = np.linspace(0.2, 0.8, 14, dtype=np.float32).reshape(7, 2)
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8),
+              'label': rng.integers(0, 2, 8).astype(np.int32),
+              'body_part': rng.integers(0, 7, 8).astype(np.int32)} for _ in range(3)]
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh = parallel.make_mesh(devices)
+    steps = train.compile_steps(config, model, weights, mesh)
+    state = jax.device_put(train.initial_state(config, model), parallel.replicated(mesh))
+    for batch in batches:
+      state, metrics = steps.train(state, parallel.global_batch(batch, mesh))
+    results.append(jax.device_get((state.params, state.batch_stats, metrics['loss'])))
+  one, four = results
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  assert not np.allclose(jax.tree.leaves(one[0])[0], jax.tree.leaves(
+      jax.device_get(train.initial_state(config, model).params))[0]), 'the steps changed the params'
+
+
+def test_batch_size_must_divide_over_devices():
+  with pytest.raises(ValueError, match='divisible by the 4 devices'):
+    parallel.check_batch_size(6, parallel.make_mesh(jax.devices()[:4]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: a preempted run resumes exactly; a checkpoint of another model is refused.
+
+
+def _latest_params(workdir, config):
+  model = train.create_model(config)
+  latest, _ = train.checkpoint_managers(workdir, config)
+  template = jax.eval_shape(lambda: train.initial_state(config, model))
+  state, progress = train.restore(latest, template, train.model_signature(config))
+  return jax.device_get(state), progress
+
+
+@pytest.fixture(scope='module')
+def straight_run(mura_data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('straight')
+  config = tiny_config(mura_data_dir)
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['status'] == 'done'
+  return workdir, config, summary
+
+
+def test_resume_after_sigterm_is_exact(straight_run, mura_data_dir, tmp_path, monkeypatch):
+  straight_dir, config, summary = straight_run
+  real_batches_of = input_pipeline.batches_of
+  calls = {'batches': 0}
+
+  def preempted_in_epoch_two(dataset):  # a real SIGTERM after 3 batches of the second epoch
+    for batch in real_batches_of(dataset):
+      calls['batches'] += 1
+      yield batch
+      if calls['batches'] == summary['step'] // 2 + 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(input_pipeline, 'batches_of', preempted_in_epoch_two)
+  first = train.train_and_evaluate(config, str(tmp_path))
+  assert first['status'] == 'preempted' and 0 < first['step'] < summary['step']
+  monkeypatch.setattr(input_pipeline, 'batches_of', real_batches_of)
+  second = train.train_and_evaluate(config, str(tmp_path))
+  assert second['status'] == 'done' and second['step'] == summary['step']
+  straight, _ = _latest_params(straight_dir, config)
+  resumed, progress = _latest_params(tmp_path, config)
+  assert progress['epoch'] == config.train.num_epochs
+  # Bitwise on CPU: same data order, augmentation, dropout keys and optimizer/plateau state.
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_metrics_and_plateau_in_a_real_run(straight_run):
+  import json  # pylint: disable=g-import-not-at-top
+  workdir, config, _ = straight_run
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  epochs = [r for r in rows if 'validation_loss' in r]
+  assert len(epochs) == config.train.num_epochs
+  assert all(0 <= r['auroc/all'] <= 1 and 'kappa/wrist' in r and 'f1/all' in r for r in epochs)
+  assert all(r['images_per_second'] > 0 for r in rows if 'train_loss' in r)
+  best = math.inf
+  lr = config.optimizer.learning_rate
+  for r in epochs:  # the next epoch's lr is / 10 exactly when this epoch did not improve
+    improved = r['validation_loss'] < (1 - config.optimizer.plateau_rtol) * best
+    best = min(best, r['validation_loss']) if improved else best
+    lr = lr if improved else lr / 10
+    assert r['learning_rate'] == pytest.approx(lr)
+
+
+def test_checkpoint_of_another_model_is_refused(straight_run):
+  workdir, config, _ = straight_run
+  other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})
+  with pytest.raises(train.CheckpointMismatchError, match='growth_rate'):
+    train.train_and_evaluate(other, str(workdir))
+
+
+def test_evaluate_best_checkpoint_writes_the_report(straight_run):
+  workdir, config, summary = straight_run
+  report = train.evaluate_checkpoint(config, str(workdir), 'validation', 'best')
+  assert report['checkpoint']['step'] == summary['best_step']
+  out = workdir / 'eval' / 'validation'
+  for name in ('report.json', 'report.md', 'predictions.csv', 'study_probabilities.csv', 'roc.png'):
+    assert (out / name).exists(), name
+  with pytest.raises(FileNotFoundError, match='No checkpoint at step 12345'):
+    train.evaluate_checkpoint(config, str(workdir), 'validation', '12345')
+
+
+def test_nan_loss_stops_with_a_clear_error(mura_data_dir, tmp_path):
+  config = tiny_config(mura_data_dir, **{'optimizer.learning_rate': 1e30, 'train.num_epochs': 1})
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unbuilt_dataset_says_how_to_build_it(tmp_path):
+  config = tiny_config(tmp_path / 'nothing_here')
+  with pytest.raises(FileNotFoundError, match='python -m tfds_mura.build'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
