@@ -227,6 +227,22 @@ def restore(manager, state_template, signature, step=None):
   return restored['state'], progress
 
 
+def parameter_overview(params) -> str:
+  """Parameters per stage (conv0, dense blocks, transitions, classifier) as a small table."""
+  def network_order(name):  # conv0, norm0, denseblock1, transition1, ..., norm5
+    number = int(''.join(c for c in name if c.isdigit()) or 0)
+    return {'conv': 0, 'norm': 1 if number == 0 else 10**6}.get(name.rstrip('0123456789'),
+                                                                2 * number + ('transition' in name))
+  rows = []
+  for name, subtree in sorted(params['features'].items(), key=lambda kv: network_order(kv[0])):
+    rows.append((f'features/{name}', sum(x.size for x in jax.tree.leaves(subtree))))
+  rows.append(('classifier', sum(x.size for x in jax.tree.leaves(params['classifier']))))
+  width = max(len(n) for n, _ in rows)
+  lines = [f'  {n:<{width}} {c:>12,}' for n, c in rows]
+  lines.append(f'  {"total":<{width}} {sum(c for _, c in rows):>12,}')
+  return '\n'.join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # Metric writing.
 
@@ -359,10 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = {'step': 0, 'epoch': 0, 'batch_in_epoch': 0, 'best_validation_loss': None,
                 'model': signature, 'seed': config.seed}
   state = jax.device_put(state, parallel.replicated(mesh))
-  param_count = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model %s: %s parameters; %d steps per epoch of %d views (global batch %d).',
-               config.model.arch, f'{param_count:,}', steps_per_epoch, len(train_source),
-               config.train.global_batch_size)
+  logging.info('Model %s (compute %s):\n%s\n%d steps per epoch of %d views (global batch %d).',
+               config.model.arch, config.model.dtype, parameter_overview(state.params),
+               steps_per_epoch, len(train_source), config.train.global_batch_size)
   steps = compile_steps(config, model, weights, mesh)
   plateau = create_plateau(config)
   writer = MetricWriter(workdir)
