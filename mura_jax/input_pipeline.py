@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-# ImageNet statistics (torchvision): the paper normalises MURA with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mura_jax.models import weights
+
 RESIZE_MODES = ('squash', 'pad')
 
 
@@ -103,17 +102,11 @@ def preprocess_view(image: np.ndarray, image_size: int, resize: str = 'squash',
 def normalize(images: jnp.ndarray, in_channels: int = 3) -> jnp.ndarray:
   """uint8 (..., 1) gray -> float32 model input with ImageNet normalisation, on the device.
 
-  3 channels: the gray image in each channel, normalised per channel (what an ImageNet network
-  expects). 1 channel: normalised with the channels' mean statistics, for models whose conv0 was
-  folded over the input channels (`models.weights`).
+  3 channels: the gray image in each channel, normalised per channel (exactly what an ImageNet
+  network sees for a gray photograph). 1 channel: the gray image normalised once, for models whose
+  conv0 was folded over the input channels (`models.weights.adapt_input_channels`).
   """
-  x = images.astype(jnp.float32) / 255.0
-  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
-  if in_channels == 3:
-    return (jnp.repeat(x, 3, axis=-1) - mean) / std
-  if in_channels == 1:
-    return (x - mean.mean()) / std.mean()
-  raise ValueError(f'in_channels={in_channels}; expected 1 or 3')
+  return weights.model_input(images.astype(jnp.float32) / 255.0, in_channels)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,10 +37,9 @@ from tqdm import tqdm
 
 from mura_jax import input_pipeline
 from mura_jax import parallel
+from mura_jax.metrics import BODY_PARTS  # the ClassLabel order of tfds_mura's body_part
 from mura_jax.models import densenet
 from mura_jax.models import weights as weights_lib
-
-BODY_PARTS = ('elbow', 'finger', 'forearm', 'hand', 'humerus', 'shoulder', 'wrist')
 
 
 @flax.struct.dataclass

@@ -7,6 +7,13 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('KERAS_BACKEND', 'jax')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+try:
+  # torch first: with TensorFlow's libraries loaded before it (tfrecord and TensorBoard tests),
+  # torch's CPU kernels crash the process (seen with tensorflow-cpu 2.21 and torch 2.14.1).
+  import torch  # noqa: F401,E402  pylint: disable=unused-import
+except ImportError:
+  pass
+
 import pytest  # noqa: E402
 
 from mura_jax import synthetic  # noqa: E402

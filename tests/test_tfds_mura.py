@@ -233,3 +233,15 @@ def test_build_command_prints_a_summary(tree, tmp_path):
       [sys.executable, '-m', 'tfds_mura.build', '--manual_dir', str(tmp_path / 'nowhere'),
        '--data_dir', str(tmp_path / 'data2')], capture_output=True, text=True)
   assert bad.returncode != 0 and 'MURA-v1.1.zip' in bad.stderr
+
+
+def test_tfds_own_builder_test_case_passes():
+  """TFDS's DatasetBuilderTestCase over dummy_data/, in its own process: it loads TensorFlow's
+  test framework, which must not share a process with torch's kernels (they crash together)."""
+  pytest.importorskip('tensorflow', reason='tfds.testing needs TensorFlow')
+  import pathlib  # pylint: disable=g-import-not-at-top
+  test = pathlib.Path(mura.__file__).with_name('mura_dataset_builder_test.py')
+  out = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(test)],
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert ' passed' in out.stdout and 'failed' not in out.stdout

@@ -47,6 +47,11 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
 # The paper's weighted loss.
 
 
+def test_body_part_indices_agree_with_the_dataset():
+  import tfds_mura  # pylint: disable=g-import-not-at-top
+  assert train.BODY_PARTS == tfds_mura.BODY_PARTS
+
+
 def test_loss_weights_are_the_papers():
   counts = {p: {'normal': 10 + i, 'abnormal': 5 + 2 * i} for i, p in enumerate(train.BODY_PARTS)}
   w = train.loss_weights(counts)

@@ -1,0 +1,500 @@
+"""ImageNet weights in (torchvision .pth / .safetensors, Keras h5), torchvision state dicts out.
+
+Nothing is downloaded: the user passes a file (DESIGN decision 5), and a missing file or a URL gets
+an error naming the official file and where to get it. A file that does not fit the architecture
+raises WeightsMismatchError listing missing, unexpected and mis-shaped keys; nothing is loaded
+partially.
+
+Conversion is a renaming, because densenet.py names its modules as torchvision does:
+
+    torchvision state dict                      Flax variables
+    features.conv0.weight       (O, I, kh, kw)  params/features/conv0/kernel      (kh, kw, I, O)
+    features.norm0.weight / .bias               params/features/norm0/scale / bias
+    features.norm0.running_mean / running_var   batch_stats/features/norm0/mean / var
+    features.denseblock1.denselayer1.norm1.*    .../features/denseblock1/denselayer1/norm1/*
+    features.transition1.conv.weight            params/features/transition1/conv/kernel
+    classifier.weight (O, I) / .bias            params/classifier/kernel (I, O) / bias
+
+Keras layer names map onto the same tree (conv1_conv -> conv0, conv2_block1_0_bn -> denseblock1/
+denselayer1/norm1, pool2_conv -> transition1/conv, bn -> norm5, predictions -> classifier).
+
+Loaders return {'params', 'batch_stats'} as float32 numpy arrays.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from mura_jax.models.densenet import (
+    ARCHS, DenseNet, classifier_bias_init, classifier_kernel_init, create_model, init_variables,
+    variable_shapes)
+
+Variables = dict[str, Any]
+
+# torchvision's ImageNet files: name and ImageNet top-1 (%), from torchvision.models.densenet.
+TORCHVISION_FILES = {
+    'densenet121': ('densenet121-a639ec97.pth', 74.434),
+    'densenet161': ('densenet161-8d451a50.pth', 77.138),
+    'densenet169': ('densenet169-b2777c0a.pth', 75.600),
+    'densenet201': ('densenet201-c1103571.pth', 76.896),
+}
+TORCHVISION_URL = 'https://download.pytorch.org/models/'
+# Keras' ImageNet files (no densenet161); `_notop` files lack the classifier.
+KERAS_FILES = {arch: f'{arch}_weights_tf_dim_ordering_tf_kernels.h5'
+               for arch in ('densenet121', 'densenet169', 'densenet201')}
+KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/densenet/'
+KERAS_BN_EPSILON = 1.001e-5
+
+# Both ImageNet ports expect RGB in [0, 1] normalised with these (Keras' DenseNet preprocessing is
+# mode='torch').
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# A one-channel (folded) model takes gray normalised with the channel averages: padding then
+# stands for a gray close to every channel's mean, which keeps the border error of folding small.
+GRAY_MEAN = sum(IMAGENET_MEAN) / 3
+GRAY_STD = sum(IMAGENET_STD) / 3
+
+# torchvision renames the official files' old keys (`denselayer1.norm.1.weight`) with this pattern.
+_LEGACY_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
+                         r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+
+
+class WeightsMismatchError(ValueError):
+  """Weights that do not fit the model; `missing`, `unexpected`, `misshaped` list the keys."""
+
+  def __init__(self, source: str, model_name: str, missing: list[str], unexpected: list[str],
+               misshaped: list[str], hint: str = ''):
+    self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+    lines = [f'{source} does not fit {model_name}: {len(missing)} missing, {len(unexpected)} '
+             f'unexpected and {len(misshaped)} mis-shaped keys; nothing was loaded.']
+    for what, keys in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)):
+      if keys:
+        lines.append(f'  {what} ({len(keys)}):')
+        lines.extend(f'    {key}' for key in keys[:5])
+        if len(keys) > 5:
+          lines.append(f'    ... and {len(keys) - 5} more')
+    if hint:
+      lines.append(hint)
+    super().__init__('\n'.join(lines))
+
+
+class WeightsNotFoundError(FileNotFoundError):
+  """No weights file at the given path (or a URL): the message says where the official one is."""
+
+
+# --- Shared helpers -------------------------------------------------------------------------------
+
+def _model(arch: str | DenseNet, num_classes: int | None = None) -> DenseNet:
+  model = create_model(arch) if isinstance(arch, str) else arch
+  return model if num_classes is None else model.clone(num_classes=num_classes)
+
+
+def _arch_name(model: DenseNet) -> str:
+  """'densenet169', or the DenseNet arguments of a configuration torchvision does not name."""
+  config = dict(growth_rate=model.growth_rate, block_config=tuple(model.block_config),
+                num_init_features=model.num_init_features)
+  for name, kwargs in ARCHS.items():
+    if kwargs == config and model.bn_size == 4:
+      return name
+  return f'DenseNet({", ".join(f"{k}={v}" for k, v in config.items())}, bn_size={model.bn_size})'
+
+
+def _natural(key: str):
+  """Sort key putting denselayer9 before denselayer10."""
+  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', key)]
+
+
+def _guess_arch(keys, model_name: str) -> str:
+  """Which other architecture the keys have the dense blocks of, if any."""
+  layers = {}
+  for key in keys:
+    m = re.search(r'denseblock(\d+)[./]denselayer(\d+)[./]', key)
+    if m:
+      layers[int(m[1])] = max(layers.get(int(m[1]), 0), int(m[2]))
+  blocks = tuple(layers[b] for b in sorted(layers))
+  for name, kwargs in ARCHS.items():
+    if kwargs['block_config'] == blocks and name != model_name:
+      return f"Its dense blocks {blocks} are {name}'s: pass arch='{name}'."
+  return ''
+
+
+def _check(found: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
+           model: DenseNet) -> None:
+  """Raises WeightsMismatchError unless `found` has exactly the keys and shapes of `expected`."""
+  missing = sorted((k for k in expected if k not in found), key=_natural)
+  unexpected = sorted((k for k in found if k not in expected), key=_natural)
+  misshaped = [f'{k}: {tuple(found[k])} given, {tuple(expected[k])} in the model'
+               for k in sorted(expected, key=_natural)
+               if k in found and tuple(found[k]) != tuple(expected[k])]
+  if missing or unexpected or misshaped:
+    name = _arch_name(model)
+    raise WeightsMismatchError(source, f'{name} with {model.num_classes} classes', missing,
+                               unexpected, misshaped, _guess_arch(found, name))
+
+
+def _where_to_get(arch: str, kind: str) -> str:
+  if kind == 'keras' and arch in KERAS_FILES:
+    name = KERAS_FILES[arch]
+    return (f"Keras' ImageNet {arch} is {name} (or {name[:-3]}_notop.h5 without the classifier), "
+            f'from {KERAS_URL}{name}. Download it where there is network access and pass the '
+            f"local path: config.model.init='keras:/path/to/{name}'.")
+  if arch in TORCHVISION_FILES:
+    name, top1 = TORCHVISION_FILES[arch]
+    return (f'Keras has no ImageNet {arch}. ' if kind == 'keras' else '') + (
+            f"torchvision's ImageNet {arch} is {name} (ImageNet top-1 {top1:.3f}%), from "
+            f'{TORCHVISION_URL}{name}. Download it where there is network access (e.g. '
+            f"`curl -LO {TORCHVISION_URL}{name}`) and pass the local path: "
+            f"config.model.init='torchvision:/path/to/{name}'.")
+  return ''
+
+
+def _weights_file(path: str | os.PathLike, model: DenseNet, kind: str) -> epath.Path:
+  """The path as an epath.Path (gs:// works); a URL or a missing file says what to pass instead."""
+  text = os.fspath(path)
+  arch = _arch_name(model)
+  if re.match(r'^https?://', text, re.IGNORECASE):
+    raise WeightsNotFoundError(
+        f'{text} is a URL, and mura-jax downloads nothing at run time. {_where_to_get(arch, kind)}')
+  if not epath.Path(text).exists():
+    raise WeightsNotFoundError(f'No weights file at {text}. {_where_to_get(arch, kind)}')
+  return epath.Path(text)
+
+
+@functools.lru_cache(maxsize=16)  # tracing a full-size DenseNet takes about a second
+def _flat_shapes(model: DenseNet, in_channels: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+  shapes = traverse_util.flatten_dict(variable_shapes(model, in_channels))
+  return {path: tuple(s.shape) for path, s in shapes.items()}
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> Variables:
+  return traverse_util.unflatten_dict(dict(flat))
+
+
+# --- torchvision ----------------------------------------------------------------------------------
+
+_TORCH_NAMES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
+                ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
+                ('batch_stats', 'var'): 'running_var'}
+# Axes taking a torch weight to the Flax layout: OIHW -> HWIO (convs), (O, I) -> (I, O) (Linear).
+_TORCH_TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
+def _torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...]]:
+  """('params', 'features', 'conv0', 'kernel') -> ('features.conv0.weight', (2, 3, 1, 0))."""
+  collection, *modules, leaf = path
+  identity = tuple(range(ndim))
+  axes = _TORCH_TO_FLAX_AXES.get(ndim, identity) if leaf == 'kernel' else identity
+  return '.'.join([*modules, _TORCH_NAMES[collection, leaf]]), axes
+
+
+def _torch_layout(model: DenseNet, in_channels: int) -> dict[str, tuple[tuple, tuple, tuple]]:
+  """torchvision key -> (Flax path, axes torch -> Flax, torch shape), for every variable."""
+  layout = {}
+  for path, shape in _flat_shapes(model, in_channels).items():
+    key, axes = _torch_key(path, len(shape))
+    layout[key] = (path, axes, tuple(shape[a] for a in np.argsort(axes)))
+  return layout
+
+
+def _to_numpy(value) -> np.ndarray:
+  value = value.detach().cpu().numpy() if hasattr(value, 'detach') else np.asarray(value)
+  return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading a .pth file needs PyTorch: pip install mura-jax[torch]. Without it, '
+                      'pass a .safetensors file (save_file(torch.load(pth), path) where torch is '
+                      'installed).') from e
+  return torch
+
+
+def _read_state_dict(path_or_state_dict, model: DenseNet) -> tuple[dict[str, np.ndarray], str]:
+  """Current-named float32 arrays and a description of the source, from a file or a dict."""
+  if isinstance(path_or_state_dict, Mapping):
+    raw, source = path_or_state_dict, 'The state dict'
+  else:
+    path = _weights_file(path_or_state_dict, model, 'torchvision')
+    source = str(path)
+    if path.suffix == '.safetensors':
+      import safetensors.numpy  # pylint: disable=g-import-not-at-top
+      raw = safetensors.numpy.load(path.read_bytes())
+    else:
+      torch = _import_torch()
+      # weights_only: a weights file never runs pickled code.
+      with path.open('rb') as f:
+        raw = torch.load(f, map_location='cpu', weights_only=True)
+      if not isinstance(raw, Mapping):
+        raise ValueError(f'{path} holds a {type(raw).__name__}, not a state dict.')
+  state_dict = {}
+  for key, value in raw.items():
+    if key.endswith('num_batches_tracked'):  # only used by BN with momentum=None
+      continue
+    legacy = _LEGACY_KEY.match(key)
+    state_dict[legacy[1] + legacy[2] if legacy else key] = _to_numpy(value)
+  return state_dict, source
+
+
+def load_torchvision(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                     arch: str | DenseNet = 'densenet169',
+                     num_classes: int | None = None) -> Variables:
+  """Variables of `arch` from a torchvision DenseNet state dict (.pth, .safetensors or a dict).
+
+  Args:
+    path_or_state_dict: a `.pth` file (needs torch; read with weights_only=True), a
+      `.safetensors` file (no torch needed), or a mapping of names to tensors / arrays. The
+      official files' legacy names (`denselayer1.norm.1.weight`) are renamed as torchvision does.
+    arch: a name in densenet.ARCHS or a DenseNet module giving the architecture.
+    num_classes: classifier outputs expected in the file; None takes the file's.
+
+  Returns:
+    {'params', 'batch_stats'} of float32 numpy arrays. conv0 takes as many input channels as the
+    file's conv0 does.
+
+  Raises:
+    WeightsNotFoundError: no such file, or a URL.
+    WeightsMismatchError: keys or shapes differ from the architecture's.
+  """
+  model = _model(arch)
+  state_dict, source = _read_state_dict(path_or_state_dict, model)
+  if num_classes is None and 'classifier.weight' in state_dict:
+    num_classes = state_dict['classifier.weight'].shape[0]
+  model = _model(model, num_classes)
+  conv0 = state_dict.get('features.conv0.weight')
+  in_channels = conv0.shape[1] if conv0 is not None and conv0.ndim == 4 else 3
+  layout = _torch_layout(model, in_channels)
+  _check({k: v.shape for k, v in state_dict.items()}, {k: v[2] for k, v in layout.items()},
+         source, model)
+  return _unflatten({path: np.transpose(state_dict[key], axes)
+                     for key, (path, axes, _) in layout.items()})
+
+
+def to_torchvision(variables: Variables,
+                   arch: str | DenseNet = 'densenet169') -> dict[str, np.ndarray]:
+  """The torchvision state dict of `variables`: loads with strict=True into
+  torchvision.models.<arch>(num_classes=...) (a 1-channel conv0 needs that conv replaced too).
+
+  num_batches_tracked is written as 0: torchvision's BatchNorm (momentum 0.1) never reads it.
+  """
+  params = variables['params']
+  model = _model(arch, params['classifier']['kernel'].shape[1])
+  in_channels = params['features']['conv0']['kernel'].shape[2]
+  flat = traverse_util.flatten_dict({'params': params, 'batch_stats': variables['batch_stats']})
+  expected = _flat_shapes(model, in_channels)
+  _check({'/'.join(p): v.shape for p, v in flat.items()},
+         {'/'.join(p): s for p, s in expected.items()}, 'The variables', model)
+  state_dict = {}
+  for path, value in flat.items():
+    key, axes = _torch_key(path, np.ndim(value))
+    value = np.transpose(np.asarray(value, np.float32), np.argsort(axes))
+    state_dict[key] = np.ascontiguousarray(value)
+    if path[-1] == 'var':
+      state_dict[key.replace('running_var', 'num_batches_tracked')] = np.array(0, np.int64)
+  return state_dict
+
+
+def save_safetensors(variables: Variables, path: str | os.PathLike,
+                     arch: str | DenseNet = 'densenet169') -> None:
+  """Writes `to_torchvision(variables, arch)` as safetensors (loadable without pickle or JAX)."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  epath.Path(path).write_bytes(safetensors.numpy.save(to_torchvision(variables, arch)))
+
+
+# --- Keras ----------------------------------------------------------------------------------------
+
+_KERAS_MODULES = {'conv1_conv': ('features', 'conv0'), 'conv1_bn': ('features', 'norm0'),
+                  'bn': ('features', 'norm5'), 'predictions': ('classifier',),
+                  'fc1000': ('classifier',)}  # fc1000: keras_applications' name for the classifier
+_KERAS_LAYER_PARTS = {'0_bn': 'norm1', '1_conv': 'conv1', '1_bn': 'norm2', '2_conv': 'conv2'}
+_KERAS_WEIGHTS = {'kernel': ('params', 'kernel'), 'bias': ('params', 'bias'),
+                  'gamma': ('params', 'scale'), 'beta': ('params', 'bias'),
+                  'moving_mean': ('batch_stats', 'mean'), 'moving_variance': ('batch_stats', 'var')}
+
+
+def _keras_module(layer: str) -> tuple[str, ...] | None:
+  """Keras layer name -> Flax module path: conv3_block2_1_conv -> denseblock2/denselayer2/conv1.
+
+  Keras 2's files spell the stem 'conv1/conv', 'conv1/bn'; Keras 3 'conv1_conv', 'conv1_bn'.
+  Keras numbers blocks after the stem (conv2..conv5, pool2..pool4), torchvision from 1.
+  """
+  layer = layer.replace('/', '_')
+  if layer in _KERAS_MODULES:
+    return _KERAS_MODULES[layer]
+  if m := re.fullmatch(r'conv(\d+)_block(\d+)_(0_bn|1_conv|1_bn|2_conv)', layer):
+    return ('features', f'denseblock{int(m[1]) - 1}', f'denselayer{m[2]}', _KERAS_LAYER_PARTS[m[3]])
+  if m := re.fullmatch(r'pool(\d+)_(bn|conv)', layer):
+    return ('features', f'transition{int(m[1]) - 1}', {'bn': 'norm', 'conv': 'conv'}[m[2]])
+  return None
+
+
+def _weight_name(name: str) -> str:
+  """'conv1/bn/gamma:0' (Keras 2) or 'gamma' (Keras 3) -> 'gamma'."""
+  return name.split('/')[-1].split(':')[0]
+
+
+def _keras_layers(path_or_model, model: DenseNet) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+  """{layer name: {weight name: array}} from a Keras model or a Keras h5 weights file."""
+  if hasattr(path_or_model, 'layers'):
+    return ({layer.name: {_weight_name(w.name): np.asarray(w.numpy()) for w in layer.weights}
+             for layer in path_or_model.layers}, f'Keras model {path_or_model.name!r}')
+  path = _weights_file(path_or_model, model, 'keras')
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading Keras h5 files needs h5py: pip install mura-jax[keras].') from e
+  layers = {}
+  with path.open('rb') as fp, h5py.File(fp, 'r') as f:
+    root = f['model_weights'] if 'model_weights' in f else f  # model.save() vs save_weights()
+    if 'layer_names' not in root.attrs:
+      raise ValueError(
+          f'{path} is not a Keras h5 weights file with layer names (a Keras 3 .weights.h5 names '
+          'layers by class: load it into keras.applications.DenseNet169(weights=None) with '
+          'load_weights and pass that model instead).')
+    for layer in root.attrs['layer_names']:
+      layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+      group = root[layer]
+      layers[layer] = {_weight_name(n.decode() if isinstance(n, bytes) else str(n)):
+                       np.asarray(group[n]) for n in group.attrs['weight_names']}
+  return layers, str(path)
+
+
+def load_keras(path_or_model, arch: str | DenseNet = 'densenet169',
+               num_classes: int | None = None) -> Variables:
+  """Variables of `arch` from keras.applications' DenseNet: an h5 weights file or a model.
+
+  Keras' batch norms use epsilon 1.001e-5, torchvision's 1e-5. The difference is added to the
+  running variances (var + 1.001e-5 = (var + 1e-8) + 1e-5), so a Keras-initialised model is
+  the same DenseNet with torch's epsilon and evaluates as Keras does (exactly up to float32
+  rounding of var + 1e-8). In training, where batch variances replace running ones, the
+  denominators differ by 1e-8 in sqrt(var + eps): negligible.
+
+  A `_notop` file has no classifier: the result then has none either (see `replace_head`).
+  """
+  model = _model(arch)
+  layers, source = _keras_layers(path_or_model, model)
+  flat, unexpected = {}, {}
+  for layer, weights in layers.items():
+    module = _keras_module(layer)
+    for name, value in weights.items():
+      if module is None or name not in _KERAS_WEIGHTS:
+        unexpected[f'{layer}/{name} (Keras)'] = value.shape
+        continue
+      collection, leaf = _KERAS_WEIGHTS[name]
+      value = value.astype(np.float32)
+      if name == 'moving_variance':
+        value = value + np.float32(KERAS_BN_EPSILON - model.bn_epsilon)
+      flat[(collection, *module, leaf)] = value
+  has_top = ('params', 'classifier', 'kernel') in flat
+  if num_classes is None and has_top:
+    num_classes = flat['params', 'classifier', 'kernel'].shape[1]
+  model = _model(model, num_classes)
+  conv0 = flat.get(('params', 'features', 'conv0', 'kernel'))
+  expected = _flat_shapes(model, conv0.shape[2] if conv0 is not None and conv0.ndim == 4 else 3)
+  if not has_top and num_classes is None:  # a _notop file: the backbone only
+    expected = {p: s for p, s in expected.items() if 'classifier' not in p}
+  _check({**{'/'.join(p): v.shape for p, v in flat.items()}, **unexpected},
+         {'/'.join(p): s for p, s in expected.items()}, source, model)
+  return _unflatten(flat)
+
+
+# --- Adapting ImageNet weights to MURA ------------------------------------------------------------
+
+def replace_head(variables: Variables, num_classes: int, rng: jax.Array) -> Variables:
+  """A new classifier with `num_classes` outputs, initialised as DenseNet initialises it; the
+  backbone and its batch statistics are kept. Works on variables without a classifier too."""
+  num_features = variables['params']['features']['norm5']['scale'].shape[0]
+  classifier = {
+      'kernel': np.asarray(classifier_kernel_init(rng, (num_features, num_classes), np.float32)),
+      'bias': np.asarray(classifier_bias_init(rng, (num_classes,), np.float32)),
+  }
+  return {**variables, 'params': {**variables['params'], 'classifier': classifier}}
+
+
+def adapt_input_channels(variables: Variables, in_channels: int, *, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, gray_mean: float = GRAY_MEAN,
+                         gray_std: float = GRAY_STD) -> Variables:
+  """RGB ImageNet weights for MURA's gray radiographs, taken as `in_channels` channels.
+
+  in_channels=3 (replicate): the variables are returned unchanged and the gray image is
+    replicated to RGB before the per-channel ImageNet normalisation (`model_input`). Exact: the
+    network sees what it would see for a gray photograph.
+  in_channels=1 (fold): conv0 takes the gray image normalised once, x = (g - gray_mean) / gray_std.
+    The replicated, normalised input of channel c is x * gray_std / std_c + (gray_mean - mean_c)
+    / std_c, and conv0 is linear, so conv0 becomes sum_c w_c * gray_std / std_c, and the
+    constant sum_{c, taps} w_c * (gray_mean - mean_c) / std_c moves into norm0's running mean
+    (batch statistics absorb a constant in training).
+    Exact except at conv0's border: torch zero-pads the normalised RGB (a different gray per
+    channel), the folded model zero-pads x (gray = gray_mean), so conv0 outputs whose 7x7 window
+    reaches the padding (the first 2 and the last 1 or 2 rows and columns of its output) differ by
+    the folded constant's padded taps. Choosing gray_mean close to every mean_c keeps that small
+    (tests/test_weights.py measures it); gray_mean=0, gray_std=1 takes raw [0, 1] gray input at a
+    border error about 20 times larger. Measured on torchvision-initialised densenet169 with
+    random batch-norm statistics (no ImageNet file here): max |logit change| / std(logits) was
+    0.06% at 224 x 224 and 0.5% at 64 x 64 (1.6% and 11% with raw gray input). Folding saves two thirds of conv0's FLOPs: 2.3% of
+    densenet169's 6.66 GFLOP per 224 x 224 image, not measurable on a 2-core CPU
+    (benchmarks/densenet_speed.md).
+  """
+  kernel = np.asarray(variables['params']['features']['conv0']['kernel'], np.float64)
+  if kernel.shape[2] == in_channels:
+    return variables
+  if (kernel.shape[2], in_channels) != (3, 1):
+    raise ValueError(f'conv0 takes {kernel.shape[2]} channels; only 3 can be folded to 1, '
+                     f'not to {in_channels}.')
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  folded = np.sum(kernel * (gray_std / std)[:, None], axis=2, keepdims=True)
+  shift = np.einsum('hwco,c->o', kernel, (gray_mean - mean) / std)
+  norm0 = variables['batch_stats']['features']['norm0']
+  params = {**variables['params'], 'features': {**variables['params']['features'],
+                                                'conv0': {'kernel': folded.astype(np.float32)}}}
+  batch_stats = {**variables['batch_stats'], 'features': {
+      **variables['batch_stats']['features'],
+      'norm0': {**norm0, 'mean': (np.float64(norm0['mean']) - shift).astype(np.float32)}}}
+  return {**variables, 'params': params, 'batch_stats': batch_stats}
+
+
+def model_input(gray, in_channels: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                gray_mean: float = GRAY_MEAN, gray_std: float = GRAY_STD):
+  """What `adapt_input_channels(..., in_channels)` variables expect from gray images in [0, 1],
+  shaped (..., H, W, 1): the ImageNet-normalised RGB replica (3) or normalised gray (1)."""
+  if in_channels == 3:
+    return (gray - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  if in_channels == 1:
+    return (gray - np.float32(gray_mean)) / np.float32(gray_std)
+  raise ValueError(f'in_channels must be 1 or 3, not {in_channels}.')
+
+
+def initial_variables(init: str, model: DenseNet, rng: jax.Array, image_size: int = 224,
+                      in_channels: int = 3, num_classes: int | None = None) -> Variables:
+  """The variables `config.model.init` asks for: 'random', 'torchvision:PATH' or 'keras:PATH'.
+
+  ImageNet weights keep their backbone; conv0 is folded to one channel when in_channels=1
+  (`adapt_input_channels`); the classifier is re-initialised unless it already has
+  `num_classes` (default: model.num_classes) outputs.
+  """
+  if num_classes is not None and num_classes != model.num_classes:
+    raise ValueError(f'num_classes={num_classes} but the model has {model.num_classes}.')
+  kind, _, path = init.partition(':')
+  if init == 'random':
+    return init_variables(model, rng, image_size, in_channels)
+  if kind == 'torchvision' and path:
+    variables = load_torchvision(path, arch=model)
+  elif kind == 'keras' and path:
+    variables = load_keras(path, arch=model)
+  else:
+    raise ValueError(f"config.model.init must be 'random', 'torchvision:PATH' or 'keras:PATH', "
+                     f'not {init!r}.')
+  variables = adapt_input_channels(variables, in_channels)
+  classifier = variables['params'].get('classifier')
+  if classifier is None or classifier['kernel'].shape[1] != model.num_classes:
+    variables = replace_head(variables, model.num_classes, rng)
+  return variables

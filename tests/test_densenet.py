@@ -1,0 +1,211 @@
+"""DenseNet architecture: sizes, options and training-mode behaviour (weights: test_weights.py)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mura_jax.models import densenet
+from mura_jax.models.densenet import ARCHS, DenseNet, create_model, init_variables, variable_shapes
+
+# A DenseNet small enough to run in milliseconds, with every kind of module of the real ones.
+TINY = dict(growth_rate=8, block_config=(2, 2), num_init_features=16)
+
+
+def _tiny(**kwargs) -> DenseNet:
+  return DenseNet(**{**TINY, **kwargs})
+
+
+def _images(n=2, size=32, channels=3, seed=0):
+  return np.random.RandomState(seed).randn(n, size, size, channels).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def tiny_variables():
+  return init_variables(_tiny(num_classes=3), jax.random.key(0), image_size=32)
+
+
+# torchvision's sum(p.numel() for p in densenet*().parameters()), as the issue states them.
+@pytest.mark.parametrize('arch, count', [('densenet121', 7_978_856), ('densenet161', 28_681_000),
+                                         ('densenet169', 14_149_480), ('densenet201', 20_013_928)])
+def test_parameter_count_equals_torchvisions(arch, count):
+  params = variable_shapes(arch)['params']
+  assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == count
+
+
+def test_named_constructors_build_the_named_architectures():
+  for name, build in [('densenet121', densenet.DenseNet121), ('densenet161', densenet.DenseNet161),
+                      ('densenet169', densenet.DenseNet169), ('densenet201', densenet.DenseNet201)]:
+    model = build(num_classes=1)
+    assert (model.growth_rate, tuple(model.block_config), model.num_init_features) == tuple(
+        ARCHS[name].values())
+    assert model.num_classes == 1
+  with pytest.raises(ValueError, match='densenet169'):
+    create_model('densenet170')
+
+
+def test_names_mirror_torchvision(tiny_variables):
+  params, stats = tiny_variables['params'], tiny_variables['batch_stats']
+  assert set(params) == {'features', 'classifier'}
+  assert set(params['features']) == {'conv0', 'norm0', 'denseblock1', 'transition1', 'denseblock2',
+                                     'norm5'}
+  layer = params['features']['denseblock1']['denselayer2']
+  assert set(layer) == {'norm1', 'conv1', 'norm2', 'conv2'}
+  assert set(params['features']['transition1']) == {'norm', 'conv'}
+  assert set(stats['features']['norm5']) == {'mean', 'var'}
+  # Only the classifier has a bias besides the batch norms, as in torchvision.
+  assert set(params['features']['conv0']) == {'kernel'}
+  assert set(params['classifier']) == {'kernel', 'bias'}
+
+
+def test_channel_arithmetic(tiny_variables):
+  features = tiny_variables['params']['features']
+  # 16 + 2 * 8 = 32 channels after block 1, halved by the transition, + 2 * 8 = 32 at norm5.
+  assert features['denseblock1']['denselayer2']['conv1']['kernel'].shape == (1, 1, 24, 32)
+  assert features['transition1']['conv']['kernel'].shape == (1, 1, 32, 16)
+  assert features['norm5']['scale'].shape == (32,)
+  assert features['conv0']['kernel'].shape == (7, 7, 3, 16)
+
+
+def test_initialisation_is_torchvisions():
+  params = init_variables(DenseNet(growth_rate=32, block_config=(6,), num_init_features=64),
+                          jax.random.key(1), image_size=32)['params']
+  conv1 = params['features']['denseblock1']['denselayer6']['conv1']['kernel']  # fan_in 224
+  assert np.std(conv1) == pytest.approx(math.sqrt(2 / 224), rel=0.05)  # kaiming_normal_
+  assert np.abs(conv1).max() > 2.5 * math.sqrt(2 / 224)  # untruncated
+  kernel = params['classifier']['kernel']  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  bound = 1 / math.sqrt(kernel.shape[0])
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+  assert not np.any(params['classifier']['bias'])
+  norm5 = params['features']['norm5']
+  assert np.all(norm5['scale'] == 1) and not np.any(norm5['bias'])
+
+
+@pytest.mark.parametrize('size', [32, 45, 64])
+def test_any_input_size_and_cam_features(tiny_variables, size):
+  model = _tiny(num_classes=3)
+  logits, features = model.apply(tiny_variables, _images(size=size), return_features=True)
+  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+  # torch's output sizes: conv0 (7x7/2, pad 3), pool0 (3x3/2, pad 1), one transition (2x2/2).
+  side = ((size - 1) // 2 // 2 + 1) // 2
+  assert features.shape == (2, side, side, 32)
+  assert np.all(features >= 0)  # after the final ReLU
+  # The paper's CAM relation: logits are the classifier applied to the spatial mean of features.
+  head = tiny_variables['params']['classifier']
+  np.testing.assert_allclose(features.mean(axis=(1, 2)) @ head['kernel'] + head['bias'], logits,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(model.apply(tiny_variables, _images(size=size)), logits)
+
+
+def test_in_channels_follow_the_variables():
+  model = _tiny()
+  variables = init_variables(model, jax.random.key(0), image_size=32, in_channels=1)
+  assert variables['params']['features']['conv0']['kernel'].shape == (7, 7, 1, 16)
+  assert model.apply(variables, _images(channels=1)).shape == (2, 1000)
+
+
+def test_dropout_only_in_training(tiny_variables):
+  model, plain = _tiny(num_classes=3, drop_rate=0.5), _tiny(num_classes=3)
+  x = _images()
+  np.testing.assert_array_equal(model.apply(tiny_variables, x), plain.apply(tiny_variables, x))
+  train = functools.partial(model.apply, tiny_variables, x, train=True, mutable=['batch_stats'])
+  with pytest.raises(Exception, match='dropout'):
+    train()
+  a, _ = train(rngs={'dropout': jax.random.key(1)})
+  b, _ = train(rngs={'dropout': jax.random.key(2)})
+  no_dropout, _ = plain.apply(tiny_variables, x, train=True, mutable=['batch_stats'])
+  assert not np.allclose(a, b) and not np.allclose(a, no_dropout)
+
+
+def test_remat_changes_nothing_but_memory(tiny_variables):
+  x = _images()
+
+  def loss(params, model):
+    logits, _ = model.apply({**tiny_variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'], rngs={'dropout': jax.random.key(3)})
+    return jnp.sum(logits ** 2)
+
+  grads = {}
+  for remat in (False, True):
+    model = _tiny(num_classes=3, remat=remat, drop_rate=0.2)
+    grads[remat] = jax.jit(jax.value_and_grad(functools.partial(loss, model=model)))(
+        tiny_variables['params'])
+    assert jax.tree.structure(grads[remat][1]) == jax.tree.structure(tiny_variables['params'])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+               grads[False], grads[True])
+  # remat really recomputes: the backward pass contains a checkpointed call.
+  grad = jax.grad(functools.partial(loss, model=_tiny(num_classes=3, remat=True)))
+  jaxpr = str(jax.make_jaxpr(grad)(tiny_variables['params']))
+  assert 'remat' in jaxpr or 'checkpoint' in jaxpr
+
+
+def test_bfloat16_compute_keeps_float32_variables(tiny_variables):
+  model = _tiny(num_classes=3, dtype=jnp.bfloat16)
+  variables = init_variables(model, jax.random.key(0), image_size=32)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  x = _images()
+  (logits, features), updates = model.apply(tiny_variables, x, train=True, return_features=True,
+                                            mutable=['batch_stats'])
+  assert logits.dtype == features.dtype == jnp.float32
+  assert {s.dtype for s in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+  reference = _tiny(num_classes=3).apply(tiny_variables, x)
+  np.testing.assert_allclose(model.apply(tiny_variables, x), reference, rtol=0.1, atol=0.1)
+  # The convolutions really run in bfloat16.
+  jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(tiny_variables, x)
+  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+  assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
+
+
+def _spatial(path: tuple[str, ...], size: int) -> int:
+  """Side length at a batch norm of the TINY model for `size` x `size` input."""
+  if 'norm0' in path:
+    return size // 2
+  if 'denseblock1' in path or 'transition1' in path:
+    return size // 4
+  return size // 8
+
+
+def test_training_batch_norm_equals_torch_train_mode():
+  torch = pytest.importorskip('torch', reason='no torch (pip install mura-jax[torch])')
+  torchvision = pytest.importorskip('torchvision')
+  from mura_jax.models.weights import load_torchvision  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  reference = torchvision.models.DenseNet(**TINY, num_classes=3)
+  with torch.no_grad():
+    for m in reference.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        for t, (lo, hi) in [(m.weight, (0.5, 1.5)), (m.bias, (-0.3, 0.3)),
+                            (m.running_mean, (-0.3, 0.3)), (m.running_var, (0.5, 1.5))]:
+          t.uniform_(lo, hi)
+  model, size = _tiny(num_classes=3), 32
+  variables = load_torchvision(reference.state_dict(), arch=model)
+  x = _images(size=size)
+  reference.train()
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+  torch_stats = reference.state_dict()
+  flat_old = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])[0]
+  new = updates['batch_stats']
+  largest_gap = 0.0
+  for path, old in flat_old:
+    keys = tuple(k.key for k in path)
+    new_value = functools.reduce(lambda d, k: d[k], keys, new)
+    assert not np.allclose(new_value, old)  # the momentum update happened
+    torch_name = {'mean': 'running_mean', 'var': 'running_var'}[keys[-1]]
+    torch_new = torch_stats['.'.join((*keys[:-1], torch_name))].numpy()
+    if keys[-1] == 'mean':
+      np.testing.assert_allclose(new_value, torch_new, rtol=1e-5, atol=1e-5)
+    else:
+      # torch updates with the unbiased batch variance, Flax with the biased one.
+      n = 2 * _spatial(keys, size) ** 2
+      biased = 0.9 * old + (torch_new - 0.9 * old) * (n - 1) / n
+      np.testing.assert_allclose(new_value, biased, rtol=1e-5, atol=1e-5)
+      largest_gap = max(largest_gap, float(np.abs(new_value - torch_new).max()))
+  assert largest_gap > 1e-4  # so the n/(n-1) correction above was really needed
