@@ -58,4 +58,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluation.seed = 0
   config.evaluation.aggregation = 'mean'  # the paper: mean of the views' probabilities
   config.evaluation.threshold = 0.5
+  config.evaluation.readers = ''  # CSV `study,<reader>,...` of radiologists' labels (paper 4.2)
   return config

@@ -506,11 +506,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   out_dir = epath.Path(workdir) / 'eval' / split if jax.process_index() == 0 else None
   logging.info('Evaluating %s checkpoint (step %d) on %s: %d views, %d studies.', checkpoint,
                step, split, len(split_index), len(split_index.studies))
-  report = study_metrics(split_index, predictions['probability'],
+  from mura_jax import evaluation  # pylint: disable=g-import-not-at-top
+  readers = (evaluation.read_readers(config.evaluation.readers)
+             if config.evaluation.get('readers') else None)
+  report = study_metrics(split_index, predictions['probability'], readers=readers,
                          num_resamples=config.evaluation.bootstrap_resamples,
                          seed=config.evaluation.seed, aggregation=config.evaluation.aggregation,
                          threshold=config.evaluation.threshold, out_dir=out_dir, split=split,
                          print_table=jax.process_index() == 0)
+  # Which weights were scored, in the report file too.
   report['checkpoint'] = {'which': str(checkpoint), 'step': int(step),
-                          'validation_loss': float(np.mean(predictions['loss']))}
+                          'directory': str(manager.directory),
+                          'weighted_loss': float(np.mean(predictions['loss']))}
+  if out_dir is not None:
+    (out_dir / 'report.json').write_text(json.dumps(report, indent=2, allow_nan=False) + '\n')
   return report

@@ -272,10 +272,21 @@ def test_checkpoint_of_another_model_is_refused(straight_run):
     train.train_and_evaluate(other, str(workdir))
 
 
-def test_evaluate_best_checkpoint_writes_the_report(straight_run):
+def test_evaluate_best_checkpoint_writes_the_report(straight_run, tmp_path):
   workdir, config, summary = straight_run
+  # Three readers who label every validation study (one of them always right).
+  studies = input_pipeline.read_split_index(config.data.data_dir, 'validation').studies
+  rng = np.random.default_rng(0)
+  rows = ['study,r1,r2,r3'] + [
+      f'MURA-v1.1/{s}/,{int(s.endswith("positive"))},{rng.integers(2)},{rng.integers(2)}'
+      for s in studies]
+  (tmp_path / 'readers.csv').write_text('\n'.join(rows) + '\n')
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.evaluation.readers = str(tmp_path / 'readers.csv')
   report = train.evaluate_checkpoint(config, str(workdir), 'validation', 'best')
   assert report['checkpoint']['step'] == summary['best_step']
+  assert report['readers']['names'] == ['r1', 'r2', 'r3']
+  assert report['readers']['n_studies'] == len(studies) == report['num_studies']
   out = workdir / 'eval' / 'validation'
   for name in ('report.json', 'report.md', 'predictions.csv', 'study_probabilities.csv', 'roc.png'):
     assert (out / name).exists(), name
