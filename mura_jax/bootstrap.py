@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # Elements of one (chunk, memberships) array: bounds memory at a few such arrays (4 MiB each in
-# float32); chunks this small also measured fastest on a 2-core CPU (benchmarks/bootstrap_speed.md).
+# float32); chunks this small also measured fastest on a 2-core CPU (BENCHMARKS.md).
 _CHUNK_ELEMENTS = 2**20
 
 

@@ -442,7 +442,7 @@ def adapt_input_channels(variables: Variables, in_channels: int, *, mean=IMAGENE
     random batch-norm statistics (no ImageNet file here): max |logit change| / std(logits) was
     0.06% at 224 x 224 and 0.5% at 64 x 64 (1.6% and 11% with raw gray input). Folding saves two thirds of conv0's FLOPs: 2.3% of
     densenet169's 6.66 GFLOP per 224 x 224 image, not measurable on a 2-core CPU
-    (benchmarks/densenet_speed.md).
+    (BENCHMARKS.md).
   """
   kernel = np.asarray(variables['params']['features']['conv0']['kernel'], np.float64)
   if kernel.shape[2] == in_channels:
