@@ -247,29 +247,33 @@ def parameter_overview(params) -> str:
 
 
 class MetricWriter:
-  """clu writers (TensorBoard files when TensorFlow is installed, logs otherwise) + metrics.jsonl."""
+  """TensorBoard files through clu (needs TensorFlow: the `tf` extra) + the log + metrics.jsonl."""
 
   def __init__(self, workdir):
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     just_logging = jax.process_index() > 0
     try:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
       self._writer = metric_writers.create_default_writer(workdir, just_logging=just_logging)
-    except ImportError:  # no TensorFlow: no event files
-      logging.warning('TensorFlow is not installed: no TensorBoard files, metrics go to the log '
+    except ImportError:
+      logging.warning('TensorFlow is not installed: no TensorBoard files; metrics go to the log '
                       'and metrics.jsonl (pip install "mura-jax[tf]" for TensorBoard).')
-      self._writer = metric_writers.LoggingWriter()
+      self._writer = None
     self._jsonl = None if just_logging else epath.Path(workdir) / 'metrics.jsonl'
 
   def write(self, step: int, scalars: dict):
     scalars = {k: float(v) for k, v in scalars.items() if v is not None}
-    self._writer.write_scalars(step, scalars)
+    if self._writer is not None:
+      self._writer.write_scalars(step, scalars)
+    else:
+      logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
     if self._jsonl is not None:
       with self._jsonl.open('a') as f:
         f.write(json.dumps({'step': step, **{k: (v if math.isfinite(v) else None)
                                              for k, v in scalars.items()}}) + '\n')
 
   def flush(self):
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,19 +10,39 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*flags, cwd=None):
+# `python -m mura_jax.main` in a process where TensorFlow cannot be imported, as after the README's
+# plain `pip install -e .` (TensorFlow is the optional `tf` extra).
+WITHOUT_TENSORFLOW = """
+import importlib.abc, importlib.machinery, runpy, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  def find_spec(self, name, path=None, target=None):
+    if name == 'tensorflow' or name.startswith('tensorflow.'):
+      return importlib.machinery.ModuleSpec(name, self)
+  def create_module(self, spec):
+    raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+  def exec_module(self, module):
+    pass
+sys.meta_path.insert(0, NoTensorFlow())
+runpy.run_module('mura_jax.main', run_name='__main__')
+"""
+
+
+def run_main(*flags, cwd=None, without_tensorflow=False):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  return subprocess.run([sys.executable, '-m', 'mura_jax.main', *flags], capture_output=True,
-                        text=True, cwd=cwd or REPO, env=env, timeout=900)
+  command = ['-c', WITHOUT_TENSORFLOW] if without_tensorflow else ['-m', 'mura_jax.main']
+  return subprocess.run([sys.executable, *command, *flags], capture_output=True, text=True,
+                        cwd=cwd or REPO, env=env, timeout=900)
 
 
-def test_demo_chain_end_to_end(tmp_path):
+def test_demo_chain_end_to_end_without_tensorflow(tmp_path):
   """The embedded default config, made small: synthetic MURA -> TFDS -> train -> evaluate."""
   out = run_main('--workdir', str(tmp_path), '--config.data.synthetic_studies_per_part=4',
                  '--config.data.synthetic_valid_studies_per_part=4', '--config.train.num_epochs=2',
                  '--config.data.image_size=32', '--config.evaluation.bootstrap_resamples=100',
-                 cwd=tmp_path)  # any directory: the default config is found beside the package
+                 cwd=tmp_path,  # any directory: the default config is found beside the package
+                 without_tensorflow=True)
   assert out.returncode == 0, out.stderr[-4000:]
+  assert 'no TensorBoard files' in out.stderr and not list(tmp_path.glob('events.out.tfevents*'))
   assert 'AUROC' in out.stdout and 'all ' in out.stdout  # the final table
   report = json.loads((tmp_path / 'eval' / 'validation' / 'report.json').read_text())
   assert report['num_studies'] == 7 * 4 and report['checkpoint']['which'] == 'best'

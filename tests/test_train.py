@@ -256,6 +256,11 @@ def test_metrics_and_plateau_in_a_real_run(straight_run):
   assert len(epochs) == config.train.num_epochs
   assert all(0 <= r['auroc/all'] <= 1 and 'kappa/wrist' in r and 'f1/all' in r for r in epochs)
   assert all(r['images_per_second'] > 0 for r in rows if 'train_loss' in r)
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    assert list(workdir.glob('events.out.tfevents*')), 'TensorBoard files when TF is installed'
+  except ImportError:
+    pass
   best = math.inf
   lr = config.optimizer.learning_rate
   for r in epochs:  # the next epoch's lr is / 10 exactly when this epoch did not improve
