@@ -221,6 +221,11 @@ def restore(manager, state_template, signature, step=None):
     raise CheckpointMismatchError(
         f'The checkpoint at step {step} in {manager.directory} was written for another model '
         f'(key: (checkpoint, config)): {diff}. Use a new --workdir, or the config it was trained with.')
+  # Restored replicated over this process's mesh: a checkpoint saved on 2 hosts x 2 devices
+  # loads on 1 device (evaluation elsewhere, resuming on other hardware) and vice versa.
+  sharding = parallel.replicated(parallel.make_mesh())
+  state_template = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state_template)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(state_template)))
   return restored['state'], progress
