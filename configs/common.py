@@ -9,7 +9,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  config.data.manual_dir = ''   # MURA-v1.1.zip or MURA-v1.1/ (only to build; '' = WORKDIR/synthetic)
+  # MURA-v1.1.zip or MURA-v1.1/ (only needed to build; '' = WORKDIR/synthetic).
+  config.data.manual_dir = ''
   config.data.data_dir = ''     # TFDS data_dir holding mura/1.1.0 ('' = WORKDIR/tfds)
   config.data.synthetic = False  # make a synthetic MURA in manual_dir when it has none
   config.data.synthetic_studies_per_part = 60

@@ -133,7 +133,7 @@ def _tree_digest(root):
 def test_deterministic_per_seed(tmp_path):
   a = synthetic.make_synthetic_mura(tmp_path / 'a', 2, 1, seed=7, num_workers=2, progress=False)
   b = synthetic.make_synthetic_mura(tmp_path / 'b', 2, 1, seed=7, num_workers=1, progress=False)
-  c = synthetic.make_synthetic_mura(tmp_path / 'c', 2, 1, seed=8, num_workers=1, progress=False)
+  synthetic.make_synthetic_mura(tmp_path / 'c', 2, 1, seed=8, num_workers=1, progress=False)
   assert a['images'] == b['images']
   assert _tree_digest(tmp_path / 'a') == _tree_digest(tmp_path / 'b')
   assert _tree_digest(tmp_path / 'a') != _tree_digest(tmp_path / 'c')

@@ -440,9 +440,9 @@ def adapt_input_channels(variables: Variables, in_channels: int, *, mean=IMAGENE
     (tests/test_weights.py measures it); gray_mean=0, gray_std=1 takes raw [0, 1] gray input at a
     border error about 20 times larger. Measured on torchvision-initialised densenet169 with
     random batch-norm statistics (no ImageNet file here): max |logit change| / std(logits) was
-    0.06% at 224 x 224 and 0.5% at 64 x 64 (1.6% and 11% with raw gray input). Folding saves two thirds of conv0's FLOPs: 2.3% of
-    densenet169's 6.66 GFLOP per 224 x 224 image, not measurable on a 2-core CPU
-    (BENCHMARKS.md).
+    0.06% at 224 x 224 and 0.5% at 64 x 64 (1.6% and 11% with raw gray input). Folding saves
+    two thirds of conv0's FLOPs: 2.3% of densenet169's 6.66 GFLOP per 224 x 224 image, not
+    measurable on a 2-core CPU (BENCHMARKS.md).
   """
   kernel = np.asarray(variables['params']['features']['conv0']['kernel'], np.float64)
   if kernel.shape[2] == in_channels:
