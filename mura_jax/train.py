@@ -120,6 +120,13 @@ def initial_state(config, model) -> TrainState:
       plateau_state=create_plateau(config).init(params), rng=dropout_rng)
 
 
+def state_template(config, model) -> TrainState:
+  """The state's shapes and dtypes, for restoring: no weights file is read (it may be gone)."""
+  random_init = ml_collections.ConfigDict(config.to_dict())
+  random_init.model.init = 'random'
+  return jax.eval_shape(lambda: initial_state(random_init, model))
+
+
 # ------------------------------------------------------------------------------------------------
 # The steps: pure functions of the state and a global batch.
 
@@ -210,7 +217,7 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint in the workdir was written for another model."""
 
 
-def restore(manager, state_template, signature, step=None):
+def restore(manager, template, signature, step=None):
   """(state, progress) of a checkpoint step (default: latest), after checking the model matches."""
   step = manager.latest_step() if step is None else step
   progress = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))['progress']
@@ -224,10 +231,10 @@ def restore(manager, state_template, signature, step=None):
   # Restored replicated over this process's mesh: a checkpoint saved on 2 hosts x 2 devices
   # loads on 1 device (evaluation elsewhere, resuming on other hardware) and vice versa.
   sharding = parallel.replicated(parallel.make_mesh())
-  state_template = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state_template)
+  template = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(state_template)))
+      state=ocp.args.StandardRestore(template)))
   return restored['state'], progress
 
 
@@ -374,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = steps_per_epoch * config.train.num_epochs
 
   if latest.latest_step() is not None:
-    template = jax.eval_shape(lambda: initial_state(config, model))
+    template = state_template(config, model)
     state, progress = restore(latest, template, signature)
     logging.info('Resuming from step %d (epoch %d, batch %d of %d).', progress['step'],
                  progress['epoch'], progress['batch_in_epoch'], steps_per_epoch)
@@ -503,7 +510,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   if step is None:
     raise FileNotFoundError(f'No {checkpoint} checkpoint in {workdir}; train first '
                             '(--config.mode=train).')
-  template = jax.eval_shape(lambda: initial_state(config, model))
+  template = state_template(config, model)
   state, _ = restore(manager, template, model_signature(config), step)
   state = jax.device_put(state, parallel.replicated(mesh))
   import tfds_mura  # pylint: disable=g-import-not-at-top

@@ -36,9 +36,12 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 5
   config.evaluation.global_batch_size = 16
   config.evaluation.bootstrap_resamples = 50
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
+  for key, value in overrides.items():  # 'seed' or 'section.name'
+    *sections, name = key.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return config
 
 
@@ -308,3 +311,22 @@ def test_unbuilt_dataset_says_how_to_build_it(tmp_path):
   config = tiny_config(tmp_path / 'nothing_here')
   with pytest.raises(FileNotFoundError, match='python -m tfds_mura.build'):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
+
+
+def test_training_from_a_weights_file_resumes_without_it(mura_data_dir, tmp_path):
+  """config.model.init='torchvision:PATH' starts from the file; later restores never read it."""
+  from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
+  config = tiny_config(mura_data_dir, **{'train.num_epochs': 1})
+  model = train.create_model(config)
+  pretrained = train.initial_state(tiny_config(mura_data_dir, **{'seed': 7}), model)
+  path = tmp_path / 'tiny_densenet.safetensors'
+  weights.save_safetensors({'params': pretrained.params, 'batch_stats': pretrained.batch_stats},
+                           path, arch=model)
+  config.model.init = f'torchvision:{path}'
+  start = train.initial_state(config, model)
+  for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(pretrained.params)):
+    np.testing.assert_array_equal(a, b)  # the file's weights, not this seed's random ones
+  assert train.train_and_evaluate(config, str(tmp_path / 'work'))['status'] == 'done'
+  path.unlink()
+  report = train.evaluate_checkpoint(config, str(tmp_path / 'work'), 'validation', 'latest')
+  assert report['checkpoint']['step'] > 0
