@@ -199,12 +199,18 @@ def model_signature(config) -> dict:
 
 def checkpoint_managers(workdir, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
   workdir = epath.Path(workdir)
+  # Each manager names its own cross-host barriers: both save the same step at an epoch's end,
+  # and with one name the hosts' "step N written" barriers collide.
+  def barriers(name):
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
   latest = ocp.CheckpointManager(
       workdir / 'checkpoints', options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.train.keep_checkpoints, create=True))
+          max_to_keep=config.train.keep_checkpoints, create=True,
+          multiprocessing_options=barriers('latest')))
   best = ocp.CheckpointManager(
       workdir / 'best', options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m['validation_loss'], best_mode='min', create=True))
+          max_to_keep=1, best_fn=lambda m: m['validation_loss'], best_mode='min', create=True,
+          multiprocessing_options=barriers('best')))
   return latest, best
 
 
