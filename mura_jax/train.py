@@ -81,11 +81,24 @@ def loss_weights(image_counts: dict[str, dict[str, int]]) -> np.ndarray:
   return w
 
 
-def weighted_bce(logits, labels, body_part, weights, mask=None):
-  """Mean over views of -w_T,1 y log p - w_T,0 (1 - y) log(1 - p), p = sigmoid(logit)."""
-  labels = labels.astype(jnp.float32)
+def dataset_loss_weights(data_dir: str) -> np.ndarray:
+  """`loss_weights` of the built dataset's training split, from its metadata (no image decoded)."""
+  import tfds_mura  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = tfds.builder('mura', data_dir=data_dir).info
+  return loss_weights(tfds_mura.image_counts(info, 'train'))
+
+
+def weighted_bce_per_view(logits, labels, body_part, weights):
+  """-w_T,1 y log p - w_T,0 (1 - y) log(1 - p) of each view, p = sigmoid(logit)."""
   w = jnp.asarray(weights)[body_part, labels.astype(jnp.int32)]
-  per_view = -w * (labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits))
+  labels = labels.astype(jnp.float32)
+  return -w * (labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits))
+
+
+def weighted_bce(logits, labels, body_part, weights, mask=None):
+  """The paper's loss: the mean of `weighted_bce_per_view` over the (unmasked) views."""
+  per_view = weighted_bce_per_view(logits, labels, body_part, weights)
   if mask is None:
     return jnp.mean(per_view)
   return jnp.sum(per_view * mask) / jnp.maximum(jnp.sum(mask), 1)
@@ -154,9 +167,7 @@ def eval_step(state: TrainState, batch, *, model, weights, in_channels):
   images = input_pipeline.normalize(batch['image'], in_channels)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                        train=False)[:, 0]
-  labels = batch['label'].astype(jnp.float32)
-  w = jnp.asarray(weights)[batch['body_part'], batch['label']]
-  per_view = -w * (labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits))
+  per_view = weighted_bce_per_view(logits, batch['label'], batch['body_part'], weights)
   return {'probability': jax.nn.sigmoid(logits), 'loss': per_view * batch['mask'],
           'index': batch['index'], 'mask': batch['mask']}
 
@@ -360,8 +371,6 @@ def epoch_summary(report: dict, validation_loss: float) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains as in the paper, resuming from the workdir if it holds checkpoints; returns a summary."""
-  import tfds_mura  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh()
@@ -372,8 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_source = input_pipeline.data_source(data_dir, 'train')
   valid_source = input_pipeline.data_source(data_dir, 'validation')
   valid_index = input_pipeline.read_split_index(data_dir, 'validation')
-  info = tfds.builder('mura', data_dir=data_dir).info
-  weights = loss_weights(tfds_mura.image_counts(info, 'train'))
+  weights = dataset_loss_weights(data_dir)
   logging.info('Weighted loss [w_T,0 (normal), w_T,1 (abnormal)] per body part:\n%s',
                '\n'.join(f'  {p:<9} {w[0]:.4f} {w[1]:.4f}' for p, w in zip(BODY_PARTS, weights)))
 
@@ -519,11 +527,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   template = state_template(config, model)
   state, _ = restore(manager, template, model_signature(config), step)
   state = jax.device_put(state, parallel.replicated(mesh))
-  import tfds_mura  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  info = tfds.builder('mura', data_dir=data_dir).info
-  weights = loss_weights(tfds_mura.image_counts(info, 'train'))
-  steps = compile_steps(config, model, weights, mesh)
+  steps = compile_steps(config, model, dataset_loss_weights(data_dir), mesh)
   predictions = predict_split(steps, state, source, config)
   out_dir = epath.Path(workdir) / 'eval' / split if jax.process_index() == 0 else None
   logging.info('Evaluating %s checkpoint (step %d) on %s: %d views, %d studies.', checkpoint,
