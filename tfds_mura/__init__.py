@@ -13,5 +13,6 @@ from tfds_mura.mura.mura_dataset_builder import Builder as Mura
 from tfds_mura.mura.mura_dataset_builder import image_counts
 from tfds_mura.mura.mura_dataset_builder import LABELS
 from tfds_mura.mura.mura_dataset_builder import MuraDataError
+from tfds_mura.mura.mura_dataset_builder import to_grayscale
 
-__all__ = ['BODY_PARTS', 'LABELS', 'Mura', 'MuraDataError', 'image_counts']
+__all__ = ['BODY_PARTS', 'LABELS', 'Mura', 'MuraDataError', 'image_counts', 'to_grayscale']

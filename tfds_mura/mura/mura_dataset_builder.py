@@ -247,12 +247,36 @@ def count_studies(views: Sequence[View]) -> dict[str, dict[str, int]]:
 # Images: decode every file (a corrupt or truncated PNG fails here), store 8-bit grayscale PNG.
 
 
-def grayscale_png(data: bytes) -> bytes:
-  """PNG bytes of the image as 8-bit grayscale; raises on anything that does not decode fully.
+def to_grayscale(image):
+  """The dataset's one rule for 8-bit grayscale, from a decoded PIL image of any MURA-like mode.
 
-  Grayscale PNGs are kept byte for byte. RGB and RGBA views (MURA's RGB files have three equal
-  channels) become 'L' with ITU-R 601 luma, which is exact for equal channels; alpha is dropped.
+  `mura_jax.preprocessing` applies the same function to files given for prediction, so a view
+  stored here and the same file read at prediction time give the network identical pixels.
+    L                    kept as it is.
+    RGB, RGBA, LA, P, 1  ITU-R 601 luma (exact for MURA's RGB files, whose channels are equal);
+                         alpha is dropped.
+    I;16, I              16-bit (or 32-bit integer) gray, scaled by its significant bits: a file
+                         whose largest value has b > 8 bits is shifted right by b - 8, so 12-bit
+                         data (0..4095, as exported from DICOM) keeps its contrast instead of
+                         turning black, and true 16-bit data keeps its top 8 bits.
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.mode == 'L':
+    return image
+  if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+    pixels = np.asarray(image, np.int64)
+    if pixels.size and pixels.min() < 0:
+      raise ValueError(f'negative pixel values in a {image.mode} image')
+    bits = max(8, int(pixels.max(initial=0)).bit_length())
+    return Image.fromarray((pixels >> (bits - 8)).astype(np.uint8))
+  if image.mode in ('RGB', 'RGBA', 'LA', 'P', '1'):
+    return image.convert('L')
+  raise ValueError(f'unsupported image mode {image.mode!r}')
+
+
+def grayscale_png(data: bytes) -> bytes:
+  """PNG bytes of the image as 8-bit grayscale (`to_grayscale`); raises on anything that does not
+  decode fully. Grayscale PNGs are kept byte for byte."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(data)) as image:
     if image.format != 'PNG':
@@ -260,15 +284,8 @@ def grayscale_png(data: bytes) -> bytes:
     image.load()  # decodes every row: a truncated file raises here
     if image.mode == 'L':
       return data
-    if image.mode in ('I;16', 'I;16B', 'I'):
-      pixels = np.asarray(image, np.uint32) >> 8  # 16-bit radiographs: keep the top 8 bits
-      image = Image.fromarray(pixels.astype(np.uint8))
-    elif image.mode in ('RGB', 'RGBA', 'LA', 'P', '1'):
-      image = image.convert('L')
-    else:
-      raise ValueError(f'unsupported PNG mode {image.mode!r}')
     buffer = io.BytesIO()
-    image.save(buffer, format='PNG', compress_level=3)
+    to_grayscale(image).save(buffer, format='PNG', compress_level=3)
     return buffer.getvalue()
 
 

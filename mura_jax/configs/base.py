@@ -1,0 +1,68 @@
+"""Defaults shared by every config: the paper's recipe where it has one.
+
+Configs (the files users pass to --config, in the repository's configs/ folder, and the embedded
+demo here) start from `base_config()` and override what differs.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = 'train'  # data | train | evaluate
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  # MURA-v1.1.zip or MURA-v1.1/ (only needed to build; '' = WORKDIR/synthetic).
+  config.data.manual_dir = ''
+  config.data.data_dir = ''     # TFDS data_dir holding mura/1.1.0 ('' = WORKDIR/tfds)
+  config.data.synthetic = False  # make a synthetic MURA in manual_dir when it has none
+  config.data.synthetic_studies_per_part = 60
+  config.data.synthetic_valid_studies_per_part = 40
+  config.data.synthetic_seed = 0
+  config.data.build_workers = 0  # 0: all cores
+  config.data.image_size = 224
+  config.data.resize = 'squash'  # the paper scales to 224 x 224; 'pad' keeps the aspect ratio
+  config.data.flip = True        # random lateral flips
+  config.data.rotation_degrees = 30.0
+  config.data.num_workers = 0    # grain worker processes (0: in the main process)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.arch = 'densenet169'  # densenet121/161/169/201, or 'custom' with the fields below
+  config.model.init = 'random'       # 'random', 'torchvision:PATH' or 'keras:PATH'
+  config.model.in_channels = 3       # 3: gray replicated (exact); 1: conv0 folded (models.weights)
+  config.model.dtype = 'float32'     # compute dtype; 'bfloat16' on accelerators
+  config.model.drop_rate = 0.0
+  config.model.remat = False         # memory-efficient DenseNet
+  config.model.growth_rate = 32
+  config.model.block_config = (6, 12, 32, 32)
+  config.model.num_init_features = 64
+  config.model.bn_size = 4
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.plateau_factor = 0.1    # lr / 10 ...
+  config.optimizer.plateau_patience = 1    # ... after one epoch without a lower validation loss
+  config.optimizer.plateau_rtol = 1e-4
+
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 8
+  config.train.num_epochs = 20  # not stated in the paper; the best checkpoint is what counts
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 1000
+  config.train.keep_checkpoints = 3  # latest steps kept for resuming
+  config.train.keep_best = 5         # lowest validation losses kept for inference (later paper: 5)
+
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.global_batch_size = 64
+  config.evaluation.checkpoint = 'best'   # best | latest | a step
+  config.evaluation.split = 'validation'
+  config.evaluation.bootstrap_resamples = 10_000
+  config.evaluation.seed = 0
+  config.evaluation.aggregation = 'mean'  # the paper: mean of the views' probabilities
+  config.evaluation.threshold = 0.5
+  config.evaluation.readers = ''  # CSV `study,<reader>,...` of radiologists' labels (paper 4.2)
+  return config
