@@ -26,6 +26,8 @@ from sklearn import metrics as skm
 from mura_jax import bootstrap
 from mura_jax import evaluation
 from mura_jax import metrics
+from mura_jax.scoring import Options
+from mura_jax.studies import StudyTable
 
 # MURA v1.1 validation studies per body part: (normal, abnormal); 661 + 538 = 1,199.
 VALID_STUDIES = {'elbow': (92, 66), 'finger': (92, 83), 'forearm': (69, 64), 'hand': (101, 66),
@@ -109,13 +111,13 @@ def main():
     steady.append(time.perf_counter() - start)
   steady_median = statistics.median(steady)
 
-  # For context: the whole report as evaluate_studies builds it (3 more thresholds: sensitivity
+  # For context: the whole report as evaluation.evaluate builds it (3 more thresholds: sensitivity
   # and specificity 0.95 and the worklist's), no files written; compiled by now except new shapes.
   paths = [f'MURA-v1.1/valid/XR_{metrics.BODY_PARTS[p].upper()}/patient{i:05d}/study1/'
            for i, p in enumerate(part)]
-  report = lambda: evaluation.evaluate_studies(  # pylint: disable=g-long-lambda
-      paths, probability, abnormal, num_resamples=args.resamples, seed=args.seed,
-      chunk_size=args.chunk_size, print_table=False)
+  table = StudyTable.checked(paths, probability, abnormal)
+  report = lambda: evaluation.evaluate(table, Options(  # pylint: disable=g-long-lambda
+      num_resamples=args.resamples, seed=args.seed, chunk_size=args.chunk_size))
   start = time.perf_counter()
   report()
   report_first = time.perf_counter() - start
@@ -136,7 +138,7 @@ def main():
         f'(timed on {args.loop_resamples}), {loop_total:.0f} s scaled to {args.resamples}')
   print(f'speed-up: {loop_total / steady_median:.0f}x steady state, '
         f'{loop_total / first:.0f}x including compilation')
-  print(f'whole report (evaluate_studies, 4 thresholds, no files): first {report_first:.2f} s, '
+  print(f'whole report (evaluation.evaluate, 4 thresholds, no files): first {report_first:.2f} s, '
         f'again {report_again:.2f} s')
   print(f'load average at end {os.getloadavg()[0]:.2f}')
 

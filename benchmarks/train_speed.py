@@ -11,18 +11,14 @@ Prints markdown rows for BENCHMARKS.md.
 """
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
-import demo  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from mura_jax import input_pipeline, parallel, train  # noqa: E402
+from mura_jax import input_pipeline, parallel, train
+from mura_jax.configs import base as common
+from mura_jax.configs import demo
 
 
 def pipeline(args):
@@ -46,8 +42,8 @@ def pipeline(args):
 def _steps_per_second(config, steps, image_size):
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = train.create_model(config)
-  weights = np.full((7, 2), 0.5, np.float32)
-  compiled = train.compile_steps(config, model, weights, mesh)
+  loss_weights = np.full((7, 2), 0.5, np.float32)
+  compiled = train.compile_steps(config, model, loss_weights, mesh)
   state = jax.device_put(train.initial_state(config, model), parallel.replicated(mesh))
   b = config.train.global_batch_size
   rng = np.random.default_rng(0)

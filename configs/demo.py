@@ -1,31 +1,9 @@
-"""The embedded default: the whole chain on a synthetic MURA, on a laptop CPU, in minutes.
+"""The demo: the whole chain on a synthetic MURA, on a laptop CPU, in minutes.
 
-    python -m mura_jax.main --workdir /tmp/mura-demo        # (--config configs/demo.py is implied)
+    python -m mura_jax.main --config configs/demo.py --workdir /tmp/mura-demo
 
-Makes a synthetic MURA-v1.1 in WORKDIR/synthetic if absent, builds the `mura` TFDS dataset in
-WORKDIR/tfds, trains a small DenseNet from random initialisation at a small image size with the
-paper's loss, optimiser and schedule, and evaluates the best checkpoint (WORKDIR/eval/validation/).
+It is the embedded default of `python -m mura_jax.main` (no --config needed), defined in
+mura_jax/configs/demo.py so that an installed mura-jax has it too.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
-def get_config():
-  config = common.base_config()
-  config.data.synthetic = True
-  config.data.image_size = 64
-  config.model.arch = 'custom'
-  config.model.init = 'random'
-  config.model.growth_rate = 12
-  config.model.block_config = (2, 4, 4)
-  config.model.num_init_features = 24
-  config.optimizer.learning_rate = 1e-3
-  config.train.global_batch_size = 32
-  config.train.num_epochs = 8
-  config.train.log_every_steps = 10
-  config.evaluation.bootstrap_resamples = 2_000
-  return config
+from mura_jax.configs.demo import get_config  # noqa: F401

@@ -10,14 +10,12 @@ On accelerators add --config.model.dtype=bfloat16.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from mura_jax.configs import base
 
 
 def get_config():
-  config = common.base_config()
+  config = base.base_config()
   config.data.data_dir = os.path.expanduser('~/tensorflow_datasets')
   config.data.num_workers = 8
   config.model.arch = 'densenet169'

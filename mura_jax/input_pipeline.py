@@ -6,8 +6,8 @@ global batch, put together by `parallel.global_batch`, is thus the same on 1 or 
 the training. Augmentation draws from a generator seeded by (seed, epoch, position), so it is the
 same whatever the number of hosts or grain workers.
 
-Images leave the pipeline as uint8 (B, S, S, 1): four times less to copy to the devices than
-float RGB. `normalize` turns them into the model's input on the device, inside the jitted step.
+What the network sees is `preprocessing`'s (gray -> `fit` to S x S -> `normalize` on the
+device); training wraps the random lateral flip and rotation around it (`augment`), before `fit`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import functools
 from collections.abc import Iterator
 
 import grain
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mura_jax.models import weights
-
-RESIZE_MODES = ('squash', 'pad')
+from mura_jax import preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,43 +67,30 @@ def read_split_index(data_dir: str, split: str) -> SplitIndex:
 
 
 # ------------------------------------------------------------------------------------------------
-# One view: augment (train only), resize, keep uint8.
+# One view: augment (train only), then the one preprocessing.
+
+
+def augment(pil: Image.Image, rng: np.random.Generator, flip: bool = True,
+            rotation_degrees: float = 30.0) -> Image.Image:
+  """The paper's augmentation: a random lateral flip, then a random rotation (black fill)."""
+  if flip and rng.random() < 0.5:
+    pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if rotation_degrees:
+    angle = float(rng.uniform(-rotation_degrees, rotation_degrees))
+    pil = pil.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+  return pil
 
 
 def preprocess_view(image: np.ndarray, image_size: int, resize: str = 'squash',
                     rng: np.random.Generator | None = None, flip: bool = True,
                     rotation_degrees: float = 30.0) -> np.ndarray:
-  """uint8 (H, W, 1) -> uint8 (S, S, 1). With `rng`: random lateral flip and rotation first.
-
-  'squash' scales to S x S as the paper does (aspect ratio lost); 'pad' pads to a square with
-  black (the radiograph's background) first, keeping the aspect ratio.
-  """
-  if resize not in RESIZE_MODES:
-    raise ValueError(f'resize={resize!r}; expected one of {RESIZE_MODES}')
+  """uint8 (H, W, 1) -> uint8 (S, S, 1) (`preprocessing.fit`). With `rng`: `augment` first."""
+  if resize not in preprocessing.RESIZE_MODES:
+    raise ValueError(f'resize={resize!r}; expected one of {preprocessing.RESIZE_MODES}')
   pil = Image.fromarray(image[..., 0])
   if rng is not None:
-    if flip and rng.random() < 0.5:
-      pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if rotation_degrees:
-      angle = float(rng.uniform(-rotation_degrees, rotation_degrees))
-      pil = pil.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
-  if resize == 'pad':
-    side = max(pil.size)
-    square = Image.new('L', (side, side), 0)
-    square.paste(pil, ((side - pil.size[0]) // 2, (side - pil.size[1]) // 2))
-    pil = square
-  pil = pil.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
-  return np.asarray(pil, np.uint8)[..., None]
-
-
-def normalize(images: jnp.ndarray, in_channels: int = 3) -> jnp.ndarray:
-  """uint8 (..., 1) gray -> float32 model input with ImageNet normalisation, on the device.
-
-  3 channels: the gray image in each channel, normalised per channel (exactly what an ImageNet
-  network sees for a gray photograph). 1 channel: the gray image normalised once, for models whose
-  conv0 was folded over the input channels (`models.weights.adapt_input_channels`).
-  """
-  return weights.model_input(images.astype(jnp.float32) / 255.0, in_channels)
+    pil = augment(pil, rng, flip, rotation_degrees)
+  return preprocessing.fit(pil, image_size, resize)
 
 
 # ------------------------------------------------------------------------------------------------

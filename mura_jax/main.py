@@ -1,7 +1,11 @@
 """mura-jax's entry point: `python -m mura_jax.main --config CONFIG --workdir DIR`.
 
-`config.mode` picks the job. Without --config, `configs/demo.py` runs (the embedded default).
-Override any config value on the command line: `--config.data.synthetic_seed=1`.
+`config.mode` picks the job:
+  data      build the `mura` TFDS dataset (a synthetic MURA first where configured)
+  train     train as in the paper, then evaluate the best checkpoint (`train.py`)
+  evaluate  a checkpoint on a split, through `inference` (`evaluation.py`)
+Without --config the demo runs (mura_jax/configs/demo.py, the embedded default). Override any
+config value on the command line: `--config.data.synthetic_seed=1`.
 """
 
 import os
@@ -11,8 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            'configs', 'demo.py')
+# Inside the package, so that any install (not only a checkout) has its default.
+_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.py')
 
 config_flags.DEFINE_config_file('config', _DEMO_CONFIG, 'Python file with get_config().')
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, reports (and the demo data) go.')
@@ -41,11 +45,8 @@ def run_train(config, workdir):
 
 def run_evaluate(config, workdir):
   """Evaluates a checkpoint (config.evaluation.checkpoint: best, latest or a step)."""
-  from mura_jax import train  # pylint: disable=g-import-not-at-top
-  report = train.evaluate_checkpoint(config, workdir, config.evaluation.split,
-                                     config.evaluation.checkpoint)
-  logging.info('Evaluation report: %s/eval/%s/report.json', workdir, config.evaluation.split)
-  return report
+  from mura_jax import evaluation  # pylint: disable=g-import-not-at-top
+  return evaluation.evaluate_checkpoint(config, workdir)
 
 
 MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate}

@@ -22,8 +22,8 @@ A zero denominator gives NaN (not scikit-learn's zero_division=0); `undefined_re
 from __future__ import annotations
 
 import numpy as np
+from tfds_mura import BODY_PARTS  # the dataset's ClassLabel order, the one source
 
-BODY_PARTS = ('elbow', 'finger', 'forearm', 'hand', 'humerus', 'shoulder', 'wrist')
 # Evaluation groups: the seven study types of the paper, then the aggregate over all studies.
 GROUPS = BODY_PARTS + ('all',)
 METRICS = ('f1', 'kappa', 'auroc', 'accuracy', 'sensitivity', 'specificity', 'precision', 'npv')

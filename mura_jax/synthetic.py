@@ -32,9 +32,11 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 from PIL import Image
+from tfds_mura import BODY_PARTS as _BODY_PARTS
 from tqdm import tqdm
 
-BODY_PARTS = ('XR_ELBOW', 'XR_FINGER', 'XR_FOREARM', 'XR_HAND', 'XR_HUMERUS', 'XR_SHOULDER', 'XR_WRIST')
+# MURA's folder names of the dataset's body parts: XR_ELBOW, ..., XR_WRIST.
+PART_FOLDERS = tuple(f'XR_{part.upper()}' for part in _BODY_PARTS)
 
 # Row order of the body parts in the official CSVs (grouped, not sorted).
 CSV_PART_ORDER = {
@@ -94,7 +96,7 @@ def plan_studies(studies_per_part: int, valid_studies_per_part: int, seed: int) 
   for split, n in (('train', studies_per_part), ('valid', valid_studies_per_part)):
     # patient -> {body_part: [study numbers]}; patients never cross splits.
     patients: dict[int, dict[str, list[int]]] = {}
-    for part in BODY_PARTS:
+    for part in PART_FOLDERS:
       normal, abnormal = TABLE1_IMAGES[split][part]
       num_abnormal = int(round(n * abnormal / (normal + abnormal)))
       if n >= 2:
@@ -167,7 +169,7 @@ def _bone_layout(body_part: str, rng) -> list[tuple[tuple[float, float], tuple[f
   if body_part == 'XR_SHOULDER':  # humeral head, glenoid, clavicle
     return [((0.45 + j(), 0.55), (0.47, 0.55), 0.16), ((0.55, 0.6), (0.98, 0.62 + j()), 0.08),
             ((0.25, 0.3), (0.6, 0.35 + j()), 0.06), ((0.15, 0.05), (0.25, 0.95 + j()), 0.035)]
-  raise ValueError(f'unknown body part {body_part!r}; expected one of {BODY_PARTS}')
+  raise ValueError(f'unknown body part {body_part!r}; expected one of {PART_FOLDERS}')
 
 
 def _image_shape(rng) -> tuple[int, int]:

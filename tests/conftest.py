@@ -11,6 +11,7 @@ try:
   # torch first: with TensorFlow's libraries loaded before it (tfrecord and TensorBoard tests),
   # torch's CPU kernels crash the process (seen with tensorflow-cpu 2.21 and torch 2.14.1).
   import torch  # noqa: F401,E402  pylint: disable=unused-import
+  import torchvision  # noqa: F401,E402  pylint: disable=unused-import  (its triton import too)
 except ImportError:
   pass
 

@@ -13,7 +13,16 @@ import pytest
 
 from mura_jax import evaluation
 from mura_jax import metrics
-from mura_jax.evaluation import LabelsError, PredictionsError
+from mura_jax import prediction_files
+from mura_jax import readers as readers_lib
+from mura_jax import studies
+from mura_jax.scoring import Options
+from mura_jax.studies import LabelsError, PredictionsError, StudyTable
+
+
+def _evaluate(paths, scores, truth, readers=None, **options):
+  return evaluation.evaluate(StudyTable.checked(paths, scores, truth), Options(**options),
+                             readers=readers)
 
 
 def _study_path(part, patient, study, abnormal, split='valid'):
@@ -54,10 +63,10 @@ def test_aggregation_equals_pandas_groupby_with_padding():
   mask = np.r_[np.ones(len(views), bool), np.zeros(num_pad, bool)]
   for method, reduce in (('mean', 'mean'), ('max', 'max')):
     expected = views.groupby('study', sort=False)['prob'].agg(reduce).reindex(uniques).to_numpy()
-    got = evaluation.aggregate_views(jnp.asarray(probs, jnp.float32), jnp.asarray(index),
+    got = studies.aggregate_views(jnp.asarray(probs, jnp.float32), jnp.asarray(index),
                                      len(uniques), jnp.asarray(mask), method=method)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)  # float32 inside jit
-    got64, num_views = evaluation._aggregate_float64(probs, index, len(uniques), mask, method)
+    got64, num_views = studies.aggregate_float64(probs, index, len(uniques), mask, method)
     if method == 'max':
       assert np.array_equal(got64, expected)  # no arithmetic: exact
     else:
@@ -66,7 +75,7 @@ def test_aggregation_equals_pandas_groupby_with_padding():
 
 
 def test_study_without_views_is_nan():
-  got = evaluation.aggregate_views(jnp.array([0.2, 0.4, 0.9]), jnp.array([0, 0, 2]), 3,
+  got = studies.aggregate_views(jnp.array([0.2, 0.4, 0.9]), jnp.array([0, 0, 2]), 3,
                                    jnp.array([True, True, False]))
   np.testing.assert_allclose(np.asarray(got), [0.3, np.nan, np.nan])
 
@@ -74,10 +83,10 @@ def test_study_without_views_is_nan():
 def test_evaluate_views_aggregates_like_pandas(tmp_path):
   paths, labels, views = _synthetic_views(1)
   view_parts = [p.split('/')[2] for p in views['study']]  # 'XR_WRIST' etc.
-  report = evaluation.evaluate_views(
+  table = studies.from_views(
       views['prob'].to_numpy(np.float32), [p.encode() for p in views['study']],
-      views['label'].to_numpy(), view_parts, out_dir=tmp_path, num_resamples=50, split='valid',
-      print_table=False)
+      views['label'].to_numpy(), view_parts)
+  report = evaluation.evaluate(table, Options(num_resamples=50), out_dir=tmp_path, split='valid')
   table = pd.read_csv(tmp_path / 'study_probabilities.csv')
   expected = views.groupby('study')['prob'].apply(
       lambda p: p.astype(np.float32).astype(np.float64).mean())
@@ -92,13 +101,12 @@ def test_evaluate_views_aggregates_like_pandas(tmp_path):
 def test_evaluate_views_rejects_conflicting_labels_and_nan():
   study = _study_path('hand', 1, 1, True)
   with pytest.raises(LabelsError, match='different labels'):
-    evaluation.evaluate_views([0.2, 0.9], [study, study], [1, 0], print_table=False)
+    studies.from_views([0.2, 0.9], [study, study], [1, 0])
   with pytest.raises(PredictionsError, match='not finite'):
-    evaluation.evaluate_views([0.2, np.nan], [study, study], [1, 1], print_table=False)
+    studies.from_views([0.2, np.nan], [study, study], [1, 1])
   # ... unless the NaN view is padding.
-  report = evaluation.evaluate_views([0.2, np.nan], [study, b''], [1, 0], view_mask=[True, False],
-                                     num_resamples=0, print_table=False)
-  assert report['num_studies'] == 1
+  table = studies.from_views([0.2, np.nan], [study, b''], [1, 0], view_mask=[True, False])
+  assert len(table) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +147,10 @@ TRUTH = np.array([1, 1, 1, 0, 0, 0])
 
 def _reader_report(tie_break='abnormal', num_resamples=0):
   paths = [_study_path('hand', i, 1, t) for i, t in enumerate(TRUTH)]
-  readers = evaluation.Readers(tuple(paths), ('A', 'B', 'C'), READERS)
+  readers = readers_lib.Readers(tuple(paths), ('A', 'B', 'C'), READERS)
   scores = np.where(MODEL == 1, 0.8, 0.2)
-  return evaluation.evaluate_studies(paths, scores, TRUTH, readers=readers,
-                                     num_resamples=num_resamples, tie_break=tie_break,
-                                     print_table=False)['readers']
+  return _evaluate(paths, scores, TRUTH, readers=readers, num_resamples=num_resamples,
+                   tie_break=tie_break)['readers']
 
 
 def test_reader_comparison_hand_worked():
@@ -210,7 +217,8 @@ def test_bad_predictions_one_error_listing_every_kind(mura_files):
   rows.append(f'{paths[6]}')  # malformed
   predictions = _write(tmp_path / 'p.csv', '\n'.join(rows) + '\n')
   with pytest.raises(PredictionsError) as error:
-    evaluation.score_files(predictions, labels_csv, tmp_path / 'out', num_resamples=0)
+    evaluation.score_files(predictions, labels_csv, tmp_path / 'out',
+                           options=Options(num_resamples=0))
   assert error.value.counts == {'out_of_range': 1, 'nan': 1, 'duplicate': 1, 'unknown': 1,
                                 'malformed': 1, 'missing': 3}
   message = str(error.value)
@@ -234,7 +242,7 @@ def test_each_bad_prediction_kind_errors(mura_files, kind):
     rows.append(f'{paths[2].rstrip("/")},0.5')  # the same study, written without the '/'
   predictions = _write(tmp_path / 'p.csv', '\n'.join(rows) + '\n')
   with pytest.raises(PredictionsError) as error:
-    evaluation.read_predictions(predictions, paths)
+    prediction_files.read_predictions(predictions, paths)
   assert list(error.value.counts) == [kind]
 
 
@@ -244,12 +252,12 @@ def test_bad_view_level_predictions(mura_files):
   rows.append(rows[0])  # a view twice
   predictions = _write(tmp_path / 'p.csv', '\n'.join(rows) + '\n')
   with pytest.raises(PredictionsError) as error:
-    evaluation.read_predictions(predictions, paths)
+    prediction_files.read_predictions(predictions, paths)
   assert error.value.counts == {'duplicate': 1}
   rows = rows[:-1] + [f'{paths[0]},0.5']  # a study row in a view-level file
   predictions = _write(tmp_path / 'p.csv', '\n'.join(rows) + '\n')
   with pytest.raises(PredictionsError, match='one level per file'):
-    evaluation.read_predictions(predictions, paths)
+    prediction_files.read_predictions(predictions, paths)
 
 
 def test_bad_labels_and_readers(tmp_path):
@@ -261,15 +269,14 @@ def test_bad_labels_and_readers(tmp_path):
   }
   for kind, text in cases.items():
     with pytest.raises(LabelsError) as error:
-      evaluation.read_labels(_write(tmp_path / 'l.csv', text))
+      prediction_files.read_labels(_write(tmp_path / 'l.csv', text))
     assert kind in error.value.counts, kind
   readers = _write(tmp_path / 'r.csv', f'study,A,B\n{good},1,1\n'
                    f'{_study_path("hand", 5, 1, False)},0,0\n')
   with pytest.raises(LabelsError, match='not among the evaluated studies'):
-    evaluation.evaluate_studies([good], [0.9], [1], readers=evaluation.read_readers(readers),
-                                num_resamples=0, print_table=False)
+    _evaluate([good], [0.9], [1], readers=prediction_files.read_readers(readers), num_resamples=0)
   with pytest.raises(LabelsError, match='labels 0/1'):
-    evaluation.read_readers(_write(tmp_path / 'r.csv', f'study,A,B\n{good},1,x\n'))
+    prediction_files.read_readers(_write(tmp_path / 'r.csv', f'study,A,B\n{good},1,x\n'))
 
 
 def test_group_without_a_class_has_null_auroc_with_reason():
@@ -278,8 +285,7 @@ def test_group_without_a_class_has_null_auroc_with_reason():
   truth = rng.integers(0, 2, parts.size)
   truth[parts == 'humerus'] = 0  # humerus: normal studies only
   paths = [_study_path(p, i, 1, t) for i, (p, t) in enumerate(zip(parts, truth))]
-  report = evaluation.evaluate_studies(paths, rng.random(parts.size), truth, num_resamples=100,
-                                       print_table=False)
+  report = _evaluate(paths, rng.random(parts.size), truth, num_resamples=100)
   auroc = report['groups']['humerus']['metrics']['auroc']
   assert auroc['value'] is None and auroc['ci_low'] is None
   assert 'no abnormal studies' in auroc['reason']
@@ -292,8 +298,7 @@ def test_group_without_a_class_has_null_auroc_with_reason():
 def test_studies_are_identified_by_body_part_too():
   # patient 1 study1 exists under two body parts: two studies, not a duplicate.
   paths = [_study_path('hand', 1, 1, True), _study_path('wrist', 1, 1, False)]
-  report = evaluation.evaluate_studies(paths, [0.9, 0.1], [1, 0], num_resamples=0,
-                                       print_table=False)
+  report = _evaluate(paths, [0.9, 0.1], [1, 0], num_resamples=0)
   assert report['num_studies'] == 2
   assert report['groups']['hand']['n_studies'] == 1
 
@@ -303,8 +308,7 @@ def test_worklist_is_the_largest_deprioritisation_keeping_sensitivity():
   truth = rng.integers(0, 2, 400)
   scores = np.clip(rng.normal(0.3 + 0.4 * truth, 0.2), 0, 1)
   paths = [_study_path(metrics.BODY_PARTS[i % 7], i, 1, t) for i, t in enumerate(truth)]
-  work = evaluation.evaluate_studies(paths, scores, truth, num_resamples=0,
-                                     print_table=False)['worklist']
+  work = _evaluate(paths, scores, truth, num_resamples=0)['worklist']
   low = scores <= work['threshold']
   assert work['n_normal_deprioritised'] == (low & (truth == 0)).sum()
   assert work['n_abnormal_deprioritised'] == (low & (truth == 1)).sum()

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from mura_jax import checkpoints
+from mura_jax import parallel
 from mura_jax import train
 
 from test_train import tiny_config
@@ -30,9 +32,10 @@ def _params(workdir, data_dir):
   config.model.growth_rate, config.model.block_config = 4, (1, 1)
   config.model.num_init_features, config.model.bn_size = 8, 2
   model = train.create_model(config)
-  latest, _ = train.checkpoint_managers(workdir, config)
+  latest, _ = checkpoints.managers(workdir, config)
   template = jax.eval_shape(lambda: train.initial_state(config, model))
-  state, progress = train.restore(latest, template, train.model_signature(config))
+  state, progress = checkpoints.restore_state(latest, template, checkpoints.model_signature(config),
+                                              parallel.replicated(parallel.make_mesh()))
   return jax.device_get((state.params, state.batch_stats)), progress
 
 

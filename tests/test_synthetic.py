@@ -27,7 +27,7 @@ def test_csvs_have_muras_exact_format(synthetic_dir):
   root = synthetic_dir / 'MURA-v1.1'
   for split, studies in (('train', STUDIES_PER_PART), ('valid', VALID_STUDIES_PER_PART)):
     label_rows = [line.split(',') for line in read_lines(root / f'{split}_labeled_studies.csv')]
-    assert len(label_rows) == studies * len(synthetic.BODY_PARTS)
+    assert len(label_rows) == studies * len(synthetic.PART_FOLDERS)
     for path, label in label_rows:  # no header: every row is a study path and a 0/1 label
       match = STUDY_RE.match(path)
       assert match and match[1] == split, path

@@ -3,7 +3,6 @@
 import math
 import os
 import signal
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,16 +10,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs'))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from mura_jax import input_pipeline  # noqa: E402
-from mura_jax import parallel  # noqa: E402
-from mura_jax import train  # noqa: E402
+from mura_jax import checkpoints
+from mura_jax import evaluation
+from mura_jax import input_pipeline
+from mura_jax import loss
+from mura_jax import parallel
+from mura_jax import studies
+from mura_jax import train
+from mura_jax.configs import base
 
 
 def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
-  config = common.base_config()
+  config = base.base_config()
   config.data.data_dir = str(data_dir)
   config.data.image_size = 32
   config.data.rotation_degrees = 20.0
@@ -49,20 +50,15 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
 # The paper's weighted loss.
 
 
-def test_body_part_indices_agree_with_the_dataset():
-  import tfds_mura  # pylint: disable=g-import-not-at-top
-  assert train.BODY_PARTS == tfds_mura.BODY_PARTS
-
-
 def test_loss_weights_are_the_papers():
   counts = {p: {'normal': 10 + i, 'abnormal': 5 + 2 * i} for i, p in enumerate(train.BODY_PARTS)}
-  w = train.loss_weights(counts)
+  w = loss.loss_weights_from_counts(counts)
   for t, part in enumerate(train.BODY_PARTS):
     n, a = counts[part]['normal'], counts[part]['abnormal']
     assert w[t, 1] == pytest.approx(n / (a + n)) and w[t, 0] == pytest.approx(a / (a + n))
   counts['hand'] = {'normal': 0, 'abnormal': 0}
   with pytest.raises(ValueError, match='no hand images'):
-    train.loss_weights(counts)
+    loss.loss_weights_from_counts(counts)
 
 
 def test_weighted_loss_on_a_hand_checked_batch():
@@ -71,7 +67,7 @@ def test_weighted_loss_on_a_hand_checked_batch():
   counts = {p: {'normal': 1, 'abnormal': 1} for p in train.BODY_PARTS}
   counts['wrist'] = {'normal': 6, 'abnormal': 4}
   counts['elbow'] = {'normal': 1, 'abnormal': 3}
-  weights = train.loss_weights(counts)
+  loss_weights = loss.loss_weights_from_counts(counts)
   wrist, elbow = train.BODY_PARTS.index('wrist'), train.BODY_PARTS.index('elbow')
   logits = jnp.array([0.0, 2.0, -1.0])
   labels = jnp.array([1, 0, 1])
@@ -80,11 +76,25 @@ def test_weighted_loss_on_a_hand_checked_batch():
   by_hand = (0.6 * -math.log(sigmoid(0.0))          # abnormal wrist view, p = 0.5
              + 0.4 * -math.log(1 - sigmoid(2.0))    # normal wrist view
              + 0.25 * -math.log(sigmoid(-1.0))) / 3  # abnormal elbow view
-  assert float(train.weighted_bce(logits, labels, parts, weights)) == pytest.approx(by_hand, rel=1e-6)
+  assert float(loss.weighted_bce(logits, labels, parts, loss_weights)) == pytest.approx(by_hand,
+                                                                            rel=1e-6)
   # A mask leaves padded views out of the mean.
-  masked = train.weighted_bce(logits, labels, parts, weights, mask=jnp.array([1.0, 1.0, 0.0]))
+  masked = loss.weighted_bce(logits, labels, parts, loss_weights, mask=jnp.array([1.0, 1.0, 0.0]))
   assert float(masked) == pytest.approx((0.6 * math.log(2) + 0.4 * -math.log(1 - sigmoid(2.0))) / 2,
                                         rel=1e-6)
+
+
+def test_epoch_metrics_use_the_configured_threshold_and_aggregation(mura_data_dir):
+  config = tiny_config(mura_data_dir, **{'evaluation.threshold': 0.7,
+                                         'evaluation.aggregation': 'max'})
+  index = input_pipeline.read_split_index(str(mura_data_dir), 'validation')
+  probability = np.random.default_rng(0).random(len(index))
+  report = train.study_metrics(index, probability, config)
+  assert report['threshold'] == 0.7 and report['aggregation'] == 'max'
+  table = studies.from_split(index, probability, 'max')
+  abnormal = (table.probability > 0.7) & (table.label == 1)
+  assert report['groups']['all']['confusion']['tp'] == int(abnormal.sum())
+  assert report['bootstrap']['num_resamples'] == 0  # no CIs at every epoch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +102,7 @@ def test_weighted_loss_on_a_hand_checked_batch():
 
 
 def test_plateau_divides_the_learning_rate_by_ten_only_after_a_plateau():
-  config = common.base_config()
+  config = base.base_config()
   plateau = train.create_plateau(config)
   state = plateau.init({'w': jnp.zeros(3)})
   scales = []
@@ -178,7 +188,7 @@ def test_sharded_steps_equal_unsharded(mura_data_dir):
   # size, so float32 reduction-order differences in near-zero gradients show up at the lr's scale.
   config = tiny_config(mura_data_dir, **{'optimizer.learning_rate': 1e-4})
   model = train.create_model(config)
-  weights = np.linspace(0.2, 0.8, 14, dtype=np.float32).reshape(7, 2)
+  loss_weights = np.linspace(0.2, 0.8, 14, dtype=np.float32).reshape(7, 2)
   rng = np.random.default_rng(0)
   batches = [{'image': rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8),
               'label': rng.integers(0, 2, 8).astype(np.int32),
@@ -186,7 +196,7 @@ def test_sharded_steps_equal_unsharded(mura_data_dir):
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = parallel.make_mesh(devices)
-    steps = train.compile_steps(config, model, weights, mesh)
+    steps = train.compile_steps(config, model, loss_weights, mesh)
     state = jax.device_put(train.initial_state(config, model), parallel.replicated(mesh))
     for batch in batches:
       state, metrics = steps.train(state, parallel.global_batch(batch, mesh))
@@ -209,9 +219,10 @@ def test_batch_size_must_divide_over_devices():
 
 def _latest_params(workdir, config):
   model = train.create_model(config)
-  latest, _ = train.checkpoint_managers(workdir, config)
+  latest, _ = checkpoints.managers(workdir, config)
   template = jax.eval_shape(lambda: train.initial_state(config, model))
-  state, progress = train.restore(latest, template, train.model_signature(config))
+  state, progress = checkpoints.restore_state(latest, template, checkpoints.model_signature(config),
+                                              parallel.replicated(parallel.make_mesh()))
   return jax.device_get(state), progress
 
 
@@ -275,7 +286,7 @@ def test_metrics_and_plateau_in_a_real_run(straight_run):
 def test_checkpoint_of_another_model_is_refused(straight_run):
   workdir, config, _ = straight_run
   other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})
-  with pytest.raises(train.CheckpointMismatchError, match='growth_rate'):
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='growth_rate'):
     train.train_and_evaluate(other, str(workdir))
 
 
@@ -290,15 +301,16 @@ def test_evaluate_best_checkpoint_writes_the_report(straight_run, tmp_path):
   (tmp_path / 'readers.csv').write_text('\n'.join(rows) + '\n')
   config = ml_collections.ConfigDict(config.to_dict())
   config.evaluation.readers = str(tmp_path / 'readers.csv')
-  report = train.evaluate_checkpoint(config, str(workdir), 'validation', 'best')
+  report = evaluation.evaluate_checkpoint(config, str(workdir))
   assert report['checkpoint']['step'] == summary['best_step']
   assert report['readers']['names'] == ['r1', 'r2', 'r3']
   assert report['readers']['n_studies'] == len(studies) == report['num_studies']
   out = workdir / 'eval' / 'validation'
   for name in ('report.json', 'report.md', 'predictions.csv', 'study_probabilities.csv', 'roc.png'):
     assert (out / name).exists(), name
+  config.evaluation.checkpoint = '12345'
   with pytest.raises(FileNotFoundError, match='No checkpoint at step 12345'):
-    train.evaluate_checkpoint(config, str(workdir), 'validation', '12345')
+    evaluation.evaluate_checkpoint(config, str(workdir))
 
 
 def test_nan_loss_stops_with_a_clear_error(mura_data_dir, tmp_path):
@@ -328,5 +340,6 @@ def test_training_from_a_weights_file_resumes_without_it(mura_data_dir, tmp_path
     np.testing.assert_array_equal(a, b)  # the file's weights, not this seed's random ones
   assert train.train_and_evaluate(config, str(tmp_path / 'work'))['status'] == 'done'
   path.unlink()
-  report = train.evaluate_checkpoint(config, str(tmp_path / 'work'), 'validation', 'latest')
+  config.evaluation.checkpoint = 'latest'
+  report = evaluation.evaluate_checkpoint(config, str(tmp_path / 'work'))
   assert report['checkpoint']['step'] > 0

@@ -33,6 +33,8 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from mura_jax.preprocessing import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
+from mura_jax.preprocessing import model_input  # noqa: F401  (re-exported)
 from mura_jax.models.densenet import (
     ARCHS, DenseNet, classifier_bias_init, classifier_kernel_init, create_model, init_variables,
     variable_shapes)
@@ -53,14 +55,7 @@ KERAS_FILES = {arch: f'{arch}_weights_tf_dim_ordering_tf_kernels.h5'
 KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/densenet/'
 KERAS_BN_EPSILON = 1.001e-5
 
-# Both ImageNet ports expect RGB in [0, 1] normalised with these (Keras' DenseNet preprocessing is
-# mode='torch').
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# A one-channel (folded) model takes gray normalised with the channel averages: padding then
-# stands for a gray close to every channel's mean, which keeps the border error of folding small.
-GRAY_MEAN = sum(IMAGENET_MEAN) / 3
-GRAY_STD = sum(IMAGENET_STD) / 3
+# ImageNet statistics and the gray input: what the network sees is defined in preprocessing.
 
 # torchvision renames the official files' old keys (`denselayer1.norm.1.weight`) with this pattern.
 _LEGACY_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
@@ -460,17 +455,6 @@ def adapt_input_channels(variables: Variables, in_channels: int, *, mean=IMAGENE
       **variables['batch_stats']['features'],
       'norm0': {**norm0, 'mean': (np.float64(norm0['mean']) - shift).astype(np.float32)}}}
   return {**variables, 'params': params, 'batch_stats': batch_stats}
-
-
-def model_input(gray, in_channels: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                gray_mean: float = GRAY_MEAN, gray_std: float = GRAY_STD):
-  """What `adapt_input_channels(..., in_channels)` variables expect from gray images in [0, 1],
-  shaped (..., H, W, 1): the ImageNet-normalised RGB replica (3) or normalised gray (1)."""
-  if in_channels == 3:
-    return (gray - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-  if in_channels == 1:
-    return (gray - np.float32(gray_mean)) / np.float32(gray_std)
-  raise ValueError(f'in_channels must be 1 or 3, not {in_channels}.')
 
 
 def initial_variables(init: str, model: DenseNet, rng: jax.Array, image_size: int = 224,

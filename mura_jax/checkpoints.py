@@ -1,0 +1,232 @@
+"""Checkpoints of a run (orbax): what is kept, what each holds, how it is restored.
+
+WORKDIR/
+  config.json     the full config of the run (written at every start of training)
+  checkpoints/    the latest `train.keep_checkpoints` steps: the whole TrainState (Adam's moments,
+                  the plateau state, the dropout key) and `progress` (epoch, batch, the input
+                  position): an exact resume after a preemption.
+  best/           the `train.keep_best` epochs with the lowest validation loss (the later MURA
+                  paper ensembles its 5 best): only what inference needs, the network's
+                  `variables` (params, batch_stats; a third of a TrainState) and the `spec`.
+
+The spec (JSON) says what a checkpoint is: the model (architecture, `model_signature`), the
+preprocessing it was trained with (`preprocessing.Preprocessing`), its step, epoch and validation
+loss. A checkpoint is restored only into the model its spec names (`CheckpointMismatchError`
+otherwise), and replicated over the mesh it is restored onto: a checkpoint saved on 2 hosts x 2
+devices loads on 1 device and vice versa. Workdirs may be gs:// paths (etils.epath throughout).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mura_jax import preprocessing as preprocessing_lib
+from mura_jax.models import densenet
+
+SPEC_VERSION = 1
+LATEST, BEST = 'checkpoints', 'best'
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint in the workdir was written for another model."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """The asked-for checkpoint is not in the workdir; the message lists what is."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What a checkpoint is.
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict:
+  """What a checkpoint must match to be restored into this config's model."""
+  m = config.model
+  signature = {'arch': m.arch, 'in_channels': m.in_channels, 'num_classes': 1}
+  if m.arch == 'custom':
+    signature.update(growth_rate=m.growth_rate, block_config=list(m.block_config),
+                     num_init_features=m.num_init_features, bn_size=m.bn_size)
+  return signature
+
+
+def create_model(signature: dict, *, dtype: Any = 'float32', drop_rate: float = 0.0,
+                 remat: bool = False) -> densenet.DenseNet:
+  """The network a signature describes; dtype, dropout and remat are run-time choices."""
+  kwargs = dict(num_classes=signature['num_classes'], drop_rate=drop_rate, remat=remat,
+                dtype=jax.numpy.dtype(dtype))
+  if signature['arch'] == 'custom':  # small DenseNets for the demo and the tests
+    return densenet.DenseNet(growth_rate=signature['growth_rate'],
+                             block_config=tuple(signature['block_config']),
+                             num_init_features=signature['num_init_features'],
+                             bn_size=signature['bn_size'], **kwargs)
+  return densenet.create_model(signature['arch'], **kwargs)
+
+
+def spec(config: ml_collections.ConfigDict, **fields) -> dict:
+  """The spec of a checkpoint of this config (model, preprocessing) plus `fields` (step, ...)."""
+  return {'spec_version': SPEC_VERSION, 'model': model_signature(config),
+          'preprocessing': preprocessing_lib.Preprocessing.from_config(config).to_dict(), **fields}
+
+
+def check_model(found: dict | None, expected: dict, where: str) -> None:
+  """Raises CheckpointMismatchError naming the differing keys."""
+  if found != expected:
+    found = found or {}
+    diff = {k: (found.get(k), expected.get(k)) for k in sorted(set(found) | set(expected))
+            if found.get(k) != expected.get(k)}
+    raise CheckpointMismatchError(
+        f'The checkpoint {where} was written for another model (key: (checkpoint, config)): '
+        f'{diff}. Use a new --workdir, or the config it was trained with.')
+
+
+def write_config(workdir, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json: the full config of the run, for people and for `inference`."""
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / 'config.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def read_config(workdir) -> ml_collections.ConfigDict | None:
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    return None
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The managers.
+
+
+def managers(workdir, config: ml_collections.ConfigDict
+             ) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """(latest, best) managers of a workdir (see the module docstring)."""
+  return (_manager(workdir, LATEST, config.train.keep_checkpoints),
+          _manager(workdir, BEST, config.train.get('keep_best', 5), best=True))
+
+
+def _manager(workdir, name: str, max_to_keep: int | None,
+             best: bool = False) -> ocp.CheckpointManager:
+  # Each manager names its own cross-host barriers: both save the same step at an epoch's end,
+  # and with one name the hosts' "step N written" barriers collide.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
+  if best:
+    options.best_fn = lambda metrics: metrics['validation_loss']
+    options.best_mode = 'min'
+  return ocp.CheckpointManager(epath.Path(workdir) / name, options=options)
+
+
+def save_state(manager: ocp.CheckpointManager, state, progress: dict) -> None:
+  """A resumable checkpoint: the whole TrainState and the progress JSON (which holds the spec)."""
+  manager.save(int(progress['step']), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+
+
+def save_best(manager: ocp.CheckpointManager, variables: dict, checkpoint_spec: dict,
+              validation_loss: float) -> None:
+  """An inference checkpoint, ranked by its validation loss (the manager keeps the K lowest)."""
+  manager.save(int(checkpoint_spec['step']), metrics={'validation_loss': validation_loss},
+               args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                                       spec=ocp.args.JsonSave(checkpoint_spec)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Restoring.
+
+
+def _onto(template, sharding):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      template)
+
+
+def restore_state(manager: ocp.CheckpointManager, template, signature: dict, sharding,
+                  step: int | None = None):
+  """(state, progress) of a resumable checkpoint (default: the latest step), model checked."""
+  step = manager.latest_step() if step is None else step
+  progress = manager.restore(step, args=ocp.args.Composite(
+      progress=ocp.args.JsonRestore()))['progress']
+  check_model(progress.get('model'), signature, f'at step {step} in {manager.directory}')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_onto(template, sharding))))
+  return restored['state'], progress
+
+
+def choose(workdir, which: str | int = 'best') -> tuple[str, int]:
+  """(manager name, step) of 'best' (lowest validation loss), 'latest', or a step number."""
+  workdir = epath.Path(workdir)
+  steps = {name: _steps(workdir / name) for name in (LATEST, BEST)}
+  if not steps[LATEST] and not steps[BEST]:
+    raise CheckpointNotFoundError(f'No checkpoint in {workdir}; train first (--config.mode=train).')
+  if which == 'best':
+    if not steps[BEST]:
+      raise CheckpointNotFoundError(f'No best checkpoint in {workdir} (none finished an epoch); '
+                                    f'use "latest" (steps {steps[LATEST]}).')
+    manager = _manager(workdir, BEST, None, best=True)
+    return BEST, int(manager.best_step())
+  if which == 'latest':
+    name = LATEST if steps[LATEST] else BEST
+    return name, max(steps[name])
+  try:
+    step = int(which)
+  except ValueError:
+    raise ValueError(f"checkpoint={which!r}; expected 'best', 'latest' or a step number") from None
+  for name in (BEST, LATEST):
+    if step in steps[name]:
+      return name, step
+  raise CheckpointNotFoundError(f'No checkpoint at step {step} in {workdir}: there are '
+                                f'{sorted(set(steps[LATEST]) | set(steps[BEST]))}.')
+
+
+def _steps(directory: epath.Path) -> list[int]:
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def read_spec(workdir, name: str, step: int) -> dict:
+  """The spec of a checkpoint: a best checkpoint's own, or a resumable one's progress."""
+  manager = _manager(workdir, name, None, best=name == BEST)
+  item = 'spec' if name == BEST else 'progress'
+  found = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+  if 'preprocessing' not in found:
+    raise CheckpointMismatchError(
+        f'The checkpoint at step {step} in {manager.directory} has no preprocessing in its spec '
+        '(written by an older mura-jax); train again into a new --workdir.')
+  if found.get('spec_version', SPEC_VERSION) > SPEC_VERSION:
+    raise CheckpointMismatchError(
+        f'The checkpoint at step {step} in {manager.directory} has spec version '
+        f'{found["spec_version"]}, newer than this mura-jax ({SPEC_VERSION}); upgrade mura-jax.')
+  return found
+
+
+def restore_variables(workdir, name: str, step: int, model: densenet.DenseNet, sharding,
+                      signature: dict | None = None) -> tuple[dict, dict]:
+  """({'params', 'batch_stats'}, spec) of any checkpoint, replicated with `sharding`.
+
+  From a resumable checkpoint only the network's variables are read (orbax's partial restore),
+  not Adam's moments.
+  """
+  checkpoint_spec = read_spec(workdir, name, step)
+  if signature is not None:
+    check_model(checkpoint_spec['model'], signature,
+                f'at step {step} in {epath.Path(workdir) / name}')
+  shapes = densenet.variable_shapes(model, checkpoint_spec['model']['in_channels'])
+  template = _onto({'params': shapes['params'], 'batch_stats': shapes['batch_stats']}, sharding)
+  manager = _manager(workdir, name, None, best=name == BEST)
+  if name == BEST:
+    variables = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(template)))['variables']
+  else:
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), template)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=template, restore_args=restore_args, partial_restore=True)))['state']
+    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return variables, checkpoint_spec

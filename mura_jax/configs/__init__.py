@@ -1,0 +1,1 @@
+"""Configs inside the package: the defaults (`base`) and the embedded demo (`demo`)."""

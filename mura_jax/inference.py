@@ -1,0 +1,177 @@
+"""A checkpoint -> per-view probabilities -> study probabilities, batched and sharded.
+
+Every consumer of a trained model goes through here: the validation at the end of each training
+epoch, evaluate mode, CAM, prediction from files and export. The network's input is always
+`preprocessing`'s, with the settings stored in the checkpoint's spec; the forward pass is one
+jitted function (`predict_step`) over a batch sharded across all devices, so evaluate mode
+reproduces the training run's own validation probabilities exactly.
+
+    predictor = Predictor.from_workdir(workdir, 'best')
+    probabilities = predictor.predict_views([gray_view, ...])     # uint8 (H, W, 1) each
+    study = predictor.study_probabilities(probabilities, study_index, num_studies)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from mura_jax import checkpoints
+from mura_jax import input_pipeline
+from mura_jax import loss as loss_lib
+from mura_jax import parallel
+from mura_jax import preprocessing as preprocessing_lib
+from mura_jax import studies
+from mura_jax.models import densenet
+
+
+def view_logits(variables, images, *, model: densenet.DenseNet, in_channels: int):
+  """uint8 (B, S, S, 1) views -> (B,) abnormality logits (eval mode: BN running statistics)."""
+  x = preprocessing_lib.normalize(images, in_channels)
+  return model.apply(variables, x, train=False)[:, 0]
+
+
+def predict_step(variables, batch, *, model, in_channels, loss_weights=None):
+  """Per-view probabilities (and, given loss weights and labels, the paper's weighted loss)."""
+  logits = view_logits(variables, batch['image'], model=model, in_channels=in_channels)
+  out = {'probability': jax.nn.sigmoid(logits), 'index': batch['index'], 'mask': batch['mask']}
+  if loss_weights is not None:
+    per_view = loss_lib.weighted_bce_per_view(logits, batch['label'], batch['body_part'],
+                                              loss_weights)
+    out['loss'] = per_view * batch['mask']
+  return out
+
+
+def compile_predict_step(model, in_channels: int, mesh, loss_weights=None):
+  """`predict_step`, jitted: variables replicated, the batch split over the mesh's devices."""
+  return jax.jit(
+      functools.partial(predict_step, model=model, in_channels=in_channels,
+                        loss_weights=loss_weights),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=parallel.replicated(mesh))
+
+
+def predict_split(step, variables, source, *, mesh, global_batch: int,
+                  preprocessing: preprocessing_lib.Preprocessing, num_workers: int = 0,
+                  progress: bool = False) -> dict[str, np.ndarray]:
+  """Per-view outputs of `step` ('probability', and 'loss' if it computes one) over a whole
+  split, each view exactly once, in the split's order; every host reads only its shard."""
+  n = len(source)
+  outputs: dict[str, np.ndarray] = {}
+  seen = np.zeros(n, np.int64)
+  batches = input_pipeline.eval_batches(
+      source, global_batch=global_batch, image_size=preprocessing.image_size,
+      resize=preprocessing.resize, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=num_workers)
+  bar = _progress(-(-n // global_batch), 'predict') if progress else None
+  for local in input_pipeline.batches_of(batches):
+    out = jax.device_get(step(variables, parallel.global_batch(local, mesh)))
+    valid = out['mask'] > 0
+    index = out['index'][valid]
+    for key in ('probability', 'loss'):
+      if key in out:
+        outputs.setdefault(key, np.zeros(n, np.float64))[index] = out[key][valid]
+    np.add.at(seen, index, 1)
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  if not np.all(seen == 1):
+    raise AssertionError(f'prediction saw views {np.flatnonzero(seen != 1)[:10]} not exactly once')
+  return outputs
+
+
+def _progress(total: int, desc: str):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit='batch', desc=desc, dynamic_ncols=True,
+              disable=jax.process_index() > 0)
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A restored network with its preprocessing, ready to map views to probabilities."""
+  model: densenet.DenseNet
+  variables: Any                  # {'params', 'batch_stats'}, replicated over `mesh`
+  preprocessing: preprocessing_lib.Preprocessing
+  mesh: Any
+  spec: dict                      # the checkpoint's spec (model, preprocessing, step, ...)
+  checkpoint: dict                # {'which', 'step', 'directory'}
+  global_batch: int = 64
+
+  @classmethod
+  def from_workdir(cls, workdir, which: str | int = 'best', *, config=None,
+                   global_batch: int = 64, mesh=None) -> Predictor:
+    """Restores a checkpoint of a workdir: 'best', 'latest' or a step number.
+
+    The model and preprocessing come from the checkpoint's spec. With a `config`, its model must
+    be the checkpoint's (CheckpointMismatchError otherwise) and its compute dtype is used.
+    """
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_batch_size(global_batch, mesh)
+    name, step = checkpoints.choose(workdir, which)
+    found = checkpoints.read_spec(workdir, name, step)
+    signature = found['model']
+    dtype = 'float32'
+    if config is not None:
+      signature = checkpoints.model_signature(config)
+      dtype = config.model.dtype
+    model = checkpoints.create_model(signature, dtype=dtype)
+    variables, found = checkpoints.restore_variables(
+        workdir, name, step, model, parallel.replicated(mesh), signature)
+    preprocessing = preprocessing_lib.Preprocessing(**found['preprocessing'])
+    logging.info('Restored the %s checkpoint (step %d) of %s: %s, %s.', which, step, workdir,
+                 signature['arch'], preprocessing)
+    return cls(model=model, variables=variables, preprocessing=preprocessing, mesh=mesh,
+               spec=found, global_batch=global_batch,
+               checkpoint={'which': str(which), 'step': int(step),
+                           'directory': str(epath.Path(workdir) / name)})
+
+  @functools.cached_property
+  def _step(self):
+    return compile_predict_step(self.model, self.preprocessing.in_channels, self.mesh)
+
+  def step_with_loss(self, loss_weights):
+    """`predict_step` that also returns the weighted loss (for a labelled split)."""
+    return compile_predict_step(self.model, self.preprocessing.in_channels, self.mesh,
+                                loss_weights)
+
+  def predict_split(self, source, *, loss_weights=None, num_workers: int = 0,
+                    progress: bool = True) -> dict[str, np.ndarray]:
+    """Per-view probabilities (and weighted losses) of a TFDS split, in its order."""
+    step = self._step if loss_weights is None else self.step_with_loss(loss_weights)
+    return predict_split(step, self.variables, source, mesh=self.mesh,
+                         global_batch=self.global_batch, preprocessing=self.preprocessing,
+                         num_workers=num_workers, progress=progress)
+
+  def predict_views(self, views: Sequence[np.ndarray]) -> np.ndarray:
+    """Probabilities (V,) of gray uint8 views (H, W, 1) of any size, e.g. from
+    `preprocessing.read_image`; batched and padded to the mesh like a split."""
+    return predict_split(self._step, self.variables, _ViewSource(views), mesh=self.mesh,
+                         global_batch=self.global_batch, preprocessing=self.preprocessing,
+                         progress=False)['probability']
+
+  @staticmethod
+  def study_probabilities(view_probabilities, view_study_index, num_studies: int,
+                          aggregation: str = 'mean') -> np.ndarray:
+    """Study probabilities: the mean (the paper) or max of each study's views."""
+    return studies.aggregate_float64(view_probabilities, view_study_index, num_studies,
+                                     None, aggregation)[0]
+
+
+class _ViewSource:
+  """Gray views in memory as a random-access source, read like a TFDS split."""
+
+  def __init__(self, views):
+    self._views = list(views)
+
+  def __len__(self):
+    return len(self._views)
+
+  def __getitem__(self, i):
+    return {'image': np.asarray(self._views[i], np.uint8), 'label': 0, 'body_part': 0}

@@ -1,0 +1,126 @@
+"""The inference layer: checkpoints kept and restored for inference, the Predictor, and evaluate
+mode reproducing the training run's own validation exactly."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mura_jax import checkpoints
+from mura_jax import evaluation
+from mura_jax import inference
+from mura_jax import input_pipeline
+from mura_jax import preprocessing
+from mura_jax import studies
+from mura_jax import train
+
+from test_train import tiny_config
+
+
+@pytest.fixture(scope='module')
+def recorded_run(mura_data_dir, tmp_path_factory):
+  """A 3-epoch run whose end-of-epoch validation probabilities are recorded, step by step."""
+  workdir = tmp_path_factory.mktemp('recorded')
+  config = tiny_config(mura_data_dir, **{'train.num_epochs': 3, 'train.keep_best': 2})
+  recorded = []
+  real = inference.predict_split
+
+  def recording(step, variables, source, **kwargs):
+    out = real(step, variables, source, **kwargs)
+    recorded.append({'outputs': out})
+    return out
+
+  inference.predict_split = recording
+  try:
+    summary = train.train_and_evaluate(config, str(workdir))
+  finally:
+    inference.predict_split = real
+  assert summary['status'] == 'done' and len(recorded) == 3
+  steps_per_epoch = summary['step'] // 3
+  for epoch, entry in enumerate(recorded):
+    entry['step'] = steps_per_epoch * (epoch + 1)
+  return workdir, config, summary, recorded
+
+
+def test_evaluate_mode_reproduces_the_training_runs_validation(recorded_run):
+  workdir, config, summary, recorded = recorded_run
+  by_step = {r['step']: r['outputs'] for r in recorded}
+  for which, step in (('latest', summary['step']), ('best', summary['best_step'])):
+    config.evaluation.checkpoint = which
+    report = evaluation.evaluate_checkpoint(config, str(workdir))
+    assert report['checkpoint']['step'] == step
+    # The per-view probabilities of evaluate mode are those of the training run's validation
+    # of the same checkpoint, exactly; so are the study probabilities it writes.
+    predictor = inference.Predictor.from_workdir(workdir, which, config=config,
+                                                 global_batch=config.evaluation.global_batch_size)
+    source = input_pipeline.data_source(config.data.data_dir, 'validation')
+    np.testing.assert_array_equal(predictor.predict_split(source)['probability'],
+                                  by_step[step]['probability'])
+    index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
+    expected = studies.from_split(index, by_step[step]['probability'])
+    with open(workdir / 'eval' / 'validation' / 'study_probabilities.csv') as f:
+      written = {row['study']: float(row['probability']) for row in csv.DictReader(f)}
+    assert written == dict(zip(expected.paths, expected.probability.tolist()))
+    assert report['checkpoint']['weighted_loss'] == pytest.approx(
+        float(by_step[step]['loss'].mean()), rel=1e-12)
+
+
+def test_best_checkpoints_keep_k_and_only_what_inference_needs(recorded_run):
+  workdir, config, summary, recorded = recorded_run
+  best_steps = sorted(int(p.name) for p in (workdir / 'best').iterdir() if p.name.isdigit())
+  losses = {r['step']: float(r['outputs']['loss'].mean()) for r in recorded}
+  assert best_steps == sorted(sorted(losses, key=losses.get)[:config.train.keep_best])
+  assert summary['best_step'] == min(losses, key=losses.get)
+  for step in best_steps:
+    items = {p.name for p in (workdir / 'best' / str(step)).iterdir()}
+    assert {'variables', 'spec'} <= items and 'state' not in items, items
+    spec = json.loads((workdir / 'best' / str(step) / 'spec' / 'metadata').read_text())
+    assert spec['model'] == checkpoints.model_signature(config)
+    assert spec['preprocessing'] == {'image_size': 32, 'resize': 'squash', 'in_channels': 3}
+    assert spec['validation_loss'] == pytest.approx(losses[step])
+  # A third of a resumable checkpoint: no Adam moments.
+  def size(path):
+    return sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
+  latest = workdir / 'checkpoints' / str(summary['step'])
+  assert size(workdir / 'best' / str(best_steps[-1])) < 0.6 * size(latest)
+  written = json.loads((workdir / 'config.json').read_text())
+  assert written['model']['growth_rate'] == 4 and written['train']['num_epochs'] == 3
+
+
+def test_predictor_from_the_checkpoint_alone_and_from_files(recorded_run, synthetic_dir):
+  workdir, config, summary, recorded = recorded_run
+  # Without a config: model and preprocessing from the checkpoint's spec.
+  predictor = inference.Predictor.from_workdir(workdir, 'best', global_batch=8)
+  assert predictor.preprocessing == preprocessing.Preprocessing(32, 'squash', 3)
+  index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
+  views = [preprocessing.read_image(synthetic_dir / p) for p in index.image_path[:13]]
+  from_files = predictor.predict_views(views)
+  best = {r['step']: r['outputs'] for r in recorded}[summary['best_step']]
+  np.testing.assert_allclose(from_files, best['probability'][:13], rtol=0, atol=1e-6)
+  study = predictor.study_probabilities(from_files, index.study_index[:13],
+                                        int(index.study_index[:13].max()) + 1)
+  first = index.study_index[0]
+  assert study[first] == pytest.approx(from_files[index.study_index[:13] == first].mean())
+
+
+def test_checkpoint_errors(recorded_run, tmp_path):
+  workdir, config, summary, _ = recorded_run
+  other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='growth_rate'):
+    inference.Predictor.from_workdir(workdir, 'best', config=other)
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match='train first'):
+    inference.Predictor.from_workdir(tmp_path, 'best')
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match='No checkpoint at step 99999'):
+    checkpoints.choose(workdir, 99999)
+  with pytest.raises(ValueError, match="'best', 'latest' or a step"):
+    checkpoints.choose(workdir, 'newest')
+  assert checkpoints.choose(workdir, 'latest') == ('checkpoints', summary['step'])
+  # A checkpoint written by a newer mura-jax is refused, not misread.
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir / 'best', copy / 'best')
+  metadata = copy / 'best' / str(summary['best_step']) / 'spec' / 'metadata'
+  metadata.write_text(json.dumps({**json.loads(metadata.read_text()), 'spec_version': 99}))
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='newer than this mura-jax'):
+    inference.Predictor.from_workdir(copy, summary['best_step'])
