@@ -60,8 +60,9 @@ def compile_predict_step(model, in_channels: int, mesh, loss_weights=None):
 def predict_split(step, variables, source, *, mesh, global_batch: int,
                   preprocessing: preprocessing_lib.Preprocessing, num_workers: int = 0,
                   progress: bool = False) -> dict[str, np.ndarray]:
-  """Per-view outputs of `step` ('probability', and 'loss' if it computes one) over a whole
-  split, each view exactly once, in the split's order; every host reads only its shard."""
+  """Per-view outputs of `step` (each key but 'index' and 'mask': 'probability', 'loss' if it
+  computes one, ...) over a whole split, each view exactly once, in the split's order; every
+  host reads only its shard."""
   n = len(source)
   outputs: dict[str, np.ndarray] = {}
   seen = np.zeros(n, np.int64)
@@ -74,9 +75,9 @@ def predict_split(step, variables, source, *, mesh, global_batch: int,
     out = jax.device_get(step(variables, parallel.global_batch(local, mesh)))
     valid = out['mask'] > 0
     index = out['index'][valid]
-    for key in ('probability', 'loss'):
-      if key in out:
-        outputs.setdefault(key, np.zeros(n, np.float64))[index] = out[key][valid]
+    for key, value in out.items():  # 'probability', 'loss' if computed, 'map' (cam.py), ...
+      if key not in ('index', 'mask'):
+        outputs.setdefault(key, np.zeros((n,) + value.shape[1:], np.float64))[index] = value[valid]
     np.add.at(seen, index, 1)
     if bar is not None:
       bar.update(1)
@@ -152,7 +153,7 @@ class Predictor:
   def predict_views(self, views: Sequence[np.ndarray]) -> np.ndarray:
     """Probabilities (V,) of gray uint8 views (H, W, 1) of any size, e.g. from
     `preprocessing.read_image`; batched and padded to the mesh like a split."""
-    return predict_split(self._step, self.variables, _ViewSource(views), mesh=self.mesh,
+    return predict_split(self._step, self.variables, ViewSource(views), mesh=self.mesh,
                          global_batch=self.global_batch, preprocessing=self.preprocessing,
                          progress=False)['probability']
 
@@ -164,7 +165,7 @@ class Predictor:
                                      None, aggregation)[0]
 
 
-class _ViewSource:
+class ViewSource:
   """Gray views in memory as a random-access source, read like a TFDS split."""
 
   def __init__(self, views):

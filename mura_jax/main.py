@@ -4,6 +4,7 @@
   data      build the `mura` TFDS dataset (a synthetic MURA first where configured)
   train     train as in the paper, then evaluate the best checkpoint (`train.py`)
   evaluate  a checkpoint on a split, through `inference` (`evaluation.py`)
+  cam       class activation maps of a checkpoint, their localisation measured (`cam.py`)
 Without --config the demo runs (mura_jax/configs/demo.py, the embedded default). Override any
 config value on the command line: `--config.data.synthetic_seed=1`.
 """
@@ -41,6 +42,8 @@ def run_train(config, workdir):
   summary = train.train_and_evaluate(config, workdir)
   if summary['status'] == 'done':
     run_evaluate(config, workdir)
+    if config.cam.after_training:
+      run_cam(config, workdir)
 
 
 def run_evaluate(config, workdir):
@@ -49,7 +52,13 @@ def run_evaluate(config, workdir):
   return evaluation.evaluate_checkpoint(config, workdir)
 
 
-MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate}
+def run_cam(config, workdir):
+  """Class activation maps of a checkpoint on a split, and how well they localise (cam.py)."""
+  from mura_jax import cam  # pylint: disable=g-import-not-at-top
+  return cam.run(config, workdir)
+
+
+MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate, 'cam': run_cam}
 
 
 class _QuietLibraries:

@@ -72,11 +72,10 @@ def to_gray(image: Image.Image) -> Image.Image:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-  """A PNG or JPEG file -> uint8 (H, W, 1) gray, as the dataset stores a view."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  with epath.Path(path).open('rb') as f, Image.open(f) as image:
-    image.load()
-    return np.asarray(to_gray(image), np.uint8)[..., None]
+  """A PNG, JPEG or DICOM file -> uint8 (H, W, 1) gray, as the dataset stores a view
+  (`images.read_view`, which also returns the file's warnings)."""
+  from mura_jax import images  # pylint: disable=g-import-not-at-top  (images uses to_gray)
+  return images.read_view(path).pixels
 
 
 # ------------------------------------------------------------------------------------------------

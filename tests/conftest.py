@@ -39,3 +39,16 @@ def mura_data_dir(synthetic_dir, tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('tfds')
   build.build(str(synthetic_dir), str(data_dir), num_workers=2)
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(mura_data_dir, tmp_path_factory):
+  """(workdir, config) of a tiny model trained 2 epochs on the synthetic MURA and evaluated:
+  what CAM and prediction tests restore."""
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from mura_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('trained')
+  config = tiny_config(mura_data_dir)
+  assert train.train_and_evaluate(config, str(workdir))['status'] == 'done'
+  evaluation.evaluate_checkpoint(config, str(workdir))
+  return workdir, config

@@ -9,7 +9,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # data | train | evaluate
+  config.mode = 'train'  # data | train | evaluate | cam
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
@@ -65,4 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluation.aggregation = 'mean'  # the paper: mean of the views' probabilities
   config.evaluation.threshold = 0.5
   config.evaluation.readers = ''  # CSV `study,<reader>,...` of radiologists' labels (paper 4.2)
+
+  config.cam = ml_collections.ConfigDict()  # class activation maps (mode cam; cam.py)
+  config.cam.split = 'validation'
+  config.cam.checkpoint = 'best'
+  config.cam.studies = ''          # comma-separated study ids to draw; '' = the choice below
+  config.cam.num_abnormal = 4      # the most confidently abnormal studies
+  config.cam.num_uncertain = 4     # the studies closest to the threshold
+  config.cam.annotations = ''      # boxes CSV; '' = MANUAL_DIR/synthetic_annotations.csv if there
+  config.cam.bootstrap_resamples = 2_000
+  config.cam.after_training = False  # the demo draws and measures its maps after training
   return config

@@ -14,15 +14,19 @@ from mura_jax.configs import base
 def get_config():
   config = base.base_config()
   config.data.synthetic = True
-  config.data.image_size = 64
+  # 128 px and two dense blocks (output stride 8): 16 x 16 class activation maps. At 64 px with
+  # three blocks the maps were 4 x 4, and only 60% of the synthetic boxes hold any map cell's
+  # centre at all (CAM pointing 0.40); at 16 x 16, 99% do (pointing 0.97; BENCHMARKS.md).
+  config.data.image_size = 128
   config.model.arch = 'custom'
   config.model.init = 'random'
   config.model.growth_rate = 12
-  config.model.block_config = (2, 4, 4)
+  config.model.block_config = (2, 4)
   config.model.num_init_features = 24
   config.optimizer.learning_rate = 1e-3
   config.train.global_batch_size = 32
   config.train.num_epochs = 8
   config.train.log_every_steps = 10
   config.evaluation.bootstrap_resamples = 2_000
+  config.cam.after_training = True
   return config

@@ -1,0 +1,552 @@
+"""Class activation maps (Zhou et al., 2016), as the MURA paper draws them, and how well they point.
+
+    M(X) = sum_k w_k f_k(X)
+
+f_k(X) are the final feature maps (after the last BN + ReLU: what global pooling averages) and w_k
+the classifier's weights, so the spatial mean of M plus the classifier's bias is the view's logit
+exactly (`view_maps`). Two maps per view:
+  raw      M in logit units, for measuring;
+  display  sigmoid(M + b) on the fixed scale [0, 1]: a confident normal view is dark everywhere,
+           never stretched per image (min-max normalising every map turns any view, normal ones
+           included, into a full-range hotspot).
+Maps are upsampled bilinearly (half-pixel centres) to the radiograph's own rows x columns through
+the inverse of the preprocessing's `fit` (squash: the whole map stretches over the image; pad: the
+padded square is undone), never transposed: `upsample` takes (rows, columns) and returns them.
+
+Localisation on annotated boxes (the synthetic MURA's `synthetic_annotations.csv`), per view with
+an abnormality:
+  pointing game   the upsampled raw map's argmax lies inside the box (tolerance 0), or within
+                  15 px of it at original resolution;
+  Otsu IoU        the raw map thresholded by Otsu's method, its largest connected region's
+                  bounding box against the box: IoU, and a hit when IoU >= 0.5.
+Beside the same figures for three baselines that use no model: a random map, a centred Gaussian,
+the image intensity. Each rate comes with a bootstrap CI over views, and the model's advantage
+over each baseline with a paired CI (the same resampled views).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mura_jax import parallel
+from mura_jax import preprocessing
+
+
+# ------------------------------------------------------------------------------------------------
+# The maps.
+
+
+def view_maps(variables, images, *, model, in_channels: int):
+  """uint8 (B, S, S, 1) views -> logits (B,) and raw maps M (B, h, w) in logit units."""
+  x = preprocessing.normalize(images, in_channels)
+  logits, features = model.apply(variables, x, train=False, return_features=True)
+  kernel = jnp.asarray(variables['params']['classifier']['kernel'][:, 0], jnp.float32)
+  return logits[:, 0], jnp.einsum('bhwc,c->bhw', features, kernel)
+
+
+def map_step(variables, batch, *, model, in_channels: int):
+  logits, maps = view_maps(variables, batch['image'], model=model, in_channels=in_channels)
+  return {'probability': jax.nn.sigmoid(logits), 'logit': logits, 'map': maps,
+          'index': batch['index'], 'mask': batch['mask']}
+
+
+def compile_map_step(model, in_channels: int, mesh):
+  """`map_step`, jitted and sharded like `inference.predict_step` (for `inference.predict_split`)."""
+  return jax.jit(functools.partial(map_step, model=model, in_channels=in_channels),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def view_probabilities_and_maps(predictor, views) -> tuple[np.ndarray, np.ndarray]:
+  """(probabilities (V,), raw maps (V, h, w)) of gray uint8 views (rows, columns, 1) of any size,
+  through the predictor's preprocessing, batched and sharded like a split."""
+  from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  spec = predictor.preprocessing
+  out = inference.predict_split(
+      compile_map_step(predictor.model, spec.in_channels, predictor.mesh), predictor.variables,
+      inference.ViewSource(views), mesh=predictor.mesh, global_batch=predictor.global_batch,
+      preprocessing=spec)
+  return out['probability'], out['map']
+
+
+def classifier_bias(variables) -> float:
+  return float(np.asarray(variables['params']['classifier']['bias'])[0])
+
+
+def display_map(raw_map, bias: float):
+  """sigmoid(M + b): the map on the probability scale, the same for every view."""
+  return 1.0 / (1.0 + np.exp(-(np.asarray(raw_map, np.float64) + bias)))
+
+
+def upsample(raw_map: np.ndarray, rows: int, columns: int,
+             spec: preprocessing.Preprocessing) -> np.ndarray:
+  """A map of the network's S x S input -> float32 (rows, columns) over the original radiograph.
+
+  The inverse of `preprocessing.fit`: 'squash' stretched the image to the square, so the map is
+  stretched back; 'pad' centred it in a black square of side max(rows, columns), so the map is
+  brought to that square and the image's part cut out.
+  """
+  pil = Image.fromarray(np.asarray(raw_map, np.float32), mode='F')
+  if spec.resize == 'squash':
+    return np.asarray(pil.resize((columns, rows), Image.Resampling.BILINEAR), np.float32)
+  side = max(rows, columns)
+  square = np.asarray(pil.resize((side, side), Image.Resampling.BILINEAR), np.float32)
+  top, left = (side - rows) // 2, (side - columns) // 2
+  return square[top:top + rows, left:left + columns]
+
+
+def peak(raw_map: np.ndarray, rows: int, columns: int,
+         spec: preprocessing.Preprocessing) -> tuple[int, int]:
+  """(row, column) in the original radiograph of the upsampled map's maximum.
+
+  Bilinear upsampling never exceeds the map's values, so the maximum is the largest cell's
+  centre; cells at the border are flat out to the edge, where a plain argmax of the upsampled
+  map would take the plateau's first pixel (a corner): the cell centre is the point meant.
+  """
+  h, w = raw_map.shape
+  i, j = np.unravel_index(int(np.argmax(raw_map)), raw_map.shape)
+  # The centre of cell (i, j) in the network input's pixels, then through the inverse of `fit`.
+  y, x = (i + 0.5) * spec.image_size / h, (j + 0.5) * spec.image_size / w
+  top, left, height, width = preprocessing.fit_box(rows, columns, spec.image_size, spec.resize)
+  row = int(np.floor((y - top) / height * rows))
+  column = int(np.floor((x - left) / width * columns))
+  return int(np.clip(row, 0, rows - 1)), int(np.clip(column, 0, columns - 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Localisation on annotated boxes.
+
+POINTING_TOLERANCE_PX = 15
+IOU_HIT = 0.5
+
+
+def read_boxes(path) -> dict[str, tuple[str, int, int, int, int]]:
+  """{image path: (abnormality, x0, y0, x1, y1)} of `synthetic_annotations.csv` (x1, y1
+  exclusive)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  boxes = {}
+  with epath.Path(path).open() as f:
+    for number, row in enumerate(csv.DictReader(f), start=2):
+      try:
+        boxes[row['image_path']] = (row['abnormality'], int(row['x0']), int(row['y0']),
+                                    int(row['x1']), int(row['y1']))
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'{path} row {number}: expected image_path,abnormality,x0,y0,x1,y1 '
+                         f'({type(e).__name__}: {e})') from None
+  return boxes
+
+
+def distance_to_box(row: int, column: int, box) -> float:
+  """Pixels from (row, column) to the box (0 inside)."""
+  _, x0, y0, x1, y1 = box
+  dy = max(y0 - row, 0, row - (y1 - 1))
+  dx = max(x0 - column, 0, column - (x1 - 1))
+  return float(np.hypot(dy, dx))
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+  """Otsu's threshold: the split of the values' histogram with the largest between-class
+  variance."""
+  values = np.asarray(values, np.float64).ravel()
+  low, high = values.min(), values.max()
+  if high <= low:
+    return float(high)
+  counts, edges = np.histogram(values, bins=bins, range=(low, high))
+  centres = (edges[:-1] + edges[1:]) / 2
+  weight = np.cumsum(counts)
+  mean = np.cumsum(counts * centres)
+  total_weight, total_mean = weight[-1], mean[-1]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    between = (total_mean * weight - mean * total_weight) ** 2 / (
+        weight * (total_weight - weight))
+  between[~np.isfinite(between)] = -1
+  return float(edges[int(np.argmax(between)) + 1])
+
+
+def region_box(score_map: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(x0, y0, x1, y1) of the largest connected region above the map's Otsu threshold."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  labels, count = ndimage.label(score_map > otsu_threshold(score_map))
+  if count == 0:
+    return None
+  largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+  rows, columns = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+  return columns.start, rows.start, columns.stop, rows.stop
+
+
+def iou(a, b) -> float:
+  if a is None:
+    return 0.0
+  x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+  inter = max(x1 - x0, 0) * max(y1 - y0, 0)
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return inter / union if union else 0.0
+
+
+def baseline_maps(image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Maps that use no model, at the radiograph's resolution: what a CAM must beat."""
+  rows, columns = image.shape
+  yy, xx = np.mgrid[0:rows, 0:columns]
+  sigma = 0.25 * min(rows, columns)
+  return {
+      'random': rng.random((rows, columns)),
+      'centre_gaussian': np.exp(-((yy - (rows - 1) / 2) ** 2 + (xx - (columns - 1) / 2) ** 2)
+                                / (2 * sigma ** 2)),
+      'image_intensity': image.astype(np.float64),
+  }
+
+
+def score_view(score_map: np.ndarray, box, point=None) -> dict[str, float]:
+  """Pointing (tolerance 0 and 15 px) and Otsu IoU of one full-resolution map against a box."""
+  if point is None:
+    point = np.unravel_index(int(np.argmax(score_map)), score_map.shape)
+  distance = distance_to_box(int(point[0]), int(point[1]), box)
+  overlap = iou(region_box(score_map), box[1:])
+  return {'pointing': float(distance == 0),
+          'pointing_15px': float(distance <= POINTING_TOLERANCE_PX),
+          'otsu_iou': overlap, 'otsu_hit': float(overlap >= IOU_HIT)}
+
+
+def bootstrap_rate(values: np.ndarray, num_resamples: int = 2000, seed: int = 0,
+                   baseline: np.ndarray | None = None, level: float = 0.95) -> dict:
+  """Mean of per-view values with a percentile CI over resampled views; with `baseline`, the
+  paired difference (values - baseline on the same resampled views)."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return {'value': None, 'ci_low': None, 'ci_high': None, 'n_views': 0}
+  draws = np.random.default_rng(seed).integers(0, values.size, (num_resamples, values.size))
+  target = values if baseline is None else values - np.asarray(baseline, np.float64)
+  samples = target[draws].mean(1)
+  tail = 100 * (1 - level) / 2
+  low, high = np.percentile(samples, [tail, 100 - tail])
+  return {'value': float(target.mean()), 'ci_low': float(low), 'ci_high': float(high),
+          'n_views': int(values.size)}
+
+
+METHODS = ('cam', 'random', 'centre_gaussian', 'image_intensity')
+MEASURES = ('pointing', 'pointing_15px', 'otsu_hit', 'otsu_iou')
+
+
+def localisation(maps: np.ndarray, images, image_paths, body_parts, boxes: dict, bias: float,
+                 spec: preprocessing.Preprocessing, *, num_resamples: int = 2000,
+                 seed: int = 0) -> dict:
+  """Pointing game and Otsu IoU of the CAMs and the three baselines on every annotated view.
+
+  Args:
+    maps: (V, h, w) raw maps of the split's views.
+    images: callable i -> uint8 (rows, columns) radiograph of view i.
+    image_paths, body_parts: (V,) per view (MURA image paths as in the annotations, part names).
+    boxes: `read_boxes(...)`; views without a box (normal views) are not scored.
+  Returns the "localisation" dict of localisation.json (see `format_localisation`).
+  """
+  rng = np.random.default_rng(seed)
+  scores = {m: {k: [] for k in MEASURES} for m in METHODS}
+  groups = {'all': []}
+  for i, path in enumerate(image_paths):
+    box = boxes.get(path)
+    if box is None:
+      continue
+    image = images(i)
+    rows, columns = image.shape
+    # Otsu on the raw map: the display map's sigmoid saturates, which merges regions.
+    cam_map = upsample(maps[i], rows, columns, spec)
+    per_method = {'cam': score_view(cam_map, box, peak(maps[i], rows, columns, spec))}
+    for name, baseline in baseline_maps(image, rng).items():
+      per_method[name] = score_view(baseline, box)
+    for name, result in per_method.items():
+      for measure, value in result.items():
+        scores[name][measure].append(value)
+    n = len(groups['all'])
+    for group in ('all', f'body_part/{body_parts[i]}', f'abnormality/{box[0]}'):
+      groups.setdefault(group, []).append(n)
+  result = {'n_views': len(groups['all']), 'groups': {}}
+  for group, members in groups.items():
+    members = np.asarray(members, np.int64)
+    result['groups'][group] = {
+        name: {measure: bootstrap_rate(np.asarray(values)[members], num_resamples, seed)
+               for measure, values in per_measure.items()}
+        for name, per_measure in scores.items()}
+  cam_pointing = np.asarray(scores['cam']['pointing'])
+  result['advantage'] = {  # CAM minus baseline, paired over the same resampled views
+      name: bootstrap_rate(cam_pointing, num_resamples, seed,
+                           baseline=np.asarray(scores[name]['pointing']))
+      for name in METHODS[1:]}
+  return result
+
+
+def peak_histogram(maps: np.ndarray, bins: int = 8) -> np.ndarray:
+  """(bins, bins) counts of where each view's map peaks, in relative map coordinates: a fixed
+  hotspot (the corner bug of some CAM tools) shows up as one full bin."""
+  h, w = maps.shape[1:]
+  flat = maps.reshape(len(maps), -1).argmax(1)
+  i, j = np.divmod(flat, w)
+  counts = np.zeros((bins, bins), np.int64)
+  np.add.at(counts, ((i * bins) // h, (j * bins) // w), 1)
+  return counts
+
+
+def randomised_variables(variables, model, seed: int = 1):
+  """The model-randomisation test's network: the classifier and the last dense block
+  re-initialised, the rest kept. Maps that do not change are not explanations of the model."""
+  fresh = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  last_block = max((k for k in variables['params']['features'] if k.startswith('denseblock')),
+                   key=lambda k: int(k[len('denseblock'):]))
+  params = dict(variables['params'])
+  params['classifier'] = fresh['classifier']
+  params['features'] = {**params['features'], last_block: fresh['features'][last_block]}
+  return {'params': params, 'batch_stats': variables['batch_stats']}
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman's correlation of two maps' values."""
+  ranks = [np.argsort(np.argsort(x.ravel())).astype(np.float64) for x in (a, b)]
+  if ranks[0].std() == 0 or ranks[1].std() == 0:
+    return 0.0
+  return float(np.corrcoef(*ranks)[0, 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures: one overlay per view, one figure per study.
+
+
+def overlay(image: np.ndarray, display: np.ndarray) -> np.ndarray:
+  """uint8 (rows, columns, 3): the radiograph with the display map in 'jet', more opaque where
+  the map is higher (a normal view stays mostly the radiograph)."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  gray = np.repeat(np.asarray(image, np.float64)[..., None] / 255.0, 3, axis=-1)
+  colour = colormaps['jet'](np.clip(display, 0, 1))[..., :3]
+  alpha = 0.6 * np.clip(display, 0, 1)[..., None]
+  return np.round(255 * ((1 - alpha) * gray + alpha * colour)).astype(np.uint8)
+
+
+def study_figure(title: str, views: list[tuple[str, np.ndarray, float]], driver: int):
+  """A matplotlib Figure: each view's overlay with its probability; `driver` (the view with the
+  highest probability, which moves the study's mean most) is marked."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  columns = min(len(views), 4)
+  rows = -(-len(views) // columns)
+  figure = Figure(figsize=(3.2 * columns + 0.8, 3.6 * rows + 0.6))
+  FigureCanvasAgg(figure)
+  axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+  for k, ax in enumerate(axes):
+    ax.axis('off')
+    if k < len(views):
+      name, picture, probability = views[k]
+      ax.imshow(picture)
+      ax.set_title(f'{name}  p={probability:.3f}' + ('  (drives)' if k == driver else ''),
+                   fontsize=9, fontweight='bold' if k == driver else 'normal')
+  figure.suptitle(title, fontsize=10)
+  from matplotlib import cm, colors  # pylint: disable=g-import-not-at-top
+  bar = figure.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), 'jet'), ax=list(axes),
+                        fraction=0.02, pad=0.01)
+  bar.set_label('sigmoid(M + b): the map on the probability scale')
+  return figure
+
+
+def save_png(path, figure_or_array) -> None:
+  import io  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  if isinstance(figure_or_array, np.ndarray):
+    Image.fromarray(figure_or_array).save(buffer, format='PNG')
+  else:
+    figure_or_array.savefig(buffer, format='png', dpi=90)
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------
+# The CAM job (`--config.mode=cam`, and after training in the demo).
+
+
+def _study_folder(study_id: str) -> str:
+  return study_id.replace('/', '_')
+
+
+def choose_studies(probabilities: np.ndarray, study_ids, threshold: float, chosen: str,
+                   num_abnormal: int, num_uncertain: int) -> list[int]:
+  """Study indices to draw: the listed ones (comma-separated ids), else the most confidently
+  abnormal and the most uncertain (closest to the threshold)."""
+  if chosen:
+    wanted = [s.strip().strip('/').removeprefix('MURA-v1.1/') for s in chosen.split(',')]
+    position = {s: i for i, s in enumerate(study_ids)}
+    unknown = [s for s in wanted if s not in position]
+    if unknown:
+      raise ValueError(f'config.cam.studies names studies not in the split: {unknown[:5]} '
+                       f'(ids look like {study_ids[0]!r})')
+    return [position[s] for s in wanted]
+  order = list(np.argsort(-probabilities, kind='stable')[:num_abnormal])
+  for s in np.argsort(np.abs(probabilities - threshold), kind='stable'):
+    if len(order) >= num_abnormal + num_uncertain:
+      break
+    if s not in order:
+      order.append(s)
+  return [int(s) for s in order]
+
+
+def sanity_checks(predictor, maps, images, annotated: list[int], boxes_of, seed: int = 1) -> dict:
+  """The blank image's map, the map's peak histogram, and the model-randomisation test."""
+  spec, variables = predictor.preprocessing, predictor.variables
+  maps_of = jax.jit(functools.partial(view_maps, model=predictor.model,
+                                      in_channels=spec.in_channels))
+  blank = np.full((1, spec.image_size, spec.image_size, 1), 128, np.uint8)
+  blank_logit, blank_map = jax.device_get(maps_of(variables, blank))
+  bias = classifier_bias(variables)
+  histogram = peak_histogram(maps)
+  sample = annotated[:64]
+  result = {
+      'blank_image': {'probability': float(1 / (1 + np.exp(-blank_logit[0]))),
+                      'raw_min': float(blank_map.min()), 'raw_max': float(blank_map.max()),
+                      'display_min': float(display_map(blank_map.min(), bias)),
+                      'display_max': float(display_map(blank_map.max(), bias))},
+      'peak_histogram': histogram.tolist(),
+      'peak_histogram_largest_share': float(histogram.max() / max(histogram.sum(), 1)),
+  }
+  if sample:
+    inputs = np.stack([preprocessing.view_input(images(i)[..., None], spec) for i in sample])
+    randomised = randomised_variables(variables, predictor.model, seed)
+    _, random_maps = jax.device_get(maps_of(randomised, inputs))
+    correlations = [rank_correlation(maps[i], m) for i, m in zip(sample, random_maps)]
+    hits = []
+    for i, m in zip(sample, random_maps):
+      rows, columns = images(i).shape
+      hits.append(distance_to_box(*peak(m, rows, columns, spec), boxes_of(i)) == 0)
+    result['model_randomisation'] = {
+        'n_views': len(sample), 'randomised': 'classifier and the last dense block',
+        'mean_rank_correlation': float(np.mean(correlations)),
+        'pointing_randomised': float(np.mean(hits)),
+        'pointing_trained': float(np.mean([distance_to_box(*peak(
+            maps[i], *images(i).shape, spec), boxes_of(i)) == 0 for i in sample]))}
+  return result
+
+
+def format_localisation(summary: dict) -> str:
+  """localisation.md: the table of pointing and Otsu figures, then the sanity checks."""
+  def cell(entry):
+    if entry['value'] is None:
+      return 'n/a'
+    return f'{entry["value"]:.3f} ({entry["ci_low"]:.3f}-{entry["ci_high"]:.3f})'
+  lines = [f'# CAM localisation: {summary["split"]}, {summary["checkpoint"]["which"]} checkpoint '
+           f'(step {summary["checkpoint"]["step"]})', '']
+  local = summary.get('localisation')
+  if local:
+    lines += [f'{local["n_views"]} abnormal views with a box; 95% CIs from bootstrap resamples of '
+              'views. Pointing: the map\'s peak inside the box (or within '
+              f'{POINTING_TOLERANCE_PX} px); Otsu: the largest region above Otsu\'s threshold, '
+              f'its box against the box (hit: IoU >= {IOU_HIT}).', '',
+              '| method | pointing | pointing 15 px | Otsu hit | mean Otsu IoU |',
+              '|---|---|---|---|---|']
+    for method in METHODS:
+      row = local['groups']['all'][method]
+      lines.append(f'| {method} | ' + ' | '.join(cell(row[m]) for m in MEASURES) + ' |')
+    lines += ['', '| group | views | CAM pointing | best baseline pointing |', '|---|---:|---|---|']
+    for group, entry in local['groups'].items():
+      if group == 'all':
+        continue
+      best = max(METHODS[1:], key=lambda m: entry[m]['pointing']['value'])
+      lines.append(f'| {group} | {entry["cam"]["pointing"]["n_views"]} | '
+                   f'{cell(entry["cam"]["pointing"])} | {best} {cell(entry[best]["pointing"])} |')
+    lines += ['', 'CAM pointing minus each baseline\'s, paired over the same resampled views:', '']
+    lines += [f'- {name}: {cell(entry)}' for name, entry in local['advantage'].items()]
+  sanity = summary['sanity']
+  blank = sanity['blank_image']
+  lines += ['', '## Sanity checks', '',
+            f'- Blank (uniform gray) image: probability {blank["probability"]:.3f}, display map '
+            f'{blank["display_min"]:.3f}..{blank["display_max"]:.3f}.',
+            f'- Peak positions over {summary["n_views"]} views: the fullest of 8 x 8 bins holds '
+            f'{sanity["peak_histogram_largest_share"]:.1%} (a fixed hotspot would hold ~100%).']
+  random = sanity.get('model_randomisation')
+  if random:
+    lines.append(f'- Model randomisation ({random["randomised"]} re-initialised, '
+                 f'{random["n_views"]} views): mean rank correlation with the trained maps '
+                 f'{random["mean_rank_correlation"]:.3f}; pointing {random["pointing_trained"]:.3f}'
+                 f' trained vs {random["pointing_randomised"]:.3f} randomised.')
+  lines += ['', f'Maps of {summary["n_views"]} views ({summary["map_shape"]} per view) in '
+            f'{summary["seconds"]:.1f} s: {summary["views_per_second"]:.0f} views/s.']
+  return '\n'.join(lines) + '\n'
+
+
+def run(config, workdir: str) -> dict:
+  """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), and, where
+  the split's boxes are known, localisation.json and localisation.md; prints the table."""
+  import json  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tfds_mura import BODY_PARTS  # pylint: disable=g-import-not-at-top
+  from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  from mura_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mura_jax import studies  # pylint: disable=g-import-not-at-top
+  c = config.cam
+  manual_dir, data_dir = data_lib.dataset_dirs(config, workdir)
+  source = input_pipeline.data_source(data_dir, c.split)
+  index = input_pipeline.read_split_index(data_dir, c.split)
+  predictor = inference.Predictor.from_workdir(workdir, c.checkpoint, config=config,
+                                               global_batch=config.evaluation.global_batch_size)
+  spec, bias = predictor.preprocessing, classifier_bias(predictor.variables)
+  start = time.perf_counter()
+  out = inference.predict_split(
+      compile_map_step(predictor.model, spec.in_channels, predictor.mesh), predictor.variables,
+      source, mesh=predictor.mesh, global_batch=predictor.global_batch, preprocessing=spec,
+      num_workers=config.data.num_workers, progress=True)
+  seconds = time.perf_counter() - start
+  maps = out['map']
+
+  def image(i):
+    return np.asarray(source[int(i)]['image'])[..., 0]
+
+  summary = {'split': c.split, 'checkpoint': predictor.checkpoint, 'n_views': len(index),
+             'map_shape': list(maps.shape[1:]), 'seconds': seconds,
+             'views_per_second': len(index) / seconds, 'studies': []}
+  out_dir = epath.Path(workdir) / 'cam' / c.split
+  table = studies.from_split(index, out['probability'], config.evaluation.aggregation)
+  threshold = config.evaluation.threshold
+  is_main = jax.process_index() == 0
+  for s in choose_studies(table.probability, index.studies, threshold, c.studies,
+                          c.num_abnormal, c.num_uncertain):
+    views = np.flatnonzero(index.study_index == s)
+    folder = out_dir / 'studies' / _study_folder(index.studies[s])
+    pictures = []
+    for v in views:
+      radiograph = image(v)
+      picture = overlay(radiograph, display_map(upsample(maps[v], *radiograph.shape, spec), bias))
+      name = index.image_path[v].rsplit('/', 1)[-1]
+      pictures.append((name, picture, float(out['probability'][v])))
+      if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_png(folder / name, picture)
+    verdict = 'abnormal' if table.probability[s] > threshold else 'normal'
+    title = (f'{index.studies[s]}: study probability {table.probability[s]:.3f} -> {verdict} '
+             f'(> {threshold:g}); {config.evaluation.aggregation} of {len(views)} views; '
+             f'label {"abnormal" if table.label[s] else "normal"}')
+    if is_main:
+      save_png(folder / 'study.png', study_figure(title, pictures, int(np.argmax(
+          [p for _, _, p in pictures]))))
+    summary['studies'].append(str(folder))
+  annotations = epath.Path(c.annotations or epath.Path(manual_dir) / 'synthetic_annotations.csv')
+  boxes = read_boxes(annotations) if annotations.exists() else {}
+  annotated = [i for i, path in enumerate(index.image_path) if path in boxes]
+  if boxes:
+    summary['annotations'] = str(annotations)
+    summary['localisation'] = localisation(
+        maps, image, index.image_path, [BODY_PARTS[b] for b in index.body_part], boxes, bias, spec,
+        num_resamples=c.bootstrap_resamples, seed=config.evaluation.seed)
+  else:
+    logging.info('No boxes for the %s split (%s): localisation is not measured.', c.split,
+                 annotations)
+  summary['sanity'] = sanity_checks(predictor, maps, image, annotated,
+                                    lambda i: boxes[index.image_path[i]])
+  text = format_localisation(summary)
+  if is_main:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / 'localisation.json').write_text(json.dumps(summary, indent=2) + '\n')
+    (out_dir / 'localisation.md').write_text(text)
+    print(text)
+  return summary

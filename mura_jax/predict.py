@@ -1,0 +1,383 @@
+"""`mura-predict`: study folders of PNG, JPEG or DICOM files -> study probabilities, a worklist.
+
+    mura-predict --workdir W [--checkpoint best] PATH [PATH ...] [--out DIR] [--cam] [--worklist]
+                 [--body-part PART] [--threshold 0.5]
+
+PATH is a study folder (its image files are the study's views), a folder of study folders (every
+folder that holds image files is one study), or image files (grouped by their folder). DICOM files
+are grouped by StudyInstanceUID instead of folder. macOS `._*` sidecars are skipped and counted.
+The body part of a study: --body-part if given, else an `XR_<PART>` folder in its path (MURA's
+layout), else DICOM's Body Part Examined. MURA's model knows 7 upper-extremity study types; any
+other part, or none found, is reported as out of scope and not predicted.
+
+Every view goes through the checkpoint's own preprocessing (`images.read_view`, then
+`preprocessing`), so a study gets the probability evaluate mode gives it. The study probability is
+the mean of its views' (the paper); abnormal if > --threshold.
+
+Outputs: a table on the terminal; with --out DIR, predictions.csv (MURA's submission format: study,
+0/1, no header; predicted studies only), studies.csv (every study found: study, body_part, views,
+probability, verdict, status, warnings, cam, worklist_rank, tier) and views.csv (study, file,
+probability, status, warnings); with --cam, class activation map overlays (DIR/cam/<study>/). With
+--worklist, studies are ranked by probability (rank 1 read first) and tiered at the operating
+points of the checkpoint's validation report (WORKDIR/eval/validation/report.json): 'read first'
+above the threshold of specificity 0.95, 'deprioritise' at or below that of sensitivity 0.95.
+
+A file that cannot be read (not an image, truncated, DICOM without pixels or without its decoder)
+gets a line on stderr naming it and why; the other files and studies are still predicted, and no
+study disappears from the outputs (status 'error' when none of its files could be read).
+
+Exit status: 0 every study found was predicted and every file read; 1 some files could not be read
+or some studies were not predicted (error, out of scope); 2 nothing to predict (no image file
+found) or a usage error (no checkpoint in --workdir, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+from etils import epath
+
+from mura_jax import images
+from tfds_mura import BODY_PARTS
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING = 0, 1, 2
+TIERS = ('read first', 'read', 'deprioritise')
+
+
+@dataclasses.dataclass
+class Study:
+  """One study found on disk, and what became of it."""
+  id: str
+  files: list[str]
+  body_part: str | None = None
+  views: list[images.View] = dataclasses.field(default_factory=list)
+  errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
+  warnings: list[str] = dataclasses.field(default_factory=list)
+  status: str = 'pending'   # predicted | error | out_of_scope
+  probability: float | None = None
+  view_probabilities: list[float] = dataclasses.field(default_factory=list)
+  cam: str = ''
+  rank: int | None = None
+  tier: str = ''
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding studies.
+
+
+def _is_image_file(path: epath.Path) -> bool:
+  if path.name.startswith('.') or not path.is_file():
+    return False
+  suffix = path.suffix.lower()
+  if suffix in images.PICTURE_SUFFIXES + images.DICOM_SUFFIXES:
+    return True
+  return suffix == '' and images.is_dicom(path)
+
+
+def _walk(folder: epath.Path) -> list[epath.Path]:
+  """Every file under a folder (epath: local or gs://), in name order."""
+  found = []
+  for path in sorted(folder.iterdir()):
+    found += _walk(path) if path.is_dir() else [path]
+  return found
+
+
+def _study_id(folder: epath.Path) -> str:
+  """MURA's study path ('MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive/') where the
+  folder lies in a MURA tree, else the folder as given, with a trailing '/'."""
+  parts = folder.parts
+  if 'MURA-v1.1' in parts:
+    parts = parts[parts.index('MURA-v1.1'):]
+    return '/'.join(parts) + '/'
+  return os.fspath(folder).rstrip('/') + '/'
+
+
+def body_part_of_path(path: str) -> str | None:
+  """'wrist' for a path with an `XR_WRIST` folder; 'xr_<other>' lower-cased for other XR_ folders
+  (out of scope); None without one."""
+  for part in reversed(path.replace('\\', '/').split('/')):
+    if part.upper().startswith('XR_'):
+      return part[3:].lower()
+  return None
+
+
+def find_studies(paths: Sequence[str]) -> tuple[list[Study], list[str], int]:
+  """(studies, problems with the given paths, skipped sidecar files)."""
+  by_folder: dict[str, list[str]] = {}
+  problems, sidecars = [], 0
+  for given in paths:
+    path = epath.Path(given)
+    if not path.exists():
+      problems.append(f'{given}: no such file or folder')
+      continue
+    files = [path] if path.is_file() else _walk(path)
+    found = 0
+    for f in files:
+      if f.name.startswith('._'):
+        sidecars += 1
+      elif _is_image_file(f):
+        by_folder.setdefault(os.fspath(f.parent), []).append(os.fspath(f))
+        found += 1
+    if not found:
+      problems.append(f'{given}: no PNG, JPEG or DICOM file in it')
+  studies = [Study(_study_id(epath.Path(folder)), sorted(set(files), key=_view_order))
+             for folder, files in sorted(by_folder.items())]
+  return studies, problems, sidecars
+
+
+def _view_order(path: str):
+  """image2.png before image10.png."""
+  name = os.path.basename(path)
+  digits = ''.join(c for c in name if c.isdigit())
+  return (name.rstrip('0123456789.').lower(), int(digits) if digits else -1, name)
+
+
+def read_studies(studies: list[Study], body_part: str | None, progress: bool) -> list[Study]:
+  """Reads every file; DICOM files are regrouped by StudyInstanceUID; body parts are settled."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  regrouped: dict[str, Study] = {}
+  for study in tqdm(studies, desc='read', unit='study', disable=not progress, file=sys.stderr):
+    for f in study.files:
+      try:
+        view = images.read_view(f)
+      except images.ImageError as e:
+        study.errors.append((f, str(e)))
+        continue
+      target = study
+      if view.study_uid:  # DICOM: the study is its StudyInstanceUID, wherever the file lies
+        target = regrouped.setdefault(view.study_uid, Study(view.study_uid, []))
+        target.files.append(f)
+      target.views.append(view)
+  # A folder of DICOM files becomes its DICOM studies; it stays only for what it still holds.
+  kept = [s for s in studies if s.views or s.errors]
+  for study in kept:
+    study.files = [f for f in study.files if any(v.path == f for v in study.views)
+                   or any(e[0] == f for e in study.errors)]
+  all_studies = kept + list(regrouped.values())
+  for study in all_studies:
+    study.body_part = _body_part(study, body_part)
+  return all_studies
+
+
+def _body_part(study: Study, override: str | None) -> str | None:
+  if override:
+    return override
+  from_path = body_part_of_path(study.files[0] if study.files else study.id)
+  if from_path:
+    return from_path
+  for view in study.views:
+    if view.body_part:
+      name = view.body_part.upper().replace(' ', '').replace('_', '')
+      return images.DICOM_BODY_PARTS.get(name, view.body_part.lower())
+  return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Predicting.
+
+
+def predict(predictor, studies: list[Study], threshold: float, cam_dir=None) -> None:
+  """Fills in each study's status, view probabilities and probability (and CAM overlays)."""
+  todo = []
+  for study in studies:
+    if study.body_part not in BODY_PARTS:
+      study.status = 'out_of_scope'
+      study.warnings.append(
+          'no body part found: pass --body-part' if study.body_part is None else
+          f'body part {study.body_part!r} is not one of the 7 MURA study types '
+          f'({", ".join(BODY_PARTS)})')
+    elif not study.views:
+      study.status = 'error'
+    else:
+      todo.append(study)
+  views = [v.pixels for s in todo for v in s.views]
+  if not views:
+    return
+  maps = None
+  if cam_dir is not None:
+    from mura_jax import cam  # pylint: disable=g-import-not-at-top
+    probabilities, maps = cam.view_probabilities_and_maps(predictor, views)
+  else:
+    probabilities = predictor.predict_views(views)
+  start = 0
+  for study in todo:
+    n = len(study.views)
+    study.view_probabilities = [float(p) for p in probabilities[start:start + n]]
+    study.probability = float(np.mean(probabilities[start:start + n]))
+    study.status = 'predicted'
+    if study.errors:
+      study.warnings.append(f'{len(study.errors)} of {len(study.errors) + n} files unreadable')
+    for view in study.views:
+      study.warnings += [f'{os.path.basename(view.path)}: {w}' for w in view.warnings]
+    if maps is not None:
+      study.cam = _draw_study(predictor, study, maps[start:start + n], threshold, cam_dir)
+    start += n
+
+
+def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str:
+  from mura_jax import cam  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(cam_dir) / study.id.strip('/').replace('/', '_').replace(':', '_')
+  folder.mkdir(parents=True, exist_ok=True)
+  bias = cam.classifier_bias(predictor.variables)
+  pictures = []
+  for view, raw, probability in zip(study.views, maps, study.view_probabilities):
+    gray = view.pixels[..., 0]
+    picture = cam.overlay(gray, cam.display_map(cam.upsample(raw, *gray.shape,
+                                                             predictor.preprocessing), bias))
+    name = os.path.basename(view.path)
+    cam.save_png(folder / (os.path.splitext(name)[0] + '.png'), picture)
+    pictures.append((name, picture, probability))
+  verdict = 'abnormal' if study.probability > threshold else 'normal'
+  cam.save_png(folder / 'study.png', cam.study_figure(
+      f'{study.id} ({study.body_part}): study probability {study.probability:.3f} -> {verdict} '
+      f'(> {threshold:g}); mean of {len(pictures)} views', pictures,
+      int(np.argmax(study.view_probabilities))))
+  return os.fspath(folder / 'study.png')
+
+
+def worklist(studies: list[Study], workdir, predictor) -> list[str]:
+  """Ranks the predicted studies (1 = highest probability) and tiers them at the validation
+  report's operating points; returns notes for the user."""
+  ranked = sorted((s for s in studies if s.probability is not None),
+                  key=lambda s: -s.probability)
+  for rank, study in enumerate(ranked, start=1):
+    study.rank = rank
+  report_path = epath.Path(workdir) / 'eval' / 'validation' / 'report.json'
+  if not report_path.exists():
+    return [f'no validation report ({report_path}): run --config.mode=evaluate on this workdir '
+            'for worklist tiers']
+  report = json.loads(report_path.read_text())
+  points = {(p['target_metric'], p['target']): p['threshold'] for p in report['operating_points']}
+  high, low = points.get(('specificity', 0.95)), points.get(('sensitivity', 0.95))
+  if high is None or low is None:
+    return [f'{report_path} has no thresholds for sensitivity and specificity 0.95: no tiers']
+  notes = [f'tiers from {report_path}: read first > {high:.4f} (specificity 0.95 on validation), '
+           f'deprioritise <= {low:.4f} (sensitivity 0.95)']
+  step = (report.get('checkpoint') or {}).get('step')
+  if step is not None and step != predictor.checkpoint['step']:
+    notes.append(f'the report evaluated step {step}, these predictions use step '
+                 f'{predictor.checkpoint["step"]}: evaluate this checkpoint for its own tiers')
+  for study in ranked:
+    study.tier = TIERS[0] if study.probability > high else TIERS[2] if study.probability <= low \
+        else TIERS[1]
+  return notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def format_table(studies: list[Study], threshold: float, ranked: bool) -> str:
+  rows = [['rank'] * ranked + ['study', 'part', 'views', 'probability', 'verdict'] +
+          ['tier'] * ranked + ['status']]
+  order = sorted(studies, key=lambda s: (s.rank is None, s.rank or 0)) if ranked else studies
+  for s in order:
+    study = s.id if len(s.id) <= 64 else '...' + s.id[-61:]
+    verdict = '' if s.probability is None else ('abnormal' if s.probability > threshold
+                                                else 'normal')
+    rows.append([str(s.rank or '')] * ranked + [
+        study, s.body_part or '?', str(len(s.views)),
+        '' if s.probability is None else f'{s.probability:.4f}', verdict] + [s.tier] * ranked +
+        [s.status])
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+  lines.insert(1, '-' * len(lines[0]))
+  return '\n'.join(lines)
+
+
+def _csv(rows) -> str:
+  buffer = io.StringIO()
+  csv.writer(buffer, lineterminator='\n').writerows(rows)
+  return buffer.getvalue()
+
+
+def write_outputs(out_dir, studies: list[Study], threshold: float) -> None:
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  predicted = [s for s in studies if s.probability is not None]
+  (out / 'predictions.csv').write_text(
+      _csv([s.id, int(s.probability > threshold)] for s in predicted))
+  (out / 'studies.csv').write_text(_csv(
+      [['study', 'body_part', 'views', 'probability', 'verdict', 'status', 'warnings', 'cam',
+        'worklist_rank', 'tier']] +
+      [[s.id, s.body_part or '', len(s.views),
+        '' if s.probability is None else repr(s.probability),
+        '' if s.probability is None else ('abnormal' if s.probability > threshold else 'normal'),
+        s.status, '; '.join(s.warnings), s.cam, s.rank or '', s.tier] for s in studies]))
+  view_rows = [['study', 'file', 'probability', 'status', 'warnings']]
+  for s in studies:
+    probabilities = s.view_probabilities or [None] * len(s.views)
+    view_rows += [[s.id, v.path, '' if p is None else repr(p), 'predicted' if p is not None
+                   else s.status, '; '.join(v.warnings)] for v, p in zip(s.views, probabilities)]
+    view_rows += [[s.id, f, '', 'error', why] for f, why in s.errors]
+  (out / 'views.csv').write_text(_csv(view_rows))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='mura-predict', description=__doc__.split('\n\n')[0],
+      epilog='Exit status: 0 every study predicted; 1 some files unreadable or studies not '
+             'predicted; 2 nothing to predict or a usage error.')
+  parser.add_argument('paths', nargs='+', metavar='PATH',
+                      help='study folders, folders of study folders, or image files')
+  parser.add_argument('--workdir', required=True, help='the training run\'s workdir')
+  parser.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step")
+  parser.add_argument('--out', help='write predictions.csv, studies.csv, views.csv here')
+  parser.add_argument('--cam', action='store_true', help='class activation map overlays')
+  parser.add_argument('--worklist', action='store_true', help='rank and tier the studies')
+  parser.add_argument('--body-part', choices=BODY_PARTS,
+                      help='the body part of every study (else from XR_<PART> or DICOM)')
+  parser.add_argument('--threshold', type=float, default=0.5, help='abnormal if > this')
+  parser.add_argument('--batch-size', type=int, default=32, help='views per batch')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  studies, problems, sidecars = find_studies(args.paths)
+  for problem in problems:
+    print(f'error: {problem}', file=sys.stderr)
+  if sidecars:
+    print(f'note: skipped {sidecars} macOS ._ sidecar file(s) (not images)', file=sys.stderr)
+  if not studies:
+    print('error: nothing to predict: no PNG, JPEG or DICOM file found', file=sys.stderr)
+    return EXIT_NOTHING
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  try:
+    predictor = inference.Predictor.from_workdir(args.workdir, args.checkpoint,
+                                                 global_batch=args.batch_size)
+  except (checkpoints.CheckpointNotFoundError, checkpoints.CheckpointMismatchError,
+          ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_NOTHING
+  studies = read_studies(studies, args.body_part, progress=len(studies) >= 8)
+  for study in studies:
+    for f, why in study.errors:
+      print(f'error: {why}', file=sys.stderr)
+  cam_dir = epath.Path(args.out or '.') / 'cam' if args.cam else None
+  predict(predictor, studies, args.threshold, cam_dir)
+  notes = worklist(studies, args.workdir, predictor) if args.worklist else []
+  print(format_table(studies, args.threshold, args.worklist))
+  for note in notes:
+    print(f'note: {note}', file=sys.stderr)
+  if args.out:
+    write_outputs(args.out, studies, args.threshold)
+    print(f'Wrote predictions.csv, studies.csv, views.csv to {args.out}', file=sys.stderr)
+  failed = problems or any(s.errors or s.status != 'predicted' for s in studies)
+  return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+if __name__ == '__main__':
+  sys.exit(main())
