@@ -132,7 +132,8 @@ def _read_dicom(path) -> View:
   if 'PixelData' not in ds:
     kind = getattr(ds.get('SOPClassUID'), 'name', None) or 'no SOP class'
     raise ImageError(f'{path}: a DICOM file without pixel data ({kind}): not an image')
-  syntax = ds.file_meta.get('TransferSyntaxUID') if 'file_meta' in ds else None
+  meta = getattr(ds, 'file_meta', None)
+  syntax = meta.get('TransferSyntaxUID') if meta is not None else None
   try:
     arr = ds.pixel_array
   except Exception as e:  # pylint: disable=broad-except

@@ -1,0 +1,182 @@
+"""Reading radiographs from files: DICOM written here with pydicom (8/12/16-bit, signed,
+MONOCHROME1/2, VOI LUT, windows, RLE), PNG/JPEG quirks, and every unreadable kind of file."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pydicom = pytest.importorskip('pydicom')
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from mura_jax import images  # noqa: E402
+
+
+def write_dicom(path, pixels, *, bits_stored=None, photometric='MONOCHROME2', window=None,
+                voi_lut=None, rescale=None, presentation_shape=None, body_part='WRIST',
+                study_uid=None, rle=False, with_pixels=True):
+  """A DX-like DICOM file of `pixels` (uint8/uint16/int16 2-D)."""
+  pixels = np.asarray(pixels)
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.1.1'  # DX for presentation
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.StudyInstanceUID = study_uid or generate_uid()
+  ds.SeriesInstanceUID = generate_uid()
+  ds.Modality = 'DX'
+  if body_part:
+    ds.BodyPartExamined = body_part
+  if with_pixels:
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == 'i')
+    ds.PixelData = pixels.tobytes()
+  if window is not None:
+    ds.WindowCenter, ds.WindowWidth = window
+  if voi_lut is not None:
+    item = Dataset()
+    item.LUTDescriptor = [len(voi_lut), 0, 8]
+    item.add_new(0x00283006, 'US', [int(v) for v in voi_lut])  # LUT Data
+    ds.VOILUTSequence = [item]
+  if rescale is not None:
+    ds.RescaleSlope, ds.RescaleIntercept = rescale
+  if presentation_shape:
+    ds.PresentationLUTShape = presentation_shape
+  if rle:
+    ds.compress(RLELossless)
+  ds.save_as(path, enforce_file_format=True)
+  return path
+
+
+RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)
+
+
+def test_monochrome2_8_bit_is_read_as_is(tmp_path):
+  view = images.read_view(write_dicom(tmp_path / 'a.dcm', RAMP))
+  np.testing.assert_array_equal(view.pixels[..., 0], RAMP)
+  assert view.body_part == 'WRIST' and view.study_uid
+
+
+def test_monochrome1_is_inverted_once_even_with_an_inverse_presentation_lut(tmp_path):
+  inverted = 255 - RAMP
+  for shape in (None, 'INVERSE'):
+    view = images.read_view(write_dicom(tmp_path / f'm1{shape}.dcm', inverted,
+                                        photometric='MONOCHROME1', presentation_shape=shape))
+    np.testing.assert_array_equal(view.pixels[..., 0], RAMP)  # bone bright, never inverted twice
+
+
+@pytest.mark.parametrize('bits', [12, 16])
+def test_12_and_16_bit_use_the_stored_range(tmp_path, bits):
+  pixels = (np.linspace(0, 2 ** bits - 1, 256)).astype(np.uint16).reshape(16, 16)
+  view = images.read_view(write_dicom(tmp_path / 'b.dcm', pixels, bits_stored=bits))
+  expected = np.round(pixels / (2 ** bits - 1) * 255).astype(np.uint8)
+  np.testing.assert_array_equal(view.pixels[..., 0], expected)
+
+
+def test_signed_with_rescale_and_window(tmp_path):
+  # CT-like: signed 16-bit, HU = value - 1024, a window of centre 40 and width 400.
+  pixels = np.linspace(-1024, 2000, 256).astype(np.int16).reshape(16, 16)
+  view = images.read_view(write_dicom(tmp_path / 'c.dcm', pixels, rescale=(1, -1024),
+                                      window=(40, 400)))
+  hu = pixels.astype(np.float64) - 1024
+  # PS3.3 C.11.2.1.2.1, LINEAR, to [0, 1] then 8 bits.
+  expected = np.clip((hu - 39.5) / 399 + 0.5, 0, 1)
+  np.testing.assert_array_equal(view.pixels[..., 0], np.round(expected * 255).astype(np.uint8))
+  assert view.pixels.min() == 0 and view.pixels.max() == 255
+
+
+def test_voi_lut_sequence_wins_over_the_window(tmp_path):
+  pixels = np.arange(64, dtype=np.uint16).reshape(8, 8)
+  lut = (np.arange(64)[::-1] * 4).astype(np.uint8)  # an inverting LUT of 8-bit outputs
+  view = images.read_view(write_dicom(tmp_path / 'd.dcm', pixels, bits_stored=6, voi_lut=lut,
+                                      window=(10, 5)))
+  np.testing.assert_array_equal(view.pixels[..., 0], lut[pixels])
+
+
+def test_rle_compressed_equals_uncompressed(tmp_path):
+  pixels = (np.random.default_rng(0).integers(0, 4096, (20, 24))).astype(np.uint16)
+  plain = images.read_view(write_dicom(tmp_path / 'p.dcm', pixels, bits_stored=12))
+  rle = images.read_view(write_dicom(tmp_path / 'r.dcm', pixels, bits_stored=12, rle=True))
+  np.testing.assert_array_equal(plain.pixels, rle.pixels)
+
+
+def test_dicom_without_pixels_and_not_dicom(tmp_path):
+  with pytest.raises(images.ImageError, match='without pixel data'):
+    images.read_view(write_dicom(tmp_path / 'e.dcm', RAMP, with_pixels=False))
+  (tmp_path / 'f.dcm').write_bytes(b'not a dicom file at all')
+  with pytest.raises(images.ImageError, match='f.dcm: not a readable DICOM'):
+    images.read_view(tmp_path / 'f.dcm')
+
+
+_WITHOUT_DECODERS = """
+import importlib.abc, importlib.machinery, sys
+class Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('gdcm', 'pylibjpeg', 'libjpeg', 'pyjpegls'):
+      raise ImportError(name)
+sys.meta_path.insert(0, Blocked())
+from mura_jax import images
+try:
+  images.read_view(sys.argv[1])
+except images.ImageError as e:
+  print(e)
+"""
+
+
+def test_missing_decoder_names_the_transfer_syntax_and_the_package(tmp_path):
+  path = write_dicom(tmp_path / 'j.dcm', RAMP)
+  ds = pydicom.dcmread(path)
+  ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+  from pydicom.encaps import encapsulate  # pylint: disable=g-import-not-at-top
+  ds.PixelData = encapsulate([b'\xff\xd8 not really jpeg \xff\xd9'])
+  ds['PixelData'].VR = 'OB'
+  ds.save_as(path, enforce_file_format=True)
+  out = subprocess.run([sys.executable, '-c', _WITHOUT_DECODERS, str(path)], capture_output=True,
+                       text=True, timeout=120)
+  assert 'JPEG Lossless' in out.stdout and 'python-gdcm' in out.stdout, out.stdout + out.stderr
+  assert 'j.dcm' in out.stdout
+
+
+def test_png_quirks_warn(tmp_path):
+  gray = np.tile(np.arange(40, dtype=np.uint8), (30, 1))
+  rgb = np.stack([gray, gray, gray], -1)
+  rgb[0, 0] = (200, 10, 10)  # a colour photograph's pixel
+  Image.fromarray(rgb).save(tmp_path / 'colour.png')
+  assert any('colour image' in w for w in images.read_view(tmp_path / 'colour.png').warnings)
+  rgba = np.concatenate([np.stack([gray] * 3, -1), np.full((30, 40, 1), 255, np.uint8)], -1)
+  rgba[:5, :5, 3] = 0
+  Image.fromarray(rgba).save(tmp_path / 'alpha.png')
+  assert any('transparent' in w for w in images.read_view(tmp_path / 'alpha.png').warnings)
+  Image.fromarray(np.stack([gray] * 3, -1)).save(tmp_path / 'equal.png')
+  assert images.read_view(tmp_path / 'equal.png').warnings == []  # MURA's own RGB: exact, silent
+  # A JPEG whose EXIF says "rotate 90": read upright (rows and columns swap).
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buffer = io.BytesIO()
+  Image.fromarray(gray).save(buffer, format='JPEG', exif=exif.tobytes())
+  (tmp_path / 'rotated.jpg').write_bytes(buffer.getvalue())
+  view = images.read_view(tmp_path / 'rotated.jpg')
+  assert view.pixels.shape == (40, 30, 1) and 'EXIF orientation 6 applied' in view.warnings[0]
+
+
+def test_unreadable_pictures_name_the_file(tmp_path):
+  (tmp_path / 'text.png').write_text('this is not an image')
+  with pytest.raises(images.ImageError, match='text.png: not a readable PNG or JPEG'):
+    images.read_view(tmp_path / 'text.png')
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # incompressible
+  Image.fromarray(noise).save(tmp_path / 'whole.png')
+  (tmp_path / 'cut.png').write_bytes((tmp_path / 'whole.png').read_bytes()[:2000])
+  with pytest.raises(images.ImageError, match='cut.png'):
+    images.read_view(tmp_path / 'cut.png')

@@ -1,0 +1,142 @@
+"""`mura-predict`: the same study probabilities as evaluate mode, DICOM as PNG, every bad input
+reported without losing a study, worklist tiers, exit statuses."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mura_jax import predict
+
+from test_images import write_dicom
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _run(capsys, *args):
+  code = predict.main([str(a) for a in args])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_predict_gives_evaluate_modes_study_probabilities(trained_workdir, synthetic_dir, capsys,
+                                                          tmp_path):
+  workdir, _ = trained_workdir
+  code, out, err = _run(capsys, synthetic_dir / 'MURA-v1.1' / 'valid', '--workdir', workdir,
+                        '--out', tmp_path)
+  assert code == predict.EXIT_OK, err
+  evaluated = {r['study']: float(r['probability'])
+               for r in _rows(workdir / 'eval' / 'validation' / 'study_probabilities.csv')}
+  predicted = {r['study']: float(r['probability']) for r in _rows(tmp_path / 'studies.csv')}
+  assert predicted.keys() == evaluated.keys() and len(predicted) == 7 * 4
+  for study, p in predicted.items():
+    assert p == pytest.approx(evaluated[study], abs=1e-6), study
+  assert 'sidecar' in err  # the synthetic tree's ._ files are skipped and counted
+  submission = (tmp_path / 'predictions.csv').read_text().splitlines()
+  assert len(submission) == 28 and all(line.endswith((',0', ',1')) for line in submission)
+  assert 'MURA-v1.1/valid/XR_' in out
+
+
+def _image(synthetic_dir, k=0):
+  paths = sorted((synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_WRIST').rglob('image*.png'))
+  return [p for p in paths if not p.name.startswith('._')][k]
+
+
+def test_monochrome1_dicom_predicts_the_pngs_probability(trained_workdir, synthetic_dir, capsys,
+                                                         tmp_path):
+  workdir, _ = trained_workdir
+  png = _image(synthetic_dir)
+  pixels = np.asarray(Image.open(png).convert('L'))
+  (tmp_path / 'png' / 'XR_WRIST' / 'study').mkdir(parents=True)
+  shutil.copy(png, tmp_path / 'png' / 'XR_WRIST' / 'study' / 'image1.png')
+  # Two files of one DICOM study in two folders: grouped by StudyInstanceUID.
+  for folder in ('a', 'b'):
+    (tmp_path / 'dicom' / folder).mkdir(parents=True)
+    write_dicom(tmp_path / 'dicom' / folder / 'view', 255 - pixels, photometric='MONOCHROME1',
+                body_part='WRIST', study_uid='1.2.3.4')
+  code, out, err = _run(capsys, tmp_path / 'png', tmp_path / 'dicom', '--workdir', workdir,
+                        '--out', tmp_path / 'out')
+  assert code == predict.EXIT_OK, err
+  rows = {r['study']: r for r in _rows(tmp_path / 'out' / 'studies.csv')}
+  assert rows['1.2.3.4']['views'] == '2' and rows['1.2.3.4']['body_part'] == 'wrist'
+  png_row = next(r for s, r in rows.items() if s.endswith('XR_WRIST/study/'))
+  assert float(rows['1.2.3.4']['probability']) == pytest.approx(float(png_row['probability']),
+                                                                abs=1e-6)
+
+
+def test_bad_inputs_are_reported_and_no_study_is_lost(trained_workdir, synthetic_dir, capsys,
+                                                      tmp_path):
+  workdir, _ = trained_workdir
+  good = _image(synthetic_dir)
+  mixed = tmp_path / 'XR_WRIST' / 'patient1' / 'study1'
+  broken = tmp_path / 'XR_HAND' / 'patient2' / 'study1'
+  chest = tmp_path / 'XR_CHEST' / 'patient3' / 'study1'
+  unknown = tmp_path / 'misc' / 'study1'
+  for folder in (mixed, broken, chest, unknown):
+    folder.mkdir(parents=True)
+  shutil.copy(good, mixed / 'image1.png')
+  (mixed / 'image2.png').write_text('not an image')
+  (mixed / 'image3.png').write_bytes(good.read_bytes()[:500])  # truncated
+  write_dicom(mixed / 'image4.dcm', np.zeros((4, 4), np.uint8), with_pixels=False)
+  (broken / 'image1.png').write_text('not an image either')
+  shutil.copy(good, chest / 'image1.png')
+  shutil.copy(good, unknown / 'image1.png')
+  code, out, err = _run(capsys, tmp_path, '--workdir', workdir, '--out', tmp_path / 'out')
+  assert code == predict.EXIT_SOME_FAILED
+  for name in ('image2.png', 'image3.png', 'image4.dcm'):
+    assert f'{mixed / name}' in err, name
+  assert 'without pixel data' in err and f'{broken / "image1.png"}' in err
+  status = {r['study']: r for r in _rows(tmp_path / 'out' / 'studies.csv')}
+  by_folder = {s.split('/')[-4] if 'XR_' in s else 'misc': r for s, r in status.items()}
+  assert by_folder['XR_WRIST']['status'] == 'predicted'
+  assert '3 of 4 files unreadable' in by_folder['XR_WRIST']['warnings']
+  assert by_folder['XR_HAND']['status'] == 'error' and by_folder['XR_HAND']['probability'] == ''
+  assert by_folder['XR_CHEST']['status'] == 'out_of_scope'
+  assert "'chest' is not one of the 7" in by_folder['XR_CHEST']['warnings']
+  assert by_folder['misc']['status'] == 'out_of_scope'
+  assert 'pass --body-part' in by_folder['misc']['warnings']
+  views = _rows(tmp_path / 'out' / 'views.csv')
+  assert sum(r['status'] == 'error' for r in views) == 4
+  # The user says what the unknown study is: it is predicted.
+  code, out, err = _run(capsys, unknown, '--workdir', workdir, '--body-part', 'wrist')
+  assert code == predict.EXIT_OK and 'predicted' in out
+
+
+def test_nothing_to_predict_and_usage_errors(trained_workdir, capsys, tmp_path):
+  workdir, _ = trained_workdir
+  (tmp_path / 'empty').mkdir()
+  code, _, err = _run(capsys, tmp_path / 'empty', '--workdir', workdir)
+  assert code == predict.EXIT_NOTHING and 'no PNG, JPEG or DICOM file' in err
+  code, _, err = _run(capsys, tmp_path / 'missing', '--workdir', workdir)
+  assert code == predict.EXIT_NOTHING and 'no such file or folder' in err
+  Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / 'empty' / 'x.png')
+  code, _, err = _run(capsys, tmp_path / 'empty', '--workdir', tmp_path / 'no_run')
+  assert code == predict.EXIT_NOTHING and 'train first' in err
+
+
+def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_path):
+  workdir, _ = trained_workdir
+  code, out, err = _run(capsys, synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_HAND', '--workdir',
+                        workdir, '--worklist', '--out', tmp_path)
+  assert code == predict.EXIT_OK, err
+  rows = _rows(tmp_path / 'studies.csv')
+  ranked = sorted(rows, key=lambda r: int(r['worklist_rank']))
+  assert [int(r['worklist_rank']) for r in ranked] == list(range(1, len(rows) + 1))
+  probabilities = [float(r['probability']) for r in ranked]
+  assert probabilities == sorted(probabilities, reverse=True)
+  assert all(r['tier'] in predict.TIERS for r in rows) and 'tiers from' in err
+  assert out.splitlines()[0].startswith('rank')
+
+
+def test_console_script_is_installed():
+  script = os.path.join(os.path.dirname(sys.executable), 'mura-predict')
+  out = subprocess.run([script, '--help'], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and 'Exit status' in out.stdout
