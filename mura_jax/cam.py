@@ -350,6 +350,21 @@ def study_figure(title: str, views: list[tuple[str, np.ndarray, float]], driver:
   return figure
 
 
+def peak_figure(histogram: np.ndarray):
+  """Where the maps peak over a split, relative to the image: spread, not one hot bin."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  figure = Figure(figsize=(4.2, 3.6))
+  FigureCanvasAgg(figure)
+  ax = figure.subplots()
+  image = ax.imshow(histogram / max(histogram.sum(), 1), cmap='viridis', extent=(0, 1, 1, 0))
+  ax.set(title='CAM peak positions (share of views)', xlabel='column / width',
+         ylabel='row / height')
+  figure.colorbar(image, ax=ax)
+  figure.tight_layout()
+  return figure
+
+
 def save_png(path, figure_or_array) -> None:
   import io  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -408,6 +423,14 @@ def sanity_checks(predictor, maps, images, annotated: list[int], boxes_of, seed:
       'peak_histogram': histogram.tolist(),
       'peak_histogram_largest_share': float(histogram.max() / max(histogram.sum(), 1)),
   }
+  # Views with an abnormality apart from the others: a map without evidence anywhere peaks at
+  # its weak maximum, wherever that is, which says nothing about localisation.
+  others = np.setdiff1d(np.arange(len(maps)), annotated)
+  for name, members in (('annotated', annotated), ('other', others)):
+    if len(members):
+      counts = peak_histogram(maps[np.asarray(members)])
+      result[f'peak_largest_share_{name}'] = float(counts.max() / counts.sum())
+      result[f'peak_mean_max_{name}'] = float(maps[np.asarray(members)].max((1, 2)).mean())
   if sample:
     inputs = np.stack([preprocessing.view_input(images(i)[..., None], spec) for i in sample])
     randomised = randomised_variables(variables, predictor.model, seed)
@@ -459,8 +482,15 @@ def format_localisation(summary: dict) -> str:
   lines += ['', '## Sanity checks', '',
             f'- Blank (uniform gray) image: probability {blank["probability"]:.3f}, display map '
             f'{blank["display_min"]:.3f}..{blank["display_max"]:.3f}.',
-            f'- Peak positions over {summary["n_views"]} views: the fullest of 8 x 8 bins holds '
-            f'{sanity["peak_histogram_largest_share"]:.1%} (a fixed hotspot would hold ~100%).']
+            f'- Peak positions over {summary["n_views"]} views (peaks.png): the fullest of 8 x 8 '
+            f'bins holds {sanity["peak_histogram_largest_share"]:.1%} (a fixed hotspot would hold '
+            '~100%).']
+  if 'peak_largest_share_annotated' in sanity and 'peak_largest_share_other' in sanity:
+    lines.append(f'  Views with a box: {sanity["peak_largest_share_annotated"]:.1%} in the '
+                 f'fullest bin, mean map maximum {sanity["peak_mean_max_annotated"]:.1f}; the '
+                 f'other views: {sanity["peak_largest_share_other"]:.1%}, mean maximum '
+                 f'{sanity["peak_mean_max_other"]:.1f} (no evidence anywhere: their weak peak '
+                 'falls where it may).')
   random = sanity.get('model_randomisation')
   if random:
     lines.append(f'- Model randomisation ({random["randomised"]} re-initialised, '
@@ -473,8 +503,9 @@ def format_localisation(summary: dict) -> str:
 
 
 def run(config, workdir: str) -> dict:
-  """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), and, where
-  the split's boxes are known, localisation.json and localisation.md; prints the table."""
+  """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), peaks.png,
+  and localisation.json / localisation.md (with the pointing and Otsu figures where the split's
+  boxes are known); prints the table."""
   import json  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -511,7 +542,8 @@ def run(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   for s in choose_studies(table.probability, index.studies, threshold, c.studies,
                           c.num_abnormal, c.num_uncertain):
-    views = np.flatnonzero(index.study_index == s)
+    views = sorted(np.flatnonzero(index.study_index == s),  # image1, image2, ... as on disk
+                   key=lambda v: (len(index.image_path[v]), index.image_path[v]))
     folder = out_dir / 'studies' / _study_folder(index.studies[s])
     pictures = []
     for v in views:
@@ -523,7 +555,7 @@ def run(config, workdir: str) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         save_png(folder / name, picture)
     verdict = 'abnormal' if table.probability[s] > threshold else 'normal'
-    title = (f'{index.studies[s]}: study probability {table.probability[s]:.3f} -> {verdict} '
+    title = (f'{index.studies[s]}\nstudy probability {table.probability[s]:.3f} -> {verdict} '
              f'(> {threshold:g}); {config.evaluation.aggregation} of {len(views)} views; '
              f'label {"abnormal" if table.label[s] else "normal"}')
     if is_main:
@@ -546,6 +578,7 @@ def run(config, workdir: str) -> dict:
   text = format_localisation(summary)
   if is_main:
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_png(out_dir / 'peaks.png', peak_figure(np.asarray(summary['sanity']['peak_histogram'])))
     (out_dir / 'localisation.json').write_text(json.dumps(summary, indent=2) + '\n')
     (out_dir / 'localisation.md').write_text(text)
     print(text)

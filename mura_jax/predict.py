@@ -237,7 +237,7 @@ def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str
     pictures.append((name, picture, probability))
   verdict = 'abnormal' if study.probability > threshold else 'normal'
   cam.save_png(folder / 'study.png', cam.study_figure(
-      f'{study.id} ({study.body_part}): study probability {study.probability:.3f} -> {verdict} '
+      f'{study.id} ({study.body_part})\nstudy probability {study.probability:.3f} -> {verdict} '
       f'(> {threshold:g}); mean of {len(pictures)} views', pictures,
       int(np.argmax(study.view_probabilities))))
   return os.fspath(folder / 'study.png')
