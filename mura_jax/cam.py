@@ -4,7 +4,7 @@
 
 f_k(X) are the final feature maps (after the last BN + ReLU: what global pooling averages) and w_k
 the classifier's weights, so the spatial mean of M plus the classifier's bias is the view's logit
-exactly (`view_maps`). Two maps per view:
+exactly (`inference.view_maps`). Two maps per view:
   raw      M in logit units, for measuring;
   display  sigmoid(M + b) on the fixed scale [0, 1]: a confident normal view is dark everywhere,
            never stretched per image (min-max normalising every map turns any view, normal ones
@@ -33,49 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mura_jax import parallel
+from mura_jax import inference
 from mura_jax import preprocessing
 
 
 # ------------------------------------------------------------------------------------------------
 # The maps.
-
-
-def view_maps(variables, images, *, model, in_channels: int):
-  """uint8 (B, S, S, 1) views -> logits (B,) and raw maps M (B, h, w) in logit units."""
-  x = preprocessing.normalize(images, in_channels)
-  logits, features = model.apply(variables, x, train=False, return_features=True)
-  kernel = jnp.asarray(variables['params']['classifier']['kernel'][:, 0], jnp.float32)
-  return logits[:, 0], jnp.einsum('bhwc,c->bhw', features, kernel)
-
-
-def map_step(variables, batch, *, model, in_channels: int):
-  logits, maps = view_maps(variables, batch['image'], model=model, in_channels=in_channels)
-  return {'probability': jax.nn.sigmoid(logits), 'logit': logits, 'map': maps,
-          'index': batch['index'], 'mask': batch['mask']}
-
-
-def compile_map_step(model, in_channels: int, mesh):
-  """`map_step`, jitted and sharded like `inference.predict_step` (for `inference.predict_split`)."""
-  return jax.jit(functools.partial(map_step, model=model, in_channels=in_channels),
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh))
-
-
-def view_probabilities_and_maps(predictor, views) -> tuple[np.ndarray, np.ndarray]:
-  """(probabilities (V,), raw maps (V, h, w)) of gray uint8 views (rows, columns, 1) of any size,
-  through the predictor's preprocessing, batched and sharded like a split."""
-  from mura_jax import inference  # pylint: disable=g-import-not-at-top
-  spec = predictor.preprocessing
-  out = inference.predict_split(
-      compile_map_step(predictor.model, spec.in_channels, predictor.mesh), predictor.variables,
-      inference.ViewSource(views), mesh=predictor.mesh, global_batch=predictor.global_batch,
-      preprocessing=spec)
-  return out['probability'], out['map']
-
-
-def classifier_bias(variables) -> float:
-  return float(np.asarray(variables['params']['classifier']['bias'])[0])
 
 
 def display_map(raw_map, bias: float):
@@ -408,11 +371,11 @@ def choose_studies(probabilities: np.ndarray, study_ids, threshold: float, chose
 def sanity_checks(predictor, maps, images, annotated: list[int], boxes_of, seed: int = 1) -> dict:
   """The blank image's map, the map's peak histogram, and the model-randomisation test."""
   spec, variables = predictor.preprocessing, predictor.variables
-  maps_of = jax.jit(functools.partial(view_maps, model=predictor.model,
+  maps_of = jax.jit(functools.partial(inference.view_maps, model=predictor.model,
                                       in_channels=spec.in_channels))
   blank = np.full((1, spec.image_size, spec.image_size, 1), 128, np.uint8)
   blank_logit, blank_map = jax.device_get(maps_of(variables, blank))
-  bias = classifier_bias(variables)
+  bias = inference.classifier_bias(variables)
   histogram = peak_histogram(maps)
   sample = annotated[:64]
   result = {
@@ -512,7 +475,6 @@ def run(config, workdir: str) -> dict:
   from etils import epath  # pylint: disable=g-import-not-at-top
   from tfds_mura import BODY_PARTS  # pylint: disable=g-import-not-at-top
   from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from mura_jax import inference  # pylint: disable=g-import-not-at-top
   from mura_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mura_jax import studies  # pylint: disable=g-import-not-at-top
   c = config.cam
@@ -521,12 +483,12 @@ def run(config, workdir: str) -> dict:
   index = input_pipeline.read_split_index(data_dir, c.split)
   predictor = inference.Predictor.from_workdir(workdir, c.checkpoint, config=config,
                                                global_batch=config.evaluation.global_batch_size)
-  spec, bias = predictor.preprocessing, classifier_bias(predictor.variables)
+  spec, bias = predictor.preprocessing, inference.classifier_bias(predictor.variables)
   start = time.perf_counter()
   out = inference.predict_split(
-      compile_map_step(predictor.model, spec.in_channels, predictor.mesh), predictor.variables,
-      source, mesh=predictor.mesh, global_batch=predictor.global_batch, preprocessing=spec,
-      num_workers=config.data.num_workers, progress=True)
+      inference.compile_map_step(predictor.model, spec.in_channels, predictor.mesh),
+      predictor.variables, source, mesh=predictor.mesh, global_batch=predictor.global_batch,
+      preprocessing=spec, num_workers=config.data.num_workers, progress=True)
   seconds = time.perf_counter() - start
   maps = out['map']
 

@@ -18,6 +18,7 @@ import functools
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -55,6 +56,33 @@ def compile_predict_step(model, in_channels: int, mesh, loss_weights=None):
                         loss_weights=loss_weights),
       in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
       out_shardings=parallel.replicated(mesh))
+
+
+def view_maps(variables, images, *, model, in_channels: int):
+  """uint8 (B, S, S, 1) views -> logits (B,) and the class activation maps (cam.py)
+  M = sum_k w_k f_k (B, h, w) in logit units: the last BN + ReLU features weighted by the
+  classifier, so that mean(M) + bias is the logit."""
+  x = preprocessing_lib.normalize(images, in_channels)
+  logits, features = model.apply(variables, x, train=False, return_features=True)
+  kernel = jnp.asarray(variables['params']['classifier']['kernel'][:, 0], jnp.float32)
+  return logits[:, 0], jnp.einsum('bhwc,c->bhw', features, kernel)
+
+
+def map_step(variables, batch, *, model, in_channels: int):
+  logits, maps = view_maps(variables, batch['image'], model=model, in_channels=in_channels)
+  return {'probability': jax.nn.sigmoid(logits), 'logit': logits, 'map': maps,
+          'index': batch['index'], 'mask': batch['mask']}
+
+
+def compile_map_step(model, in_channels: int, mesh):
+  """`map_step`, jitted and sharded like `predict_step` (for `predict_split`)."""
+  return jax.jit(functools.partial(map_step, model=model, in_channels=in_channels),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def classifier_bias(variables) -> float:
+  return float(np.asarray(variables['params']['classifier']['bias'])[0])
 
 
 def predict_split(step, variables, source, *, mesh, global_batch: int,
@@ -149,6 +177,17 @@ class Predictor:
     return predict_split(step, self.variables, source, mesh=self.mesh,
                          global_batch=self.global_batch, preprocessing=self.preprocessing,
                          num_workers=num_workers, progress=progress)
+
+  @property
+  def classifier_bias(self) -> float:
+    return classifier_bias(self.variables)
+
+  def predict_views_and_maps(self, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (V,), class activation maps (V, h, w)) of gray uint8 views of any size."""
+    out = predict_split(compile_map_step(self.model, self.preprocessing.in_channels, self.mesh),
+                        self.variables, ViewSource(views), mesh=self.mesh,
+                        global_batch=self.global_batch, preprocessing=self.preprocessing)
+    return out['probability'], out['map']
 
   def predict_views(self, views: Sequence[np.ndarray]) -> np.ndarray:
     """Probabilities (V,) of gray uint8 views (H, W, 1) of any size, e.g. from

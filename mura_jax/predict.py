@@ -203,8 +203,7 @@ def predict(predictor, studies: list[Study], threshold: float, cam_dir=None) -> 
     return
   maps = None
   if cam_dir is not None:
-    from mura_jax import cam  # pylint: disable=g-import-not-at-top
-    probabilities, maps = cam.view_probabilities_and_maps(predictor, views)
+    probabilities, maps = predictor.predict_views_and_maps(views)
   else:
     probabilities = predictor.predict_views(views)
   start = 0
@@ -226,7 +225,7 @@ def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str
   from mura_jax import cam  # pylint: disable=g-import-not-at-top
   folder = epath.Path(cam_dir) / study.id.strip('/').replace('/', '_').replace(':', '_')
   folder.mkdir(parents=True, exist_ok=True)
-  bias = cam.classifier_bias(predictor.variables)
+  bias = predictor.classifier_bias
   pictures = []
   for view, raw, probability in zip(study.views, maps, study.view_probabilities):
     gray = view.pixels[..., 0]

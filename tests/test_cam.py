@@ -10,6 +10,7 @@ import pytest
 
 from mura_jax import cam
 from mura_jax import checkpoints
+from mura_jax import inference
 from mura_jax import preprocessing
 from mura_jax.models import densenet
 
@@ -29,9 +30,9 @@ def test_map_mean_plus_bias_is_the_logit(resize):
            rng.integers(0, 256, (200, 300, 1), dtype=np.uint8)]
   spec = preprocessing.Preprocessing(64, resize, 3)
   batch = np.stack([preprocessing.view_input(v, spec) for v in views])
-  logits, maps = jax.device_get(cam.view_maps(variables, batch, model=model, in_channels=3))
+  logits, maps = jax.device_get(inference.view_maps(variables, batch, model=model, in_channels=3))
   assert maps.shape == (2, 8, 8)  # output stride 8 for two dense blocks
-  bias = cam.classifier_bias(variables)
+  bias = inference.classifier_bias(variables)
   np.testing.assert_allclose(maps.mean((1, 2)) + bias, logits, atol=1e-5)
   plain = model.apply(variables, preprocessing.normalize(jnp.asarray(batch), 3))[:, 0]
   np.testing.assert_allclose(logits, plain, atol=1e-5)
