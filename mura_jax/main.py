@@ -5,6 +5,7 @@
   train     train as in the paper, then evaluate the best checkpoint (`train.py`)
   evaluate  a checkpoint on a split, through `inference` (`evaluation.py`)
   cam       class activation maps of a checkpoint, their localisation measured (`cam.py`)
+  export    a checkpoint's artifacts: jax.export, torchvision, SavedModel, model card (`export.py`)
 Without --config the demo runs (mura_jax/configs/demo.py, the embedded default). Override any
 config value on the command line: `--config.data.synthetic_seed=1`.
 """
@@ -58,7 +59,15 @@ def run_cam(config, workdir):
   return cam.run(config, workdir)
 
 
-MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate, 'cam': run_cam}
+def run_export(config, workdir):
+  """A checkpoint's artifacts for use without this project (export.py): jax.export, torchvision
+  safetensors, TF SavedModel, model card."""
+  from mura_jax import export  # pylint: disable=g-import-not-at-top
+  return export.run(config, workdir)
+
+
+MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate, 'cam': run_cam,
+         'export': run_export}
 
 
 class _QuietLibraries:

@@ -2,6 +2,7 @@
 
     mura-predict --workdir W [--checkpoint best] PATH [PATH ...] [--out DIR] [--cam] [--worklist]
                  [--body-part PART] [--threshold 0.5]
+    mura-predict --model EXPORT_DIR PATH ...       (an export's jax.export artifact: no checkpoint)
 
 PATH is a study folder (its image files are the study's views), a folder of study folders (every
 folder that holds image files is one study), or image files (grouped by their folder). DICOM files
@@ -19,8 +20,9 @@ Outputs: a table on the terminal; with --out DIR, predictions.csv (MURA's submis
 probability, verdict, status, warnings, cam, worklist_rank, tier) and views.csv (study, file,
 probability, status, warnings); with --cam, class activation map overlays (DIR/cam/<study>/). With
 --worklist, studies are ranked by probability (rank 1 read first) and tiered at the operating
-points of the checkpoint's validation report (WORKDIR/eval/validation/report.json): 'read first'
-above the threshold of specificity 0.95, 'deprioritise' at or below that of sensitivity 0.95.
+points of the checkpoint's validation report (WORKDIR/eval/validation/report.json, or the copy in
+an export's model card): 'read first' above the threshold of specificity 0.95, 'deprioritise' at
+or below that of sensitivity 0.95 ('read first' wins where the two overlap).
 
 A file that cannot be read (not an image, truncated, DICOM without pixels or without its decoder)
 gets a line on stderr naming it and why; the other files and studies are still predicted, and no
@@ -242,25 +244,40 @@ def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str
   return os.fspath(folder / 'study.png')
 
 
-def worklist(studies: list[Study], workdir, predictor) -> list[str]:
+def operating_points(workdir=None, model=None) -> tuple[str, list | None, int | None]:
+  """(where from, the validation report's operating points, the step it evaluated): from
+  WORKDIR/eval/validation/report.json, or what an export copied of it."""
+  if model is not None:
+    validation = json.loads((epath.Path(model) / 'model_card.json').read_text())['validation']
+    where = os.fspath(epath.Path(model) / 'model_card.json')
+    if validation is None:
+      return where, None, None
+    return where, validation['operating_points'], None
+  path = epath.Path(workdir) / 'eval' / 'validation' / 'report.json'
+  if not path.exists():
+    return os.fspath(path), None, None
+  report = json.loads(path.read_text())
+  return os.fspath(path), report['operating_points'], (report.get('checkpoint') or {}).get('step')
+
+
+def worklist(studies: list[Study], source: tuple[str, list | None, int | None],
+             predictor) -> list[str]:
   """Ranks the predicted studies (1 = highest probability) and tiers them at the validation
-  report's operating points; returns notes for the user."""
+  report's operating points (`operating_points`); returns notes for the user."""
   ranked = sorted((s for s in studies if s.probability is not None),
                   key=lambda s: -s.probability)
   for rank, study in enumerate(ranked, start=1):
     study.rank = rank
-  report_path = epath.Path(workdir) / 'eval' / 'validation' / 'report.json'
-  if not report_path.exists():
-    return [f'no validation report ({report_path}): run --config.mode=evaluate on this workdir '
-            'for worklist tiers']
-  report = json.loads(report_path.read_text())
-  points = {(p['target_metric'], p['target']): p['threshold'] for p in report['operating_points']}
+  where, points_list, step = source
+  if points_list is None:
+    return [f'no validation report ({where}): run --config.mode=evaluate on the workdir (and '
+            'export again) for worklist tiers']
+  points = {(p['target_metric'], p['target']): p['threshold'] for p in points_list}
   high, low = points.get(('specificity', 0.95)), points.get(('sensitivity', 0.95))
   if high is None or low is None:
-    return [f'{report_path} has no thresholds for sensitivity and specificity 0.95: no tiers']
-  notes = [f'tiers from {report_path}: read first > {high:.4f} (specificity 0.95 on validation), '
+    return [f'{where} has no thresholds for sensitivity and specificity 0.95: no tiers']
+  notes = [f'tiers from {where}: read first > {high:.4f} (specificity 0.95 on validation), '
            f'deprioritise <= {low:.4f} (sensitivity 0.95)']
-  step = (report.get('checkpoint') or {}).get('step')
   if step is not None and step != predictor.checkpoint['step']:
     notes.append(f'the report evaluated step {step}, these predictions use step '
                  f'{predictor.checkpoint["step"]}: evaluate this checkpoint for its own tiers')
@@ -330,8 +347,12 @@ def parse_args(argv):
              'predicted; 2 nothing to predict or a usage error.')
   parser.add_argument('paths', nargs='+', metavar='PATH',
                       help='study folders, folders of study folders, or image files')
-  parser.add_argument('--workdir', required=True, help='the training run\'s workdir')
-  parser.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step")
+  model = parser.add_mutually_exclusive_group(required=True)
+  model.add_argument('--workdir', help='the training run\'s workdir (its checkpoints)')
+  model.add_argument('--model', help='an export folder (--config.mode=export): predicts from '
+                                     'its jax.export artifact, no checkpoint needed')
+  parser.add_argument('--checkpoint', default='best', help="with --workdir: 'best', 'latest' or "
+                                                           'a step')
   parser.add_argument('--out', help='write predictions.csv, studies.csv, views.csv here')
   parser.add_argument('--cam', action='store_true', help='class activation map overlays')
   parser.add_argument('--worklist', action='store_true', help='rank and tier the studies')
@@ -353,12 +374,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print('error: nothing to predict: no PNG, JPEG or DICOM file found', file=sys.stderr)
     return EXIT_NOTHING
   from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mura_jax import export  # pylint: disable=g-import-not-at-top
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
   try:
-    predictor = inference.Predictor.from_workdir(args.workdir, args.checkpoint,
-                                                 global_batch=args.batch_size)
+    if args.model:
+      predictor = export.load(args.model)
+      predictor.batch_size = args.batch_size
+    else:
+      predictor = inference.Predictor.from_workdir(args.workdir, args.checkpoint,
+                                                   global_batch=args.batch_size)
   except (checkpoints.CheckpointNotFoundError, checkpoints.CheckpointMismatchError,
-          ValueError) as e:
+          export.ExportError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_NOTHING
   studies = read_studies(studies, args.body_part, progress=len(studies) >= 8)
@@ -367,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f'error: {why}', file=sys.stderr)
   cam_dir = epath.Path(args.out or '.') / 'cam' if args.cam else None
   predict(predictor, studies, args.threshold, cam_dir)
-  notes = worklist(studies, args.workdir, predictor) if args.worklist else []
+  notes = worklist(studies, operating_points(args.workdir, args.model),
+                   predictor) if args.worklist else []
   print(format_table(studies, args.threshold, args.worklist))
   for note in notes:
     print(f'note: {note}', file=sys.stderr)

@@ -9,7 +9,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # data | train | evaluate | cam
+  config.mode = 'train'  # data | train | evaluate | cam | export
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
@@ -75,4 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.cam.annotations = ''      # boxes CSV; '' = MANUAL_DIR/synthetic_annotations.csv if there
   config.cam.bootstrap_resamples = 2_000
   config.cam.after_training = False  # the demo draws and measures its maps after training
+
+  config.export = ml_collections.ConfigDict()  # mode export (export.py)
+  config.export.checkpoint = 'best'  # best | latest | a step
+  config.export.dir = ''             # '' = WORKDIR/export
   return config

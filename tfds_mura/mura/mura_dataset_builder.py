@@ -57,6 +57,7 @@ LABELS = ('normal', 'abnormal')
 SPLITS = {'train': 'train', 'valid': 'validation'}
 ROOT = 'MURA-v1.1'
 ZIP_NAME = 'MURA-v1.1.zip'
+SYNTHETIC_MARKER = 'synthetic_annotations.csv'  # beside MURA-v1.1/ in a synthetic tree
 
 _IMAGE_PATH = re.compile(
     r'^MURA-v1\.1/(?P<split>train|valid)/XR_(?P<part>[A-Z]+)/patient(?P<patient>\d+)/'
@@ -386,6 +387,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     views = {split: read_split(source, split, self._num_workers) for split in SPLITS}
     self.info.metadata['image_counts'] = {SPLITS[s]: count_images(v) for s, v in views.items()}
     self.info.metadata['study_counts'] = {SPLITS[s]: count_studies(v) for s, v in views.items()}
+    # mura_jax's synthetic MURA writes its boxes beside MURA-v1.1/: say so, so that nobody takes
+    # a model of it for one of the real data (model cards, licence terms).
+    self.info.metadata['synthetic'] = source.exists(SYNTHETIC_MARKER)
     return {SPLITS[s]: self._generate_examples(source, v) for s, v in views.items()}
 
   def _generate_examples(self, source: Source, views: Sequence[View]):

@@ -1,0 +1,170 @@
+"""Export: the jax.export artifact in a process with jax alone, the torchvision state dict, the
+SavedModel, the model card, mura-predict --model, and the export's errors."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mura_jax import checkpoints
+from mura_jax import export
+from mura_jax import inference
+from mura_jax import predict
+from mura_jax import preprocessing
+
+from test_train import tiny_config
+
+_JAX_ALONE = """
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('mura_jax', 'flax', 'tfds_mura', 'tensorflow', 'torch'):
+      raise ImportError(f'{name} must not be needed')
+sys.meta_path.insert(0, Blocked())
+import numpy as np
+from jax import export
+model = export.deserialize(open(sys.argv[1], 'rb').read())
+probability, cam = model.call(np.load(sys.argv[2]))
+np.save(sys.argv[3], np.asarray(probability))
+np.save(sys.argv[4], np.asarray(cam))
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('flax', 'mura_jax')))
+"""
+
+
+@pytest.fixture(scope='module')
+def exported(trained_workdir, tmp_path_factory):
+  workdir, config = trained_workdir
+  folder = tmp_path_factory.mktemp('export') / 'export'
+  manifest = export.export(workdir, 'best', folder, config=config)
+  predictor = inference.Predictor.from_workdir(workdir, 'best', config=config)
+  rng = np.random.default_rng(0)
+  views = [rng.integers(0, 256, (int(rng.integers(40, 90)), int(rng.integers(40, 90)), 1),
+                        dtype=np.uint8) for _ in range(5)]  # 5: a batch size never exported
+  fitted = np.stack([preprocessing.view_input(v, predictor.preprocessing) for v in views])
+  return folder, manifest, predictor, views, fitted
+
+
+def test_jax_export_runs_with_jax_alone(exported, tmp_path):
+  folder, manifest, predictor, views, fitted = exported
+  np.save(tmp_path / 'in.npy', fitted)
+  out = subprocess.run([sys.executable, '-c', _JAX_ALONE, str(folder / 'model.jax_export'),
+                        str(tmp_path / 'in.npy'), str(tmp_path / 'p.npy'), str(tmp_path / 'm.npy')],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith('[]')  # neither flax nor mura_jax was loaded
+  live, maps = predictor.predict_views_and_maps(views)
+  np.testing.assert_allclose(np.load(tmp_path / 'p.npy'), live, atol=1e-5)
+  np.testing.assert_allclose(np.load(tmp_path / 'm.npy'), maps, atol=1e-4)
+  sidecar = json.loads((folder / 'model.jax_export.json').read_text())
+  assert sidecar['platforms'] == ['cpu', 'cuda', 'tpu']
+  assert sidecar['input']['shape'] == ['batch', 32, 32, 1]
+  assert sidecar['sha256'] == manifest['files']['model.jax_export']
+
+
+def test_safetensors_load_strictly_into_torchvision(exported):
+  folder, manifest, predictor, views, fitted = exported
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  state = safetensors.torch.load_file(str(folder / 'model.safetensors'))
+  assert any(k.endswith('num_batches_tracked') for k in state)
+  args = manifest['torchvision']
+  net = torchvision.models.DenseNet(growth_rate=args['growth_rate'],
+                                    block_config=tuple(args['block_config']),
+                                    num_init_features=args['num_init_features'],
+                                    bn_size=args['bn_size'], num_classes=args['num_classes'])
+  net.load_state_dict(state, strict=True)
+  net.eval()
+  x = np.asarray(preprocessing.normalize(fitted, 3)).transpose(0, 3, 1, 2)
+  with torch.no_grad():
+    logits = net(torch.from_numpy(np.ascontiguousarray(x))).numpy()[:, 0]
+  live = predictor.predict_views(views)
+  np.testing.assert_allclose(logits, np.log(live / (1 - live)), atol=1e-4)
+
+
+def test_safetensors_load_back_into_flax(exported):
+  folder, _, predictor, _, fitted = exported
+  from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
+  variables = weights.load_torchvision(folder / 'model.safetensors', arch=predictor.model)
+  logits = inference.view_logits(variables, fitted, model=predictor.model, in_channels=3)
+  live = inference.view_logits(predictor.variables, fitted, model=predictor.model, in_channels=3)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(live), atol=1e-5)
+
+
+def test_saved_model_matches(exported):
+  folder, manifest, predictor, views, fitted = exported
+  tf = pytest.importorskip('tensorflow')
+  assert manifest['saved_model']['tensorflow_version'] == tf.__version__
+  serve = tf.saved_model.load(str(folder / 'saved_model')).signatures['serving_default']
+  out = serve(images=tf.constant(fitted))
+  np.testing.assert_allclose(out['probability'].numpy(), predictor.predict_views(views), atol=1e-5)
+
+
+def test_model_card_says_what_a_user_needs(exported):
+  folder, _, _, _, _ = exported
+  card = (folder / 'model_card.md').read_text()
+  for words in ('Intended use', 'not a diagnosis', 'ImageNet mean', 'parameters',
+                '| all |', 'kappa 0.705', 'Limitations', 'Licence', 'synthetic'):
+    assert words.lower() in card.lower(), words
+  data = json.loads((folder / 'model_card.json').read_text())
+  assert data['validation']['groups']['all']['auroc']['ci_low'] is not None
+  assert set(json.loads((folder / 'export.json').read_text())['files']) >= {
+      'model.jax_export', 'model.jax_export.json', 'model.safetensors', 'model_card.md'}
+
+
+def test_mura_predict_from_the_export(exported, trained_workdir, synthetic_dir, capsys,
+                                      tmp_path):
+  folder, _, _, _, _ = exported
+  workdir, _ = trained_workdir
+  studies = synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_FINGER'
+  results = {}
+  for name, flag in (('model', ['--model', folder]), ('workdir', ['--workdir', workdir])):
+    code = predict.main([str(studies), *map(str, flag), '--out', str(tmp_path / name)])
+    assert code == predict.EXIT_OK, capsys.readouterr().err
+    with open(tmp_path / name / 'studies.csv') as f:
+      results[name] = {r['study']: float(r['probability']) for r in csv.DictReader(f)}
+  assert results['model'].keys() == results['workdir'].keys() and results['model']
+  for study, p in results['model'].items():
+    assert p == pytest.approx(results['workdir'][study], abs=1e-5)
+
+
+def test_export_errors(trained_workdir, exported, tmp_path, monkeypatch):
+  workdir, config = trained_workdir
+  folder = exported[0]
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match='train first'):
+    export.export(tmp_path / 'empty', 'best', tmp_path / 'out')
+  other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='growth_rate'):
+    export.export(workdir, 'best', tmp_path / 'out', config=other)
+  # A folder written by a newer mura-jax is neither overwritten nor read.
+  newer = tmp_path / 'newer'
+  newer.mkdir()
+  (newer / 'export.json').write_text(json.dumps({'format_version': 99}))
+  with pytest.raises(export.ExportError, match='newer'):
+    export.export(workdir, 'best', newer, config=config)
+  with pytest.raises(export.ExportError, match='newer'):
+    export.load(newer)
+  with pytest.raises(export.ExportError, match='no export.json'):
+    export.load(tmp_path)
+  # A failure half-way leaves the previous export intact and nothing that looks complete.
+  target = tmp_path / 'again'
+  export.export(workdir, 'best', target, config=config)
+  before = (target / 'export.json').read_text()
+
+  def fail(*args, **kwargs):
+    raise RuntimeError('disk full')
+  monkeypatch.setattr(export, 'export_torchvision', fail)
+  with pytest.raises(RuntimeError, match='disk full'):
+    export.export(workdir, 'best', target, config=config)
+  assert (target / 'export.json').read_text() == before
+  assert sorted(p.name for p in tmp_path.iterdir() if 'partial' in p.name) == []
+  # A damaged artifact is refused by its checksum.
+  damaged = tmp_path / 'damaged'
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(folder, damaged)
+  (damaged / 'model.jax_export').write_bytes(b'garbage')
+  with pytest.raises(export.ExportError, match='sha256'):
+    export.load(damaged)
