@@ -57,7 +57,8 @@ def test_demo_chain_end_to_end_without_tensorflow(tmp_path):
 
 def test_unknown_mode_lists_the_modes(tmp_path):
   out = run_main('--workdir', str(tmp_path), '--config.mode=fly')
-  assert out.returncode != 0 and "expected one of ['cam', 'data', 'evaluate', 'train']" in out.stderr
+  assert out.returncode != 0 and "config.mode='fly'; expected one of [" in out.stderr
+  assert all(f"'{mode}'" in out.stderr for mode in ('cam', 'data', 'evaluate', 'export', 'train'))
 
 
 def test_paper_config_without_weights_says_what_to_download(mura_data_dir, tmp_path):
