@@ -86,7 +86,9 @@ def main(argv):
   if config.mode not in MODES:
     raise app.UsageError(f'config.mode={config.mode!r}; expected one of {sorted(MODES)}')
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.initialize_distributed()
+  parallel.initialize_distributed(config.get('distributed', 'auto'))
+  cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
+  logging.info('Compilation cache: %s', cache or 'off')
   logging.info('Config:\n%s', config)
   MODES[config.mode](config, FLAGS.workdir)
 

@@ -19,21 +19,74 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def initialize_distributed() -> None:
-  """Starts jax.distributed when this process is one of several (launch/ sets the variables).
+DISTRIBUTED_MODES = ('auto', 'on', 'off')
 
-  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`: explicit (local multi-process
-  and GPU clusters); Slurm with several tasks and multi-host TPU VMs are detected by JAX itself.
+
+def expected_processes(env=None) -> int | None:
+  """How many processes the launcher started, where it says: MURA_JAX_NUM_PROCESSES (set by
+  launch/), JAX_NUM_PROCESSES, Slurm's SLURM_NTASKS, GKE's TPU_WORKER_HOSTNAMES."""
+  env = os.environ if env is None else env
+  for key in ('MURA_JAX_NUM_PROCESSES', 'JAX_NUM_PROCESSES', 'SLURM_NTASKS'):
+    if env.get(key, '').strip().isdigit():
+      return int(env[key])
+  if env.get('TPU_WORKER_HOSTNAMES'):
+    return len(env['TPU_WORKER_HOSTNAMES'].split(','))
+  return None
+
+
+def initialize_distributed(mode: str = 'auto', env=None) -> dict:
+  """Starts jax.distributed as `mode` (config.distributed) says; returns what was decided.
+
+  'on': always (launch/tpu_vm.sh and launch/gpu_multinode.sbatch set it): with
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID explicitly (local multi-process),
+  else JAX's own cluster detection (TPU VMs, Slurm, GKE, Open MPI). 'off': never. 'auto': when the
+  explicit variables are set or the launcher says there are several processes (Slurm, GKE).
+  Where the launcher says how many processes there are, a different count after the start is an
+  error: each host alone would silently train its own model.
   """
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    if os.environ.get('JAX_CPU_COLLECTIVES', '') == 'gloo':
+  env = os.environ if env is None else env
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f'config.distributed={mode!r}; expected one of {DISTRIBUTED_MODES}')
+  expected = expected_processes(env)
+  explicit = bool(env.get('JAX_COORDINATOR_ADDRESS'))
+  start = mode == 'on' or (mode == 'auto' and (explicit or (expected or 1) > 1))
+  if start:
+    if env.get('JAX_CPU_COLLECTIVES', '') == 'gloo':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(
-        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']))
-  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-    jax.distributed.initialize()
+    if explicit:
+      jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                                 num_processes=int(env['JAX_NUM_PROCESSES']),
+                                 process_id=int(env['JAX_PROCESS_ID']))
+    else:
+      jax.distributed.initialize()
+  decided = {'mode': mode, 'started': start, 'expected_processes': expected,
+             'process_count': jax.process_count(), 'global_devices': jax.device_count(),
+             'local_devices': jax.local_device_count()}
+  logging.info('Distributed: mode %s, jax.distributed %s; process %d of %d (launcher says %s); '
+               '%d local / %d global devices.', mode, 'started' if start else 'not started',
+               jax.process_index(), jax.process_count(), expected or 'nothing',
+               jax.local_device_count(), jax.device_count())
+  if expected is not None and expected != jax.process_count():
+    raise RuntimeError(
+        f'The launcher started {expected} processes but this one sees {jax.process_count()} '
+        f'process(es) and only {jax.device_count()} device(s): each host would train alone. '
+        + ('Set --config.distributed=on (or auto with the launcher\'s variables).'
+           if not start else 'Check that every host runs the same command and can reach the '
+           'coordinator.'))
+  return decided
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """JAX's persistent compilation cache in `directory` ('' = ~/.cache/mura_jax/jax, 'none' =
+  off): a restart after preemption, an evaluation or a resume loads the compiled steps instead of
+  compiling them again."""
+  if directory.lower() == 'none':
+    return None
+  directory = directory or os.path.join(os.path.expanduser('~'), '.cache', 'mura_jax', 'jax')
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return directory
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import time
 from typing import Any
@@ -213,26 +214,60 @@ class MetricWriter:
 # The epoch loop.
 
 
-class _Preemption:
-  """SIGTERM (a preemption notice) asks the loop to save and stop at the next step."""
+class Preemption:
+  """A preemption notice (SIGTERM) asks the loop to save and stop, on every host at one step.
 
-  def __init__(self):
+  One process: a SIGTERM handler sets a flag, seen at the next step. Several processes: hosts
+  are told at different moments, and a save is a collective, so JAX's preemption sync point
+  decides (jax.distributed's coordination service catches SIGTERM on any host, and every host
+  learns the same step to stop at through `CheckpointManager.reached_preemption`, which every
+  host calls at every step). Installing a Python handler there would take SIGTERM away from it.
+  """
+
+  def __init__(self, manager):
+    self.manager = manager
     self.requested = False
+    self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no signal handling
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning('SIGTERM: saving a checkpoint and stopping.')
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self.manager.reached_preemption(step)
+    return self.requested
+
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every float in the tree (params, batch statistics, Adam's moments) is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _process_age() -> float | None:
+  """Seconds since this process started (Linux), for the start-to-first-step log line."""
+  try:
+    with open('/proc/self/stat') as f:
+      started = int(f.read().rsplit(')', 1)[1].split()[19]) / os.sysconf('SC_CLK_TCK')
+    with open('/proc/uptime') as f:
+      return float(f.read().split()[0]) - started
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def validate(steps: Steps, state, source, config) -> dict[str, np.ndarray]:
@@ -262,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains as in the paper, resuming from the workdir if it holds checkpoints; returns a summary."""
   from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
+  started, first_step = time.time(), True
   mesh = parallel.make_mesh()
   parallel.log_topology(mesh)
   parallel.check_batch_size(config.train.global_batch_size, mesh)
@@ -308,12 +344,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_saved_step = progress['step']
 
   def checkpoint(epoch, batch_in_epoch):
+    """Saves a resumable checkpoint, never of a non-finite state (the last good one stays)."""
     nonlocal last_saved_step
-    progress.update(step=int(state.step), epoch=epoch, batch_in_epoch=batch_in_epoch)
+    step = int(state.step)
+    # The plateau state is left out: its best value starts at +inf by design.
+    if not bool(all_finite((state.params, state.batch_stats, state.opt_state))):
+      raise FloatingPointError(
+          f'The training state is not finite at step {step} (epoch {epoch}); nothing was saved. '
+          f'The last good checkpoint (step {last_saved_step}) is kept in {workdir}/checkpoints. '
+          'Lower --config.optimizer.learning_rate or check the input data.')
+    progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
     checkpoints.save_state(latest, state, dict(progress))
-    last_saved_step = int(state.step)
+    last_saved_step = step
 
-  with _Preemption() as preemption:
+  with Preemption(latest) as preemption:
     for epoch in range(progress['epoch'], config.train.num_epochs):
       start_batch = progress['batch_in_epoch'] if epoch == progress['epoch'] else 0
       batches = input_pipeline.train_batches(
@@ -327,6 +371,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, metrics = steps.train(state, parallel.global_batch(local, mesh))
         step = int(state.step)
         bar.update(1)
+        if first_step:
+          first_step, age = False, _process_age()
+          logging.info('First training step done %.1f s after training started%s (compilation '
+                       'included).', time.time() - started,
+                       '' if age is None else f', {age:.1f} s after the process started')
         if step % config.train.log_every_steps == 0 or batch_in_epoch + 1 == steps_per_epoch:
           loss = float(metrics['loss'])
           if not math.isfinite(loss):
@@ -341,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               'images_per_second': images_per_second})
           bar.set_postfix(epoch=epoch, loss=f'{loss:.4f}', lr=f'{lr:.1e}', refresh=False)
           tick, tick_step = time.time(), step
-        if preemption.requested:
+        if preemption.reached(step):
           checkpoint(epoch, batch_in_epoch + 1)
           latest.wait_until_finished()
           bar.close()

@@ -319,6 +319,34 @@ def test_nan_loss_stops_with_a_clear_error(mura_data_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+def test_a_non_finite_state_is_never_checkpointed(mura_data_dir, tmp_path, monkeypatch):
+  # NaN weights after step 4, between log steps (every 1,000) and checkpoints (every 3).
+  config = tiny_config(mura_data_dir, **{'train.num_epochs': 1, 'train.log_every_steps': 1000,
+                                         'train.checkpoint_every_steps': 3})
+  real_compile = train.compile_steps
+
+  def poisoned(*args, **kwargs):
+    steps = real_compile(*args, **kwargs)
+    real_train = steps.train
+
+    def train_step(state, batch):
+      state, metrics = real_train(state, batch)
+      if int(state.step) == 4:
+        state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+      return state, metrics
+    steps.train = train_step
+    return steps
+
+  monkeypatch.setattr(train, 'compile_steps', poisoned)
+  with pytest.raises(FloatingPointError, match=r'not finite at step 6.*last good checkpoint '
+                                               r'\(step 3\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  latest, best = checkpoints.managers(tmp_path, config)
+  assert latest.all_steps() == [3] and best.all_steps() == []
+  state, _ = _latest_params(tmp_path, config)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
 def test_unbuilt_dataset_says_how_to_build_it(tmp_path):
   config = tiny_config(tmp_path / 'nothing_here')
   with pytest.raises(FileNotFoundError, match='python -m tfds_mura.build'):

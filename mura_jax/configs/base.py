@@ -11,6 +11,8 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = 'train'  # data | train | evaluate | cam | export
   config.seed = 0
+  config.distributed = 'auto'        # jax.distributed: auto | on | off (parallel.py)
+  config.compilation_cache_dir = ''  # '' = ~/.cache/mura_jax/jax; 'none' = no persistent cache
 
   config.data = ml_collections.ConfigDict()
   # MURA-v1.1.zip or MURA-v1.1/ (only needed to build; '' = WORKDIR/synthetic).
