@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
 # N processes on this machine, each with D CPU devices, talking through jax.distributed (gloo):
-# the multi-host code path (per-host input shards, global batches, cross-process collectives)
-# without a cluster.
+# the multi-host code path (per-host input shards, global batches, cross-process collectives,
+# the preemption sync point) without a cluster.
 #
-#   launch/local_multiprocess.sh [NUM_PROCESSES=2] [DEVICES_PER_PROCESS=2] -- --workdir DIR [flags...]
+#   launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run] -- --workdir DIR [flags...]
 #
-# Everything after `--` goes to `python -m mura_jax.main` ($PYTHON, default `python`). Process 0's
-# output is printed at the end; every process's log stays in a fresh /tmp/mura_jax_processes.* folder.
+# N and D default to 2. Everything after `--` goes to `python -m mura_jax.main` ($PYTHON, default
+# `python`). Process 0's output is printed at the end; every process's log (and pids, one per
+# line) stays in a fresh /tmp/mura_jax_processes.* folder, printed first.
 set -euo pipefail
-num_processes=${1:-2}
-devices=${2:-2}
-shift $(( $# > 0 ? 1 : 0 )) || true
-shift $(( $# > 0 ? 1 : 0 )) || true
-[[ "${1:-}" == "--" ]] && shift
+num_processes=2 devices=2 dry_run=0
+while (( $# )); do
+  case "$1" in
+    --processes) num_processes=$2; shift 2 ;;
+    --devices) devices=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; break ;;
+    *) echo "error: unknown option $1 (flags for mura_jax.main go after --)" >&2; exit 2 ;;
+  esac
+done
+[[ "$num_processes" =~ ^[1-9][0-9]*$ && "$devices" =~ ^[1-9][0-9]*$ ]] || {
+  echo "error: --processes and --devices take positive integers" >&2; exit 2; }
 port=$(( 20000 + RANDOM % 20000 ))
 python=${PYTHON:-python}
-logs=$(mktemp -d /tmp/mura_jax_processes.XXXXXX)
+if (( dry_run )); then logs=/tmp/mura_jax_processes.DRY_RUN; else logs=$(mktemp -d /tmp/mura_jax_processes.XXXXXX); fi
+echo "logs: ${logs}"
 pids=()
 for (( i = num_processes - 1; i >= 0; i-- )); do
-  env JAX_COORDINATOR_ADDRESS="localhost:${port}" JAX_NUM_PROCESSES="${num_processes}" \
-      JAX_PROCESS_ID="${i}" JAX_CPU_COLLECTIVES=gloo JAX_PLATFORMS=cpu \
-      XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
-      "${python}" -m mura_jax.main "$@" > "${logs}/process_${i}.log" 2>&1 &
+  command=(env "JAX_COORDINATOR_ADDRESS=localhost:${port}" "JAX_NUM_PROCESSES=${num_processes}"
+           "JAX_PROCESS_ID=${i}" JAX_CPU_COLLECTIVES=gloo JAX_PLATFORMS=cpu
+           "XLA_FLAGS=--xla_force_host_platform_device_count=${devices}"
+           "${python}" -m mura_jax.main "$@")
+  printf '+'; printf ' %q' "${command[@]}"; printf ' > %q 2>&1 &\n' "${logs}/process_${i}.log"
+  (( dry_run )) && continue
+  "${command[@]}" > "${logs}/process_${i}.log" 2>&1 &
   pids+=($!)
+  echo "$!" >> "${logs}/pids"
 done
+(( dry_run )) && exit 0
 status=0
 for pid in "${pids[@]}"; do wait "${pid}" || status=$?; done
 cat "${logs}/process_0.log"

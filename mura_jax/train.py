@@ -81,6 +81,22 @@ weighted_bce = loss_lib.weighted_bce
 # 4. Optimiser and plateau schedule.
 
 
+def scaled_for_devices(config: ml_collections.ConfigDict, num_devices: int):
+  """The config with per-device batch sizes and the learning-rate scaling rule resolved."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.train.get('per_device_batch_size', 0):
+    config.train.global_batch_size = config.train.per_device_batch_size * num_devices
+  if config.evaluation.get('per_device_batch_size', 0):
+    config.evaluation.global_batch_size = config.evaluation.per_device_batch_size * num_devices
+  rule = config.optimizer.get('lr_scaling', 'none')
+  if rule == 'sqrt':
+    config.optimizer.learning_rate *= math.sqrt(config.train.global_batch_size /
+                                                config.optimizer.reference_batch_size)
+  elif rule != 'none':
+    raise ValueError(f"config.optimizer.lr_scaling={rule!r}; expected 'none' or 'sqrt'")
+  return config
+
+
 def create_optimizer(config) -> optax.GradientTransformation:
   o = config.optimizer
   return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
@@ -300,6 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started, first_step = time.time(), True
   mesh = parallel.make_mesh()
   parallel.log_topology(mesh)
+  config = scaled_for_devices(config, mesh.devices.size)
+  logging.info('Global batch %d (evaluation %d) over %d devices; learning rate %.3g (%s).',
+               config.train.global_batch_size, config.evaluation.global_batch_size,
+               mesh.devices.size, config.optimizer.learning_rate,
+               config.optimizer.get('lr_scaling', 'none'))
   parallel.check_batch_size(config.train.global_batch_size, mesh)
   parallel.check_batch_size(config.evaluation.global_batch_size, mesh)
   _, data_dir = data_lib.dataset_dirs(config, workdir)

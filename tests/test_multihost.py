@@ -46,7 +46,8 @@ def test_two_processes_train_what_one_process_trains(mura_data_dir, tmp_path):
                            *_flags(mura_data_dir, tmp_path / 'one')],
                           capture_output=True, text=True, env=env, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  multi = subprocess.run([os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2', '2', '--',
+  multi = subprocess.run([os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '--processes', '2',
+                          '--devices', '2', '--',
                           *_flags(mura_data_dir, tmp_path / 'two')],
                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
   assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]

