@@ -24,7 +24,8 @@ def _flags(data_dir, workdir):
           '--config.model.block_config=(1, 1)', '--config.model.num_init_features=8',
           '--config.model.bn_size=2', '--config.optimizer.learning_rate=1e-4',
           '--config.train.global_batch_size=16', '--config.train.num_epochs=1',
-          '--config.evaluation.global_batch_size=16', '--config.evaluation.bootstrap_resamples=0']
+          '--config.evaluation.global_batch_size=16', '--config.evaluation.bootstrap_resamples=0',
+          '--config.cam.after_training=False']
 
 
 def _params(workdir, data_dir):
@@ -57,3 +58,56 @@ def test_two_processes_train_what_one_process_trains(mura_data_dir, tmp_path):
   assert one_progress['step'] == two_progress['step'] > 0
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _start_processes(flags, logs, port):
+  """2 processes x 2 CPU devices, as launch/local_multiprocess.sh starts them; returns Popens."""
+  processes = []
+  for i in range(2):
+    env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2',
+           'JAX_PROCESS_ID': str(i), 'JAX_CPU_COLLECTIVES': 'gloo', 'JAX_PLATFORMS': 'cpu',
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+    log = open(logs / f'process_{i}.log', 'w')  # pylint: disable=consider-using-with
+    processes.append(subprocess.Popen([sys.executable, '-m', 'mura_jax.main', *flags],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+  return processes
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(mura_data_dir, tmp_path):
+  import re  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  # 64 px and 4 epochs: slow enough that the notice arrives mid-training.
+  extra = ['--config.train.num_epochs=4', '--config.train.log_every_steps=1',
+           '--config.train.checkpoint_every_steps=1000', '--config.data.image_size=64']
+  port = 20000 + os.getpid() % 20000
+  # The reference: the same 2 processes, uninterrupted.
+  straight = _start_processes([*_flags(mura_data_dir, tmp_path / 'one'), *extra], tmp_path, port)
+  assert [p.wait(timeout=600) for p in straight] == [0, 0]
+  flags = [*_flags(mura_data_dir, tmp_path / 'two'), *extra]
+  port += 1
+  first = _start_processes(flags, tmp_path, port)
+  metrics = tmp_path / 'two' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline:  # a few steps into the run, preempt ONE host
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.05)
+  first[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=300) for p in first]
+  logs = [(tmp_path / f'process_{i}.log').read_text() for i in range(2)]
+  assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  stopped = [re.findall(r'Preempted at step (\d+)', log) for log in logs]
+  assert stopped[0] and stopped[0] == stopped[1], stopped  # both hosts, the same step
+  _, progress = _params(tmp_path / 'two', mura_data_dir)
+  assert progress['step'] == int(stopped[0][0]) and progress['epoch'] < 4
+  # The same command resumes; the result is the uninterrupted run's (same reduction order:
+  # equal to float32 round-off).
+  second = _start_processes(flags, tmp_path, port + 1)
+  assert [p.wait(timeout=600) for p in second] == [0, 0]
+  (one, one_progress), (two, two_progress) = (_params(tmp_path / d, mura_data_dir)
+                                              for d in ('one', 'two'))
+  assert one_progress['step'] == two_progress['step'] > progress['step']
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
