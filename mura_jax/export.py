@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
 
 import jax
@@ -362,11 +361,12 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
       old = out_dir.parent / f'.{out_dir.name}.old-{uuid.uuid4().hex[:8]}'
       out_dir.rename(old)
       staging.rename(out_dir)
-      shutil.rmtree(old)
+      old.rmtree()
     else:
       staging.rename(out_dir)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists():
+      staging.rmtree()
     raise
   return manifest
 

@@ -209,6 +209,13 @@ class MetricWriter:
                       'and metrics.jsonl (pip install "mura-jax[tf]" for TensorBoard).')
       self._writer = None
     self._jsonl = None if just_logging else epath.Path(workdir) / 'metrics.jsonl'
+    # Lines are buffered and written at each flush (every epoch, at preemption, every 30 s): a
+    # gs:// workdir gets one write per flush, not one round trip per line. Object stores cannot
+    # append, so there the whole file is rewritten from what this process has seen.
+    self._remote = self._jsonl is not None and '://' in os.fspath(self._jsonl)
+    self._written = (self._jsonl.read_text() if self._remote and self._jsonl.exists() else '')
+    self._pending: list[str] = []
+    self._last_flush = time.time()
 
   def write(self, step: int, scalars: dict):
     scalars = {k: float(v) for k, v in scalars.items() if v is not None}
@@ -217,13 +224,23 @@ class MetricWriter:
     else:
       logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
     if self._jsonl is not None:
-      with self._jsonl.open('a') as f:
-        f.write(json.dumps({'step': step, **{k: (v if math.isfinite(v) else None)
-                                             for k, v in scalars.items()}}) + '\n')
+      self._pending.append(json.dumps({'step': step, **{k: (v if math.isfinite(v) else None)
+                                                        for k, v in scalars.items()}}) + '\n')
+      if time.time() - self._last_flush > 30:
+        self.flush()
 
   def flush(self):
     if self._writer is not None:
       self._writer.flush()
+    if self._jsonl is not None and self._pending:
+      if self._remote:
+        self._written += ''.join(self._pending)
+        self._jsonl.write_text(self._written)
+      else:
+        with self._jsonl.open('a') as f:
+          f.write(''.join(self._pending))
+      self._pending = []
+    self._last_flush = time.time()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,6 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if preemption.reached(step):
           checkpoint(epoch, batch_in_epoch + 1)
           latest.wait_until_finished()
+          writer.flush()
           bar.close()
           logging.warning('Preempted at step %d; restart with the same --workdir to resume.', step)
           return {'status': 'preempted', 'step': step}
