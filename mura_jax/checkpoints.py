@@ -185,6 +185,20 @@ def choose(workdir, which: str | int = 'best') -> tuple[str, int]:
                                 f'{sorted(set(steps[LATEST]) | set(steps[BEST]))}.')
 
 
+def best_steps(workdir, k: int | None = None) -> list[int]:
+  """The steps of the `k` (default: all kept) best checkpoints of a workdir, lowest validation
+  loss first (the later MURA paper ensembles its 5 best)."""
+  directory = epath.Path(workdir) / BEST
+  steps = _steps(directory)
+  if k is not None and len(steps) < k:
+    raise CheckpointNotFoundError(
+        f'{directory} holds {len(steps)} checkpoints, fewer than the {k} asked for '
+        '(config.evaluation.ensemble): train more epochs with config.train.keep_best >= '
+        f'{k}, or ask for fewer.')
+  loss = {step: read_spec(workdir, BEST, step)['validation_loss'] for step in steps}
+  return sorted(steps, key=lambda step: (loss[step], step))[:k]
+
+
 def _steps(directory: epath.Path) -> list[int]:
   if not directory.exists():
     return []

@@ -7,7 +7,10 @@ import os
 import ml_collections
 from absl import logging
 from etils import epath
+from tfds_mura import BODY_PARTS
 
+from mura_jax import input_pipeline
+from mura_jax import loss as loss_lib
 from mura_jax import synthetic
 
 
@@ -35,3 +38,71 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str):
     logging.info('Synthetic MURA: %s', summary)
   builder = build.build(manual_dir, data_dir, num_workers=num_workers)
   return builder
+
+
+# ------------------------------------------------------------------------------------------------
+# Body-part subsets (config.data.body_parts): which study types a run trains and is evaluated on.
+
+
+def requested_body_parts(value) -> tuple[str, ...] | None:
+  """config.data.body_parts as part names in BODY_PARTS order; None for 'all' (the default).
+
+  Accepts 'all', 'humerus,wrist', 'XR_HUMERUS', or a sequence of such names.
+  """
+  if isinstance(value, str):
+    if value.strip().lower() in ('', 'all'):
+      return None
+    value = value.split(',')
+  names = [str(v).strip().lower() for v in value if str(v).strip()]
+  names = [n[3:] if n.startswith('xr_') else n for n in names]
+  unknown = [n for n in names if n not in BODY_PARTS]
+  if unknown or not names:
+    raise ValueError(f'config.data.body_parts={value!r} names no MURA body part or an unknown one '
+                     f'({unknown}); use "all" or a comma-separated list of {", ".join(BODY_PARTS)}.')
+  return tuple(p for p in BODY_PARTS if p in names)
+
+
+def training_body_parts(config: ml_collections.ConfigDict, data_dir: str) -> tuple[str, ...]:
+  """The body parts a run trains and validates on: those asked for (default: all) that the built
+  dataset has training images of; a part asked for by name without any is an error."""
+  input_pipeline.data_source(data_dir, 'train')  # the clear error when it is not built
+  counts = loss_lib.dataset_image_counts(data_dir, 'train')
+  present = tuple(p for p in BODY_PARTS if sum(counts.get(p, {}).values()) > 0)
+  requested = requested_body_parts(config.data.get('body_parts', 'all'))
+  if requested is None:
+    parts = present
+    absent = [p for p in BODY_PARTS if p not in present]
+    if absent:
+      logging.warning('The dataset in %s has no training images of %s: training on the %d body '
+                      'parts it has.', data_dir, ', '.join(absent), len(present))
+  else:
+    missing = [p for p in requested if p not in present]
+    if missing:
+      raise ValueError(f'config.data.body_parts asks for {", ".join(missing)}, but the training '
+                       f'split in {data_dir} has no {" or ".join(missing)} images (it has '
+                       f'{", ".join(present) or "none"}); leave {"it" if len(missing) == 1 else "them"} '
+                       'out.')
+    parts = requested
+  if not parts:
+    raise ValueError(f'The training split in {data_dir} has no images; build the dataset first.')
+  logging.info('Body parts trained and validated on (training images normal/abnormal):\n%s',
+               '\n'.join(f'  {p:<9} {counts[p]["normal"]:>6} {counts[p]["abnormal"]:>6}'
+                         for p in parts))
+  return parts
+
+
+def split_of_body_parts(data_dir: str, split: str, body_parts, split_index=None):
+  """(source, SplitIndex or None): the split's views of `body_parts`, as a random-access source.
+
+  The whole split when its metadata shows no views of other parts (nothing is read); otherwise
+  the views of those parts (`input_pipeline.SubsetSource`) and their index (read if not given).
+  """
+  source = input_pipeline.data_source(data_dir, split)
+  counts = loss_lib.dataset_image_counts(data_dir, split)
+  if all(p in body_parts for p in BODY_PARTS if sum(counts.get(p, {}).values()) > 0):
+    return source, split_index
+  if split_index is None:
+    split_index = input_pipeline.read_split_index(data_dir, split)
+  views = input_pipeline.views_of_body_parts(
+      split_index, [BODY_PARTS.index(p) for p in body_parts])
+  return input_pipeline.SubsetSource(source, views), input_pipeline.subset(split_index, views)

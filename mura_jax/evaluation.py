@@ -13,7 +13,12 @@ Entry points:
   `evaluate_checkpoint(config, workdir)`         evaluate mode: a checkpoint on a TFDS split
                                                  (through `inference`) -> WORKDIR/eval/<split>/.
   `python -m mura_jax.evaluation --predictions P.csv --labels valid_labeled_studies.csv
-      [--readers R.csv] [--bootstrap 10000] [--seed 0] --out DIR`   scores any model's outputs.
+      [--readers R.csv] [--bootstrap 10000] [--seed 0] [--compare B.csv]
+      [--threshold-from REPORT.json --operating-point specificity@0.95] --out DIR`
+                                                 scores any model's outputs.
+Paired comparison (`comparison`): --compare B.csv, or evaluation.compare / an ensemble's own
+members in evaluate mode; the same bootstrap resamples score both models, and the CI of each
+metric's difference says whether it excludes 0.
 
 Operating points: for each (metric, target), e.g. ('sensitivity', 0.95), the threshold reaching the
 target on the evaluated studies (`metrics.threshold_for_target`), and every thresholded metric at it
@@ -22,9 +27,10 @@ uncertainty of choosing it on the same studies. Worklist (paper's discussion): s
 probability; the studies at or below the highest threshold keeping sensitivity >= 0.95 could be
 deprioritised; reported as counts and fractions (of normal studies and of all studies).
 
-report.json (plain JSON; NaN is written as null):
+report.json (plain JSON; NaN is written as null). Schema version 2 (version 1 listed all 8
+groups always, and had none of "tta", "threshold_from", "checkpoint", "ensemble", "comparison"):
 {
-  "schema_version": 1,
+  "schema_version": 2,
   "split": str | null,
   "num_studies": int, "num_abnormal": int, "num_normal": int,
   "score_kind": "probabilities" | "labels",
@@ -32,7 +38,7 @@ report.json (plain JSON; NaN is written as null):
   "threshold": float,                          # abnormal if study probability > threshold
   "bootstrap": {"num_resamples": int, "seed": int, "ci_level": 0.95, "ci_method": "percentile",
                 "resampling": str},
-  "groups": {                                  # the 7 body parts then "all", always all 8
+  "groups": {                                  # the body parts with studies, then "all"
     "<group>": {
       "n_studies": int, "n_abnormal": int, "n_normal": int,
       "confusion": {"tp": int, "fp": int, "fn": int, "tn": int},
@@ -55,7 +61,21 @@ report.json (plain JSON; NaN is written as null):
       "<f1|kappa>": {"readers_mean": ENTRY, "model_mean": ENTRY, "difference": DIFF,
                      "per_reader": {"<name>": {"reader": ENTRY, "model": ENTRY,
                                               "difference": DIFF}}}}},
-    "versus_labels": {"<name>": {"<group>": {"sensitivity": ENTRY, "specificity": ENTRY}}}}
+    "versus_labels": {"<name>": {"<group>": {"sensitivity": ENTRY, "specificity": ENTRY}}}},
+  # evaluate mode and the scorer, where they apply:
+  "threshold_from": null | {"report": str, "operating_point": str, "split": str | null,
+                            "threshold": float},
+  "comparison": null | absent | {see `comparison`: "a", "b", "n_studies", "threshold",
+                "bootstrap", "groups": {"<group>": {"n_studies", "<metric>": {"a": ENTRY,
+                "b": ENTRY, "difference": DIFF}}}, "significant": ["<group>/<metric>"]},
+  # evaluate mode only:
+  "tta": "none" | "flip",
+  "checkpoint": {"which", "step", "directory", "weighted_loss"}       (one checkpoint)
+  "ensemble": {"num_members": int, "order": "views" | "studies", "tta": str, "rule": str,
+               "members": [{"name", "workdir", "checkpoint", "epoch", "validation_loss",
+                            "body_parts", "model", "preprocessing", "weighted_loss",
+                            "groups": {"<group>": {"n_studies", "metrics": {"<metric>": ENTRY}}}
+                           }]}                                         (several checkpoints)
 }
 ENTRY = {"value": float | null, "ci_low": float | null, "ci_high": float | null,
          "n_studies": int, "reason": str | null (why value is null),
@@ -67,6 +87,8 @@ DIFF  = ENTRY + {"significant": bool | null}   (model - reader; CI excludes 0)
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from typing import Sequence
 
@@ -74,7 +96,10 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
+import numpy as np
+from tfds_mura import BODY_PARTS
 
+from mura_jax import comparison
 from mura_jax import prediction_files
 from mura_jax import readers as readers_lib
 from mura_jax import reports
@@ -106,39 +131,208 @@ def options_from_config(config: ml_collections.ConfigDict, num_resamples=None) -
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluate mode: writes WORKDIR/eval/<split>/ (report.json, report.md, predictions.csv, ...).
+  """Evaluate mode: writes WORKDIR/eval/<name>/ (report.json, report.md, predictions.csv, ...).
 
   `config.evaluation.checkpoint`: 'best' (lowest validation loss), 'latest', or a step number;
-  `config.evaluation.split`: a split of the built dataset.
+  `config.evaluation.split`: a split of the built dataset; `config.data.body_parts`: the study
+  types scored (default: all that the checkpoints were trained on).
+  Ensembles (`ensembles`): `evaluation.ensemble=K` (the K best), `evaluation.workdirs` (other
+  runs), `evaluation.ensemble_order`; `evaluation.tta='flip'`. `evaluation.compare`: another
+  workdir (its best checkpoint) or a predictions CSV, compared pairwise with what is evaluated;
+  an ensemble is compared with its first member (the run's own checkpoint) by default.
+  `evaluation.threshold_from` + `evaluation.operating_point`: a threshold from another report.
+  <name> is the split, '-ensemble' with several members, '-flip' with flip TTA: eval/<split>/ is
+  always one checkpoint's (what predict, CAM and export read).
   """
   from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  from mura_jax import ensembles  # pylint: disable=g-import-not-at-top
   from mura_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mura_jax import loss  # pylint: disable=g-import-not-at-top
   e = config.evaluation
   _, data_dir = data_lib.dataset_dirs(config, workdir)
-  source = input_pipeline.data_source(data_dir, e.split)
-  split_index = input_pipeline.read_split_index(data_dir, e.split)
-  predictor = inference.Predictor.from_workdir(workdir, e.checkpoint, config=config,
-                                               global_batch=e.global_batch_size)
-  logging.info('Evaluating the %s checkpoint (step %d) on %s: %d views, %d studies.',
-               e.checkpoint, predictor.checkpoint['step'], e.split, len(split_index),
-               len(split_index.studies))
-  predictions = predictor.predict_split(source, loss_weights=loss.dataset_loss_weights(data_dir),
-                                        num_workers=config.data.num_workers)
-  table = studies.from_split(split_index, predictions['probability'], e.aggregation)
+  ensemble = ensembles.members(config, workdir)
+  body_parts = ensembles.evaluated_body_parts(
+      data_lib.requested_body_parts(config.data.get('body_parts', 'all')), ensemble)
+  left_out = [m for m in ensemble if not set(m.body_parts) & set(body_parts)]
+  for m in left_out:
+    logging.warning('%s step %d covers none of the evaluated body parts (%s); left out.',
+                    m.workdir, m.step, ', '.join(body_parts))
+  ensemble = [m for m in ensemble if m not in left_out]
+  source, split_index = data_lib.split_of_body_parts(
+      data_dir, e.split, body_parts, input_pipeline.read_split_index(data_dir, e.split))
+  tta = e.get('tta', 'none')
+  predictions = predict_members(config, workdir, ensemble, source, split_index, data_dir,
+                                body_parts, tta)
+  probabilities, infos = predictions['probability'], predictions['members']
+  table = ensembles.combine(probabilities, split_index, e.get('ensemble_order', 'views'),
+                            e.aggregation)
+  options, threshold_source = options_with_threshold(config)
   readers = prediction_files.read_readers(e.readers) if e.get('readers') else None
   is_main = jax.process_index() == 0
-  report = evaluate(table, options_from_config(config), readers=readers, split=e.split,
-                    print_table=is_main)
-  # Which weights were scored, in the report file too.
-  report['checkpoint'] = {**predictor.checkpoint,
-                          'weighted_loss': float(predictions['loss'].mean())}
+  report = evaluate(table, options, readers=readers, split=e.split, print_table=is_main)
+  report['tta'] = tta
+  report['threshold_from'] = threshold_source
+  if len(ensemble) == 1:  # which weights were scored, in the report file too
+    report['checkpoint'] = {**infos[0]['checkpoint'], 'weighted_loss': infos[0]['weighted_loss']}
+    name_a = f'step {infos[0]["checkpoint"]["step"]}'
+  else:
+    for info, member_probability in zip(infos, probabilities):
+      scored = scoring.score(ensembles.member_table(member_probability, split_index,
+                                                    e.aggregation), options, e.split)
+      info['groups'] = {group: {'n_studies': section['n_studies'], 'metrics': section['metrics']}
+                        for group, section in scored['groups'].items()}
+    report['ensemble'] = {
+        'num_members': len(infos), 'order': e.get('ensemble_order', 'views'), 'tta': tta,
+        'rule': ('each view: the mean probability of the members covering its body part; '
+                 'each study: the mean of its views' if e.get('ensemble_order', 'views') == 'views'
+                 else "each member's study probabilities (mean of its views), then their mean"),
+        'members': infos}
+    name_a = f'ensemble of {len(infos)}'
+  other = comparison_table(config, e.get('compare', ''), table, source, split_index, data_dir, tta)
+  if other is None and len(ensemble) > 1:
+    other = (ensembles.member_table(probabilities[0], split_index, e.aggregation),
+             f'single best ({infos[0]["name"]})')
+  if other is not None:
+    report['comparison'] = comparison.compare(table, other[0], options, (name_a, other[1]))
   if is_main:
-    out_dir = epath.Path(workdir) / 'eval' / e.split
+    if report.get('comparison'):
+      print(reports.format_comparison_table(report['comparison']))
+    name = e.split + ('-ensemble' if len(ensemble) > 1 else '') + ('-flip' if tta == 'flip' else '')
+    out_dir = epath.Path(workdir) / 'eval' / name
     reports.write_report(out_dir, report, table)
     logging.info('Evaluation report: %s/report.json', out_dir)
   return report
+
+
+def evaluates_an_ensemble(config) -> bool:
+  """Whether the config's evaluation scores several checkpoints."""
+  e = config.evaluation
+  return int(e.get('ensemble', 1)) > 1 or bool(e.get('workdirs', ''))
+
+
+def single_checkpoint(config) -> ml_collections.ConfigDict:
+  """The config evaluating the run's best checkpoint alone: no ensemble, TTA or comparison."""
+  single = ml_collections.ConfigDict(config.to_dict())
+  single.evaluation.update(ensemble=1, workdirs='', tta='none', compare='', checkpoint='best')
+  return single
+
+
+def ensemble_of_kept(config, workdir) -> ml_collections.ConfigDict | None:
+  """The config's ensemble of K best checkpoints, K cut to the number kept (a run of fewer epochs
+  than K, with a warning); None when that leaves one checkpoint and no other workdir."""
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  k, kept = int(config.evaluation.ensemble), len(checkpoints.best_steps(workdir))
+  if kept >= k:
+    return config
+  logging.warning('The run kept %d best checkpoints, fewer than config.evaluation.ensemble=%d: '
+                  'the ensemble has %d.', kept, k, kept)
+  if kept <= 1 and not config.evaluation.get('workdirs', ''):
+    return None
+  fewer = ml_collections.ConfigDict(config.to_dict())
+  fewer.evaluation.ensemble = max(kept, 1)
+  return fewer
+
+
+def predict_members(config, workdir, ensemble, source, split_index, data_dir, body_parts,
+                    tta: str) -> dict:
+  """{'probability': (members, views) with NaN where a member does not cover a view's body part,
+  'members': what each member is (for the report)}."""
+  from mura_jax import ensembles  # pylint: disable=g-import-not-at-top
+  from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  from mura_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mura_jax import loss  # pylint: disable=g-import-not-at-top
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  e = config.evaluation
+  counts = loss.dataset_image_counts(data_dir, 'train')
+  # The weighted loss (reported) needs the part's training images; parts without weigh 0.
+  loss_weights = loss.loss_weights_from_counts(
+      counts, [p for p in body_parts if sum(counts.get(p, {}).values())])
+  mesh = parallel.make_mesh()
+  several_workdirs = len({m.workdir for m in ensemble}) > 1
+  probability = np.full((len(ensemble), len(split_index)), np.nan)
+  infos = []
+  compiled = {}  # one jitted step per network shape: the K best of a run compile once
+  for i, member in enumerate(ensemble):
+    predictor = inference.Predictor.from_workdir(
+        member.workdir, member.which, config=config if member.workdir == str(workdir) else None,
+        global_batch=e.global_batch_size, mesh=mesh, tta=tta)
+    views = ensembles.covered_views(split_index, member)
+    logging.info('Evaluating %s (member %d of %d) on %s: %d views, %d studies%s.',
+                 member.name(True), i + 1, len(ensemble), e.split, views.size,
+                 len(split_index.studies), ', flip TTA' if tta == 'flip' else '')
+    member_source = (source if views.size == len(split_index)
+                     else input_pipeline.SubsetSource(source, views))
+    shape = json.dumps([member.spec['model'], str(predictor.model.dtype)], sort_keys=True)
+    if shape not in compiled:
+      compiled[shape] = inference.compile_predict_step(
+          predictor.model, predictor.preprocessing.in_channels, mesh, loss_weights, tta=tta)
+    out = inference.predict_split(
+        compiled[shape], predictor.variables, member_source, mesh=mesh,
+        global_batch=predictor.global_batch, preprocessing=predictor.preprocessing,
+        num_workers=config.data.num_workers, progress=True)
+    probability[i, views] = out['probability']
+    infos.append({
+        'name': member.name(several_workdirs), 'workdir': member.workdir,
+        'checkpoint': dict(predictor.checkpoint), 'epoch': member.spec.get('epoch'),
+        'validation_loss': member.spec.get('validation_loss'),
+        'body_parts': list(member.body_parts), 'model': member.spec['model'],
+        'preprocessing': predictor.preprocessing.to_dict(),
+        'weighted_loss': float(out['loss'].mean())})
+  return {'probability': probability, 'members': infos}
+
+
+def comparison_table(config, compare, table, source, split_index, data_dir, tta):
+  """(StudyTable, name) of `evaluation.compare`: a predictions CSV or another workdir's best
+  checkpoint on the same views; None when not set."""
+  if not compare:
+    return None
+  if str(compare).lower().endswith('.csv'):
+    scores, kind, num_views, aggregation = prediction_files.read_predictions(
+        compare, table.paths, config.evaluation.aggregation)
+    return (studies.StudyTable.checked(table.paths, scores, table.label, table.body_part,
+                                       score_kind=kind, num_views=num_views,
+                                       aggregation=aggregation), str(compare))
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mura_jax import ensembles  # pylint: disable=g-import-not-at-top
+  name, step = checkpoints.choose(compare, 'best')
+  member = ensembles.Member(str(compare), 'best', step, checkpoints.read_spec(compare, name, step))
+  parts = sorted({BODY_PARTS[b] for b in split_index.body_part} & set(member.body_parts),
+                 key=BODY_PARTS.index)
+  if not parts:
+    raise ValueError(f'config.evaluation.compare={compare} was trained on '
+                     f'{", ".join(member.body_parts)}, none of the evaluated body parts.')
+  probability = predict_members(config, '', [member], source, split_index, data_dir, parts,
+                                tta)['probability'][0]
+  return (ensembles.member_table(probability, split_index, config.evaluation.aggregation),
+          f'{epath.Path(compare).name} step {step}')
+
+
+def threshold_from_report(path, operating_point: str) -> tuple[float, dict]:
+  """(threshold, record) of an operating point of another report.json, by name: 'threshold' (its
+  threshold), 'worklist', or '<sensitivity|specificity>@<target>' (e.g. 'specificity@0.95')."""
+  report = json.loads(epath.Path(path).read_text())
+  named = {'threshold': (report['threshold'], None),
+           'worklist': (report['worklist']['threshold'], report['worklist']['reason'])}
+  for point in report.get('operating_points', []):
+    named[f'{point["target_metric"]}@{point["target"]:g}'] = (point['threshold'], point['reason'])
+  if operating_point not in named:
+    raise ValueError(f'{path} has no operating point {operating_point!r}; it has '
+                     f'{", ".join(named)} (config.evaluation.operating_point / --operating-point).')
+  threshold, reason = named[operating_point]
+  if threshold is None:
+    raise ValueError(f'{path} has no threshold for {operating_point} ({reason}); choose another.')
+  return float(threshold), {'report': str(path), 'operating_point': operating_point,
+                            'split': report.get('split'), 'threshold': float(threshold)}
+
+
+def options_with_threshold(config) -> tuple[scoring.Options, dict | None]:
+  """Options of the config, the threshold taken from `evaluation.threshold_from` if set."""
+  options = options_from_config(config)
+  source = config.evaluation.get('threshold_from', '')
+  if not source:
+    return options, None
+  threshold, record = threshold_from_report(
+      source, config.evaluation.get('operating_point', '') or 'specificity@0.95')
+  return dataclasses.replace(options, threshold=threshold), record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,15 +341,37 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 def score_files(predictions, labels, out_dir, readers=None, *, aggregation: str = 'mean',
                 options: scoring.Options = scoring.Options(), split: str | None = None,
-                print_table: bool = False) -> dict:
-  """Scores a predictions file against a labels file (and readers); see prediction_files."""
+                print_table: bool = False, compare=None, threshold_from=None,
+                operating_point: str = 'specificity@0.95') -> dict:
+  """Scores a predictions file against a labels file (and readers); see prediction_files.
+
+  compare: a second predictions file, compared pairwise with the first (report['comparison']).
+  threshold_from: a report.json whose `operating_point` gives the threshold.
+  """
   label_paths, truth = prediction_files.read_labels(labels)
-  scores, kind, num_views, aggregation = prediction_files.read_predictions(
-      predictions, label_paths, aggregation)
-  table = studies.StudyTable.checked(label_paths, scores, truth, score_kind=kind,
-                                     num_views=num_views, aggregation=aggregation)
-  return evaluate(table, options, split=split, out_dir=out_dir, print_table=print_table,
-                  readers=prediction_files.read_readers(readers) if readers else None)
+
+  def table_of(path):
+    scores, kind, num_views, how = prediction_files.read_predictions(path, label_paths,
+                                                                     aggregation)
+    return studies.StudyTable.checked(label_paths, scores, truth, score_kind=kind,
+                                      num_views=num_views, aggregation=how)
+
+  table = table_of(predictions)
+  source = None
+  if threshold_from:
+    threshold, source = threshold_from_report(threshold_from, operating_point)
+    options = dataclasses.replace(options, threshold=threshold)
+  report = evaluate(table, options, split=split, print_table=print_table,
+                    readers=prediction_files.read_readers(readers) if readers else None)
+  report['threshold_from'] = source
+  if compare:
+    report['comparison'] = comparison.compare(table, table_of(compare), options,
+                                              (str(predictions), str(compare)))
+    if print_table:
+      print(reports.format_comparison_table(report['comparison']))
+  if out_dir is not None:
+    reports.write_report(out_dir, report, table)
+  return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,14 +392,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='reference label when the other readers split evenly')
   parser.add_argument('--chunk-size', type=int, default=None, help='resamples per jitted call')
   parser.add_argument('--split', default=None, help='name recorded in the report')
+  parser.add_argument('--compare', help='a second predictions file (B): the paired bootstrap of '
+                      'every metric difference A - B on the same resampled studies')
+  parser.add_argument('--threshold-from', help='a report.json (e.g. of the validation split) '
+                      'whose operating point sets the threshold')
+  parser.add_argument('--operating-point', default='specificity@0.95',
+                      help="its name: threshold, worklist, sensitivity@0.95, specificity@0.95, ...")
   args = parser.parse_args(argv)
   try:
     score_files(args.predictions, args.labels, args.out, args.readers,
                 aggregation=args.aggregation, split=args.split, print_table=True,
                 options=scoring.Options(threshold=args.threshold, num_resamples=args.bootstrap,
                                         seed=args.seed, chunk_size=args.chunk_size,
-                                        tie_break=args.tie_break))
-  except PredictionsError as e:  # LabelsError too
+                                        tie_break=args.tie_break),
+                compare=args.compare, threshold_from=args.threshold_from,
+                operating_point=args.operating_point)
+  except (PredictionsError, ValueError, FileNotFoundError) as e:  # LabelsError too
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'Wrote report.json, report.md, predictions.csv, study_probabilities.csv, roc.png to '

@@ -38,9 +38,31 @@ def view_logits(variables, images, *, model: densenet.DenseNet, in_channels: int
   return model.apply(variables, x, train=False)[:, 0]
 
 
-def predict_step(variables, batch, *, model, in_channels, loss_weights=None):
-  """Per-view probabilities (and, given loss weights and labels, the paper's weighted loss)."""
-  logits = view_logits(variables, batch['image'], model=model, in_channels=in_channels)
+TTA_MODES = ('none', 'flip')
+
+
+def flip_tta_logits(variables, images, *, model, in_channels: int):
+  """Flip test-time augmentation: the logit of the mean probability of each view and its lateral
+  mirror (the flip the training augmentation draws), so that sigmoid of it is that mean."""
+  both = jnp.concatenate([images, images[:, :, ::-1]])  # one forward pass over both
+  logits = view_logits(variables, both, model=model, in_channels=in_channels).reshape(2, -1)
+  log_p = jax.nn.log_sigmoid(logits)  # log p and log(1 - p) of the mean, computed stably
+  log_q = jax.nn.log_sigmoid(-logits)
+  return (jax.scipy.special.logsumexp(log_p, axis=0) -
+          jax.scipy.special.logsumexp(log_q, axis=0))
+
+
+def predict_step(variables, batch, *, model, in_channels, loss_weights=None, tta='none'):
+  """Per-view probabilities (and, given loss weights and labels, the paper's weighted loss).
+
+  tta='flip': the probability (and loss) of the mean of the view's and its mirror's probabilities.
+  """
+  if tta == 'flip':
+    logits = flip_tta_logits(variables, batch['image'], model=model, in_channels=in_channels)
+  elif tta == 'none':
+    logits = view_logits(variables, batch['image'], model=model, in_channels=in_channels)
+  else:
+    raise ValueError(f'tta={tta!r}; expected one of {TTA_MODES} (config.evaluation.tta)')
   out = {'probability': jax.nn.sigmoid(logits), 'index': batch['index'], 'mask': batch['mask']}
   if loss_weights is not None:
     per_view = loss_lib.weighted_bce_per_view(logits, batch['label'], batch['body_part'],
@@ -49,11 +71,11 @@ def predict_step(variables, batch, *, model, in_channels, loss_weights=None):
   return out
 
 
-def compile_predict_step(model, in_channels: int, mesh, loss_weights=None):
+def compile_predict_step(model, in_channels: int, mesh, loss_weights=None, tta: str = 'none'):
   """`predict_step`, jitted: variables replicated, the batch split over the mesh's devices."""
   return jax.jit(
       functools.partial(predict_step, model=model, in_channels=in_channels,
-                        loss_weights=loss_weights),
+                        loss_weights=loss_weights, tta=tta),
       in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
       out_shardings=parallel.replicated(mesh))
 
@@ -132,10 +154,11 @@ class Predictor:
   spec: dict                      # the checkpoint's spec (model, preprocessing, step, ...)
   checkpoint: dict                # {'which', 'step', 'directory'}
   global_batch: int = 64
+  tta: str = 'none'               # 'flip': test-time augmentation in predict_split / predict_views
 
   @classmethod
   def from_workdir(cls, workdir, which: str | int = 'best', *, config=None,
-                   global_batch: int = 64, mesh=None) -> Predictor:
+                   global_batch: int = 64, mesh=None, tta: str = 'none') -> Predictor:
     """Restores a checkpoint of a workdir: 'best', 'latest' or a step number.
 
     The model and preprocessing come from the checkpoint's spec. With a `config`, its model must
@@ -157,18 +180,19 @@ class Predictor:
     logging.info('Restored the %s checkpoint (step %d) of %s: %s, %s.', which, step, workdir,
                  signature['arch'], preprocessing)
     return cls(model=model, variables=variables, preprocessing=preprocessing, mesh=mesh,
-               spec=found, global_batch=global_batch,
+               spec=found, global_batch=global_batch, tta=tta,
                checkpoint={'which': str(which), 'step': int(step),
                            'directory': str(epath.Path(workdir) / name)})
 
   @functools.cached_property
   def _step(self):
-    return compile_predict_step(self.model, self.preprocessing.in_channels, self.mesh)
+    return compile_predict_step(self.model, self.preprocessing.in_channels, self.mesh,
+                                tta=self.tta)
 
   def step_with_loss(self, loss_weights):
     """`predict_step` that also returns the weighted loss (for a labelled split)."""
     return compile_predict_step(self.model, self.preprocessing.in_channels, self.mesh,
-                                loss_weights)
+                                loss_weights, tta=self.tta)
 
   def predict_split(self, source, *, loss_weights=None, num_workers: int = 0,
                     progress: bool = True) -> dict[str, np.ndarray]:

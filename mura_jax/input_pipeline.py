@@ -66,6 +66,38 @@ def read_split_index(data_dir: str, split: str) -> SplitIndex:
       image_path=tuple(ex['image_path'].decode() for ex in examples))
 
 
+def subset(split_index: SplitIndex, views: np.ndarray) -> SplitIndex:
+  """The index of some views of a split (whole studies: e.g. a body part's), in their order."""
+  views = np.asarray(views, np.int64)
+  kept_studies = np.unique(split_index.study_index[views])
+  position = np.full(len(split_index.studies), -1, np.int32)
+  position[kept_studies] = np.arange(kept_studies.size)
+  return SplitIndex(
+      studies=tuple(split_index.studies[s] for s in kept_studies),
+      study_index=position[split_index.study_index[views]],
+      label=split_index.label[views], body_part=split_index.body_part[views],
+      image_path=tuple(split_index.image_path[v] for v in views))
+
+
+def views_of_body_parts(split_index: SplitIndex, body_part_indices) -> np.ndarray:
+  """Positions of the split's views whose body part (BODY_PARTS index) is one of these."""
+  return np.flatnonzero(np.isin(split_index.body_part, np.asarray(body_part_indices)))
+
+
+class SubsetSource:
+  """Some examples of a random-access source, read like a whole split (`subset`'s views)."""
+
+  def __init__(self, source, indices):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._source[int(self._indices[i])]
+
+
 # ------------------------------------------------------------------------------------------------
 # One view: augment (train only), then the one preprocessing.
 

@@ -15,23 +15,36 @@ import numpy as np
 from tfds_mura import BODY_PARTS
 
 
-def loss_weights_from_counts(image_counts: dict[str, dict[str, int]]) -> np.ndarray:
-  """(7, 2) weights [w_T,0, w_T,1] per body part T from its normal (N) and abnormal (A) images."""
+def loss_weights_from_counts(image_counts: dict[str, dict[str, int]],
+                             body_parts=BODY_PARTS) -> np.ndarray:
+  """(7, 2) weights [w_T,0, w_T,1] per body part T from its normal (N) and abnormal (A) images.
+
+  Only the parts in `body_parts` (default all seven) get weights; the others, whose views are not
+  trained or validated on (`config.data.body_parts`), weigh 0.
+  """
   w = np.zeros((len(BODY_PARTS), 2), np.float32)
-  for t, part in enumerate(BODY_PARTS):
-    normal, abnormal = image_counts[part]['normal'], image_counts[part]['abnormal']
+  for part in body_parts:
+    t = BODY_PARTS.index(part)
+    counts = image_counts.get(part, {'normal': 0, 'abnormal': 0})
+    normal, abnormal = counts['normal'], counts['abnormal']
     if normal + abnormal == 0:
-      raise ValueError(f'The training split has no {part} images: the weighted loss is undefined.')
+      raise ValueError(f'The training split has no {part} images: the weighted loss is undefined; '
+                       f'leave {part} out of config.data.body_parts.')
     w[t] = abnormal / (normal + abnormal), normal / (normal + abnormal)
   return w
 
 
-def dataset_loss_weights(data_dir: str) -> np.ndarray:
+def dataset_loss_weights(data_dir: str, body_parts=BODY_PARTS) -> np.ndarray:
   """The loss weights of the built dataset's training split, from its metadata (no decoding)."""
+  return loss_weights_from_counts(dataset_image_counts(data_dir), body_parts)
+
+
+def dataset_image_counts(data_dir: str, split: str = 'train') -> dict[str, dict[str, int]]:
+  """{body_part: {'normal': N, 'abnormal': A}} of a built split, from its metadata."""
   import tfds_mura  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info = tfds.builder('mura', data_dir=data_dir).info
-  return loss_weights_from_counts(tfds_mura.image_counts(info, 'train'))
+  return tfds_mura.image_counts(info, split)
 
 
 def weighted_bce_per_view(logits, labels, body_part, loss_weights):

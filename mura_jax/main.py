@@ -37,12 +37,15 @@ def run_data(config, workdir):
 
 def run_train(config, workdir):
   """Prepares the data (synthetic if configured), trains, then evaluates the best checkpoint."""
-  from mura_jax import data, train  # pylint: disable=g-import-not-at-top
+  from mura_jax import data, evaluation, train  # pylint: disable=g-import-not-at-top
   if config.data.synthetic:
     data.prepare_dataset(config, workdir)
   summary = train.train_and_evaluate(config, workdir)
-  if summary['status'] == 'done':
+  if summary['status'] == 'done' and evaluation.evaluates_an_ensemble(config):
+    run_evaluate_ensemble_after_training(config, workdir)
+  elif summary['status'] == 'done':
     run_evaluate(config, workdir)
+  if summary['status'] == 'done':
     if config.cam.after_training:
       run_cam(config, workdir)
 
@@ -51,6 +54,16 @@ def run_evaluate(config, workdir):
   """Evaluates a checkpoint (config.evaluation.checkpoint: best, latest or a step)."""
   from mura_jax import evaluation  # pylint: disable=g-import-not-at-top
   return evaluation.evaluate_checkpoint(config, workdir)
+
+
+def run_evaluate_ensemble_after_training(config, workdir):
+  """The best checkpoint alone (eval/<split>/: what predict, CAM and export read), then the
+  ensemble of the best checkpoints kept (eval/<split>-ensemble/, compared with it)."""
+  from mura_jax import evaluation  # pylint: disable=g-import-not-at-top
+  run_evaluate(evaluation.single_checkpoint(config), workdir)
+  ensemble = evaluation.ensemble_of_kept(config, workdir)
+  if ensemble is not None:
+    run_evaluate(ensemble, workdir)
 
 
 def run_cam(config, workdir):

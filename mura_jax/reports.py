@@ -70,6 +70,7 @@ def format_markdown(report: dict) -> str:
                  + ' | '.join(cells) + ' |')
   if notes:
     lines += [''] + [f'[{i}] {reason}.' for reason, i in notes.items()]
+  lines += _scored_what_lines(report)
   if report['operating_points']:
     lines += ['', '## Operating points (all studies)', '',
               '| Target | Threshold | ' + ' | '.join(_METRIC_TITLES[m] for m in THRESHOLDED) +
@@ -127,6 +128,85 @@ def format_markdown(report: dict) -> str:
                                     for key in ('reader', 'model', 'difference'))
                               for m in READER_METRICS]))
   return '\n'.join(lines) + '\n'
+
+
+_COMPARED = ('auroc', 'kappa', 'f1', 'sensitivity', 'specificity')  # columns of the tables
+
+
+def _scored_what_lines(report: dict) -> list[str]:
+  """Ensemble members, TTA, the threshold's origin and the paired comparison, where present."""
+  lines = []
+  source = report.get('threshold_from')
+  if source:
+    lines += ['', f'Threshold {source["threshold"]:.4f}: the {source["operating_point"]} '
+              f'operating point of {source["report"]} (split {source["split"]}).']
+  if report.get('tta') == 'flip':
+    lines += ['', 'Flip test-time augmentation: each view\'s probability is the mean over the view '
+              'and its lateral mirror.']
+  ensemble = report.get('ensemble')
+  if ensemble:
+    lines += ['', f'## Ensemble of {ensemble["num_members"]}', '',
+              f'Rule: {ensemble["rule"]}. Each member alone, on the studies it covers:', '',
+              '| Member | Epoch | Validation loss | Parts | ' +
+              ' | '.join(f'{_METRIC_TITLES[m]} (all)' for m in _COMPARED) + ' |',
+              '|---|---:|---:|---|' + '---|' * len(_COMPARED)]
+    for member in ensemble['members']:
+      loss = member['validation_loss']
+      parts = ('all' if len(member['body_parts']) == len(BODY_PARTS)
+               else ', '.join(member['body_parts']))
+      lines.append(f'| {member["name"]} | {member["epoch"]} | '
+                   f'{"n/a" if loss is None else f"{loss:.4f}"} | {parts} | ' +
+                   ' | '.join(_ci_text(member['groups']['all']['metrics'][m]) for m in _COMPARED)
+                   + ' |')
+    lines.append('| **ensemble** | | | | ' + ' | '.join(
+        _ci_text(report['groups']['all']['metrics'][m]) for m in _COMPARED) + ' |')
+  compared = report.get('comparison')
+  if compared:
+    lines += ['', f'## Paired comparison: {compared["a"]} - {compared["b"]}', '',
+              f'On {compared["n_studies"]} studies, both at threshold {compared["threshold"]:g}; '
+              f'differences with {compared["bootstrap"]["ci_level"]:.0%} CIs from '
+              f'{compared["bootstrap"]["num_resamples"]} paired bootstrap resamples (each '
+              'resample scores both); * = CI excludes 0.', '',
+              '| Study type | ' + ' | '.join(_METRIC_TITLES[m] for m in _COMPARED) + ' |',
+              '|---|' + '---|' * len(_COMPARED)]
+    for group, section in compared['groups'].items():
+      lines.append(f'| {_group_title(group)} ({section["n_studies"]}) | ' + ' | '.join(
+          _difference_text(section[m]) for m in _COMPARED) + ' |')
+    lines += ['', 'Differences excluding 0: ' + (', '.join(compared['significant']) or 'none') + '.']
+  return lines
+
+
+def _difference_text(section: dict) -> str:
+  """'0.950 vs 0.930: +0.020 (-0.010, 0.050) *' for one metric of a paired comparison."""
+  a, b, diff = section['a']['value'], section['b']['value'], section['difference']
+  if diff['value'] is None:
+    return 'n/a'
+  text = f'{a:.3f} vs {b:.3f}: {diff["value"]:+.3f}'
+  if diff['ci_low'] is not None:
+    text += f' ({diff["ci_low"]:+.3f}, {diff["ci_high"]:+.3f})' + (' *' if diff['significant'] else '')
+  return text
+
+
+def format_comparison_table(compared: dict) -> str:
+  """The paired comparison as plain text, for the end of a run."""
+  rows = [['group', 'n'] + [f'{_METRIC_TITLES[m]} A-B [CI]' for m in _COMPARED]]
+  for group, section in compared['groups'].items():
+    cells = []
+    for m in _COMPARED:
+      diff = section[m]['difference']
+      cell = 'n/a' if diff['value'] is None else f'{diff["value"]:+.3f}'
+      if diff['ci_low'] is not None:
+        cell += f' [{diff["ci_low"]:+.3f},{diff["ci_high"]:+.3f}]' + ('*' if diff['significant']
+                                                                      else '')
+      cells.append(cell)
+    rows.append([group, str(section['n_studies'])] + cells)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  text = ['  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+          for r in rows]
+  text.insert(1, '-' * len(text[0]))
+  text.insert(0, f'Paired comparison A = {compared["a"]}, B = {compared["b"]} '
+                 f'({compared["bootstrap"]["num_resamples"]} paired resamples; * = CI excludes 0):')
+  return '\n'.join(text)
 
 
 def format_terminal_table(report: dict) -> str:

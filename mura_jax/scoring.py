@@ -19,6 +19,8 @@ from mura_jax import metrics
 from mura_jax.metrics import GROUPS, METRICS
 from mura_jax.studies import StudyTable
 
+# report.json's schema (`evaluation`'s docstring); 2: groups without studies are left out.
+SCHEMA_VERSION = 2
 DEFAULT_TARGETS = (('sensitivity', 0.95), ('specificity', 0.95))
 # Metrics that depend on the threshold (all but AUROC): reported at operating points and readers.
 THRESHOLDED = tuple(m for m in METRICS if m != 'auroc')
@@ -133,6 +135,8 @@ def score(table: StudyTable, options: Options = Options(), split: str | None = N
   groups = {}
   for g, group in enumerate(GROUPS):
     tp, fp, fn, tn = (int(c) for c in counts[0, g])
+    if tp + fp + fn + tn == 0 and group != 'all':
+      continue  # only the evaluated body parts (config.data.body_parts, the studies given)
     groups[group] = {'n_studies': tp + fp + fn + tn, 'n_abnormal': tp + fn, 'n_normal': fp + tn,
                      'confusion': {'tp': tp, 'fp': fp, 'fn': fn, 'tn': tn}, 'metrics': entries[g]}
 
@@ -162,7 +166,7 @@ def score(table: StudyTable, options: Options = Options(), split: str | None = N
         'fraction_of_normals': entries['specificity'], 'sensitivity': entries['sensitivity']})
 
   report = {
-      'schema_version': 1, 'split': split, 'num_studies': len(study_paths),
+      'schema_version': SCHEMA_VERSION, 'split': split, 'num_studies': len(study_paths),
       'num_abnormal': int(truth.sum()), 'num_normal': int((1 - truth).sum()),
       'score_kind': table.score_kind, 'aggregation': table.aggregation,
       'threshold': float(threshold),

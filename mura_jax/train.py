@@ -341,13 +341,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_batch_size(config.train.global_batch_size, mesh)
   parallel.check_batch_size(config.evaluation.global_batch_size, mesh)
   _, data_dir = data_lib.dataset_dirs(config, workdir)
-  train_source = input_pipeline.data_source(data_dir, 'train')
-  valid_source = input_pipeline.data_source(data_dir, 'validation')
-  valid_index = input_pipeline.read_split_index(data_dir, 'validation')
-  loss_weights = loss_lib.dataset_loss_weights(data_dir)
+  # config.data.body_parts: the study types trained and validated on (all that have images).
+  body_parts = data_lib.training_body_parts(config, data_dir)
+  config.data.body_parts = ','.join(body_parts)  # config.json and the specs record them
+  train_source, _ = data_lib.split_of_body_parts(data_dir, 'train', body_parts)
+  valid_source, valid_index = data_lib.split_of_body_parts(
+      data_dir, 'validation', body_parts, input_pipeline.read_split_index(data_dir, 'validation'))
+  loss_weights = loss_lib.dataset_loss_weights(data_dir, body_parts)
   logging.info('Weighted loss [w_T,0 (normal), w_T,1 (abnormal)] per body part:\n%s',
                '\n'.join(f'  {p:<9} {w[0]:.4f} {w[1]:.4f}'
-                         for p, w in zip(BODY_PARTS, loss_weights)))
+                         for p, w in zip(BODY_PARTS, loss_weights) if p in body_parts))
 
   model = create_model(config)
   signature = checkpoints.model_signature(config)
@@ -368,7 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = initial_state(config, model)
     progress = checkpoints.spec(config, step=0, epoch=0, batch_in_epoch=0,
-                                best_validation_loss=None, seed=config.seed)
+                                best_validation_loss=None, seed=config.seed,
+                                body_parts=list(body_parts))
   state = jax.device_put(state, parallel.replicated(mesh))
   logging.info('Model %s (compute %s):\n%s\n%d steps per epoch of %d views (global batch %d).',
                config.model.arch, config.model.dtype, parameter_overview(state.params),
@@ -461,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress['best_validation_loss'] = validation_loss
       checkpoint(epoch + 1, 0)
       checkpoints.save_best(best, variables_of(state), checkpoints.spec(
-          config, step=int(state.step), epoch=epoch + 1, validation_loss=validation_loss),
+          config, step=int(state.step), epoch=epoch + 1, validation_loss=validation_loss,
+          body_parts=list(body_parts)),
           validation_loss)
   bar.close()
   latest.wait_until_finished()

@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.flip = True        # random lateral flips
   config.data.rotation_degrees = 30.0
   config.data.num_workers = 0    # grain worker processes (0: in the main process)
+  # Study types trained on and evaluated: 'all' (those with training images) or e.g.
+  # 'humerus,wrist'; the weighted loss uses these parts only.
+  config.data.body_parts = 'all'
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = 'densenet169'  # densenet121/161/169/201, or 'custom' with the fields below
@@ -74,6 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluation.aggregation = 'mean'  # the paper: mean of the views' probabilities
   config.evaluation.threshold = 0.5
   config.evaluation.readers = ''  # CSV `study,<reader>,...` of radiologists' labels (paper 4.2)
+  # Ensembles (ensembles.py): the K best checkpoints of the run (later paper: 5) and of each
+  # workdir in `workdirs` (comma-separated: other seeds, architectures, body-part models).
+  config.evaluation.ensemble = 1
+  config.evaluation.workdirs = ''
+  config.evaluation.ensemble_order = 'views'  # views: mean over members, then over views; studies
+  config.evaluation.tta = 'none'              # 'flip': mean of each view and its lateral mirror
+  config.evaluation.compare = ''   # another workdir or a predictions CSV: paired comparison
+  config.evaluation.threshold_from = ''   # a report.json whose operating point sets the threshold
+  config.evaluation.operating_point = ''  # its name: specificity@0.95 (default), worklist, ...
 
   config.cam = ml_collections.ConfigDict()  # class activation maps (mode cam; cam.py)
   config.cam.split = 'validation'

@@ -28,5 +28,8 @@ def get_config():
   config.train.num_epochs = 8
   config.train.log_every_steps = 10
   config.evaluation.bootstrap_resamples = 2_000
+  # After training: the best checkpoint alone (eval/validation/), then the later paper's
+  # 5-best ensemble (eval/validation-ensemble/) with its paired comparison against it.
+  config.evaluation.ensemble = 5
   config.cam.after_training = True
   return config
