@@ -1,0 +1,85 @@
+"""Where mura-jax's real train step spends its time on this machine: jax.profiler trace of a few
+steps, the XLA ops' time summed by kind (convolution, dot, fusion kinds, copies, ...).
+
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python benchmarks/profile_train_step.py \
+        [--batch 8] [--steps 3] [--top 25]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', default='densenet169')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--top', type=int, default=25)
+  args = parser.parse_args()
+  train, _ = vs_torch.import_train()
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
+                                        dtype='float32'))
+  model = train.create_model(config)
+  mesh = parallel.make_mesh()
+  state = train.initial_state(config, model)
+  steps = train.compile_steps(config, model, np.full((7, 2), 0.5, np.float32), mesh)
+  rs = np.random.RandomState(1)
+  batch = parallel.global_batch(
+      {'image': rs.randint(0, 256, (args.batch, 224, 224, 1)).astype(np.uint8),
+       'label': rs.randint(0, 2, args.batch).astype(np.int32),
+       'body_part': rs.randint(0, 7, args.batch).astype(np.int32)}, mesh)
+  t = time.perf_counter()
+  compiled = steps.train.lower(state, batch).compile()
+  print(f'compile {time.perf_counter() - t:.1f} s')
+  state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  logdir = tempfile.mkdtemp()
+  t = time.perf_counter()
+  with jax.profiler.trace(logdir):
+    for _ in range(args.steps):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(state)
+  wall = (time.perf_counter() - t) / args.steps
+  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  path = glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True)[0]
+  data = _profile_data.ProfileData.from_file(path)
+  by_name, by_kind = collections.Counter(), collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for ev in line.events:
+        name = ev.name
+        if not re.match(r'^(fusion|convolution|dot|copy|reduce|transpose|broadcast|concatenate|'
+                        r'slice|pad|add|multiply|select|dynamic|custom-call|loop_|input_|wrapped_|'
+                        r'reduce-window|select-and-scatter|bitcast|xnn|onednn)', name):
+          continue
+        by_name[name] += ev.duration_ns / 1e6 / args.steps
+        kind = re.sub(r'[._]?\d+$', '', name)
+        by_kind[kind] += ev.duration_ns / 1e6 / args.steps
+  total = sum(by_kind.values())
+  print(f'wall {1e3 * wall:.0f} ms per step; XLA ops traced {total:.0f} ms per step '
+        f'(summed over threads); load {os.getloadavg()[0]:.2f}; XLA_FLAGS='
+        f'{os.environ.get("XLA_FLAGS", "")!r}')
+  print('| op kind | ms per step | share |\n|---|---:|---:|')
+  for kind, ms in by_kind.most_common(args.top):
+    print(f'| {kind} | {ms:.0f} | {ms / total:.0%} |')
+  print('\nlargest single ops:')
+  for name, ms in by_name.most_common(args.top):
+    print(f'  {name}: {ms:.1f} ms')
+
+
+if __name__ == '__main__':
+  main()
