@@ -28,16 +28,17 @@ from etils import epath
 
 from mura_jax import preprocessing as preprocessing_lib
 from mura_jax.models import densenet
+from mura_jax.errors import UserError
 
 SPEC_VERSION = 1
 LATEST, BEST = 'checkpoints', 'best'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint in the workdir was written for another model."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
   """The asked-for checkpoint is not in the workdir; the message lists what is."""
 
 

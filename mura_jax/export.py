@@ -43,6 +43,7 @@ import numpy as np
 from etils import epath
 
 from mura_jax import preprocessing as preprocessing_lib
+from mura_jax.errors import UserError
 
 FORMAT_VERSION = 1
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -63,7 +64,7 @@ REFERENCES = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
   """An export folder that cannot be read or written as asked; the message says what to do."""
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from mura_jax import preprocessing
+from mura_jax.errors import UserError
 
 PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 DICOM_SUFFIXES = ('.dcm', '.dicom')
@@ -49,7 +50,7 @@ _DECODERS = {'JPEG Baseline': 'Pillow (installed with mura-jax)',
              'JPEG Lossless': 'python-gdcm (pip install "mura-jax[dicom]")'}
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
   """A file that is not a readable radiograph; the message names it and says why."""
 
 

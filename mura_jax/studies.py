@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tfds_mura import BODY_PARTS
+from mura_jax.errors import UserError
 
 _MAX_LISTED = 10  # offending rows listed in an error message
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
   """Predictions that cannot be scored; `problems` holds (kind, file, row, message) tuples."""
 
   def __init__(self, source: str, problems: Sequence[tuple[str, str, int | None, str]]):

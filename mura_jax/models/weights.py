@@ -38,6 +38,7 @@ from mura_jax.preprocessing import model_input  # noqa: F401  (re-exported)
 from mura_jax.models.densenet import (
     ARCHS, DenseNet, classifier_bias_init, classifier_kernel_init, create_model, init_variables,
     variable_shapes)
+from mura_jax.errors import UserError
 
 Variables = dict[str, Any]
 
@@ -62,7 +63,7 @@ _LEGACY_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
                          r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError, ValueError):
   """Weights that do not fit the model; `missing`, `unexpected`, `misshaped` list the keys."""
 
   def __init__(self, source: str, model_name: str, missing: list[str], unexpected: list[str],
@@ -81,7 +82,7 @@ class WeightsMismatchError(ValueError):
     super().__init__('\n'.join(lines))
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
   """No weights file at the given path (or a URL): the message says where the official one is."""
 
 

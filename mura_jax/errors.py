@@ -1,0 +1,25 @@
+"""The one rule for errors the user can fix: `UserError`.
+
+A `UserError` is a problem with the user's input, config or files (a missing checkpoint, a damaged
+weights file, a config key that does not exist, a workdir trained with another config). Its message
+is one or a few sentences that name the file, row or key and say what to do next; the entry points
+(`python -m mura_jax.main`, `mura-predict`, the scorer) print it alone and exit 2, and print the
+traceback only with --verbose. Anything else is a bug and keeps its traceback.
+
+Every error class of the project derives from it (and from the built-in class it refines, so
+`except ValueError` keeps working): images.ImageError, checkpoints.CheckpointNotFoundError, ...
+The dataset builder (`tfds_mura`, which imports nothing from mura_jax) has its own MuraDataError,
+which the entry points treat the same way.
+"""
+
+
+class UserError(Exception):
+  """A problem the user can fix; the message says how."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value or key that cannot be used, or a config that differs from the workdir's."""
+
+
+class WorkdirError(UserError, OSError):
+  """A workdir that cannot be written, or holds a run that does not fit the command."""
