@@ -35,6 +35,7 @@ from PIL import Image
 
 from mura_jax import inference
 from mura_jax import preprocessing
+from mura_jax.errors import ConfigError, DataError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def read_boxes(path) -> dict[str, tuple[str, int, int, int, int]]:
         boxes[row['image_path']] = (row['abnormality'], int(row['x0']), int(row['y0']),
                                     int(row['x1']), int(row['y1']))
       except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f'{path} row {number}: expected image_path,abnormality,x0,y0,x1,y1 '
+        raise DataError(f'{path} row {number}: expected image_path,abnormality,x0,y0,x1,y1 '
                          f'({type(e).__name__}: {e})') from None
   return boxes
 
@@ -356,7 +357,7 @@ def choose_studies(probabilities: np.ndarray, study_ids, threshold: float, chose
     position = {s: i for i, s in enumerate(study_ids)}
     unknown = [s for s in wanted if s not in position]
     if unknown:
-      raise ValueError(f'config.cam.studies names studies not in the split: {unknown[:5]} '
+      raise ConfigError(f'config.cam.studies names studies not in the split: {unknown[:5]} '
                        f'(ids look like {study_ids[0]!r})')
     return [position[s] for s in wanted]
   order = list(np.argsort(-probabilities, kind='stable')[:num_abnormal])

@@ -1,7 +1,9 @@
 """Checkpoints of a run (orbax): what is kept, what each holds, how it is restored.
 
 WORKDIR/
-  config.json     the full config of the run (written at every start of training)
+  config.json     the full config of the run (written at every start of training); a rerun
+                  that changes results is refused (`record_config`, `check_inference_config`)
+  config_changes.json  the changes a rerun made on purpose (--config.allow_config_change=True)
   checkpoints/    the latest `train.keep_checkpoints` steps: the whole TrainState (Adam's moments,
                   the plateau state, the dropout key) and `progress` (epoch, batch, the input
                   position): an exact resume after a preemption.
@@ -19,8 +21,11 @@ devices loads on 1 device and vice versa. Workdirs may be gs:// paths (etils.epa
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -28,7 +33,7 @@ from etils import epath
 
 from mura_jax import preprocessing as preprocessing_lib
 from mura_jax.models import densenet
-from mura_jax.errors import UserError
+from mura_jax.errors import ConfigError, UserError, WorkdirError
 
 SPEC_VERSION = 1
 LATEST, BEST = 'checkpoints', 'best'
@@ -86,6 +91,19 @@ def check_model(found: dict | None, expected: dict, where: str) -> None:
         f'{diff}. Use a new --workdir, or the config it was trained with.')
 
 
+# Keys that do not change what a run computes: where and how it runs, how often it logs, how many
+# checkpoints it keeps, and the options of the modes after training (their reports record them).
+_FREE_KEYS = ('mode', 'distributed', 'compilation_cache_dir', 'allow_config_change',
+              'data.num_workers', 'data.build_workers', 'data.manual_dir',
+              'train.per_device_batch_size', 'train.log_every_steps',
+              'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.keep_best',
+              'evaluation.', 'cam.', 'export.')
+# What evaluate, cam and export take from the checkpoints themselves (their spec), not the config.
+_INFERENCE_KEYS = ('data.image_size', 'data.resize', 'model.arch', 'model.in_channels',
+                   'model.dtype', 'model.growth_rate', 'model.block_config',
+                   'model.num_init_features', 'model.bn_size')
+
+
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json: the full config of the run, for people and for `inference`."""
   if jax.process_index() == 0:
@@ -99,6 +117,91 @@ def read_config(workdir) -> ml_collections.ConfigDict | None:
   if not path.exists():
     return None
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def config_differences(written, config, keys=None) -> dict[str, tuple[Any, Any]]:
+  """{key: (value in the workdir, value now)} over the keys that change results (or `keys`)."""
+  def flat(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flat(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  # Both through JSON, so that a tuple and the list it was written as compare equal.
+  before = dict(flat(json.loads(written.to_json_best_effort())))
+  now = dict(flat(json.loads(config.to_json_best_effort())))
+  missing = object()
+  return {key: (before.get(key, '(absent)'), now.get(key, '(absent)'))
+          for key in sorted(set(before) | set(now))
+          if (key in keys if keys is not None else not key.startswith(_FREE_KEYS))
+          and before.get(key, missing) != now.get(key, missing)}
+
+
+def _changes_table(changes) -> str:
+  return '\n'.join(f'  {key}: {before!r} in the workdir, {now!r} now'
+                   for key, (before, now) in changes.items())
+
+
+def record_config(workdir, config: ml_collections.ConfigDict, *, continuing: bool) -> None:
+  """Writes WORKDIR/config.json at the start of training. A run `continuing` the workdir's
+  checkpoints with a config that changes results is refused (the last epochs would train on a
+  mix), unless config.allow_config_change: then the change is logged and appended to
+  WORKDIR/config_changes.json, which the reports include."""
+  written = read_config(workdir)
+  changes = config_differences(written, config) if written is not None and continuing else {}
+  if changes and not config.get('allow_config_change', False):
+    raise ConfigError(
+        f'{workdir} holds a run trained with another config; continuing it would mix the two:\n'
+        f'{_changes_table(changes)}\nRun again with the workdir\'s values, use a new --workdir, '
+        'or pass --config.allow_config_change=True if the change is intended (it is recorded in '
+        'the reports).')
+  if changes:
+    logging.warning('Continuing %s with a changed config (allow_config_change):\n%s', workdir,
+                    _changes_table(changes))
+    if jax.process_index() == 0:
+      path = epath.Path(workdir) / 'config_changes.json'
+      history = json.loads(path.read_text()) if path.exists() else []
+      history.append({'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                      'changes': {k: {'before': b, 'after': a} for k, (b, a) in changes.items()}})
+      path.write_text(json.dumps(history, indent=2) + '\n')
+  write_config(workdir, config)
+
+
+def config_changes(workdir) -> list[dict]:
+  """The intended config changes recorded in the workdir (`record_config`), oldest first."""
+  path = epath.Path(workdir) / 'config_changes.json'
+  return json.loads(path.read_text()) if path.exists() else []
+
+
+def check_inference_config(workdir, config: ml_collections.ConfigDict) -> None:
+  """Evaluate, cam and export take the model and its preprocessing from the checkpoints' spec;
+  a command line that asks for another image size, resize or model would be silently ignored,
+  so it is an error."""
+  written = read_config(workdir)
+  if written is None:
+    return
+  changes = config_differences(written, config, keys=_INFERENCE_KEYS)
+  if changes:
+    raise ConfigError(
+        f'The checkpoints in {workdir} were trained with another model or preprocessing than '
+        f'this command asks for:\n{_changes_table(changes)}\n{config.mode} uses the checkpoints\' '
+        'own (their spec); drop these overrides, or pass the config the run was trained with.')
+
+
+def check_writable(workdir) -> None:
+  """Fails now, with a sentence, when the workdir cannot be written: not after the work."""
+  path = epath.Path(workdir)
+  probe = path / f'.write-test-{os.getpid()}'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(
+        f'Cannot write to the workdir {workdir} ({type(e).__name__}: '
+        f'{getattr(e, "strerror", None) or e}). Every mode writes its checkpoints, reports or '
+        'outputs there: pass a --workdir you can write to (copy the run there to evaluate it).'
+    ) from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +281,7 @@ def choose(workdir, which: str | int = 'best') -> tuple[str, int]:
   try:
     step = int(which)
   except ValueError:
-    raise ValueError(f"checkpoint={which!r}; expected 'best', 'latest' or a step number") from None
+    raise ConfigError(f"checkpoint={which!r}; expected 'best', 'latest' or a step number") from None
   for name in (BEST, LATEST):
     if step in steps[name]:
       return name, step

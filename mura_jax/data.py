@@ -12,6 +12,7 @@ from tfds_mura import BODY_PARTS
 from mura_jax import input_pipeline
 from mura_jax import loss as loss_lib
 from mura_jax import synthetic
+from mura_jax.errors import ConfigError, DataError
 
 
 def dataset_dirs(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
@@ -57,7 +58,7 @@ def requested_body_parts(value) -> tuple[str, ...] | None:
   names = [n[3:] if n.startswith('xr_') else n for n in names]
   unknown = [n for n in names if n not in BODY_PARTS]
   if unknown or not names:
-    raise ValueError(f'config.data.body_parts={value!r} names no MURA body part or an unknown one '
+    raise ConfigError(f'config.data.body_parts={value!r} names no MURA body part or an unknown one '
                      f'({unknown}); use "all" or a comma-separated list of {", ".join(BODY_PARTS)}.')
   return tuple(p for p in BODY_PARTS if p in names)
 
@@ -78,13 +79,13 @@ def training_body_parts(config: ml_collections.ConfigDict, data_dir: str) -> tup
   else:
     missing = [p for p in requested if p not in present]
     if missing:
-      raise ValueError(f'config.data.body_parts asks for {", ".join(missing)}, but the training '
+      raise ConfigError(f'config.data.body_parts asks for {", ".join(missing)}, but the training '
                        f'split in {data_dir} has no {" or ".join(missing)} images (it has '
                        f'{", ".join(present) or "none"}); leave {"it" if len(missing) == 1 else "them"} '
                        'out.')
     parts = requested
   if not parts:
-    raise ValueError(f'The training split in {data_dir} has no images; build the dataset first.')
+    raise DataError(f'The training split in {data_dir} has no images; build the dataset first.')
   logging.info('Body parts trained and validated on (training images normal/abnormal):\n%s',
                '\n'.join(f'  {p:<9} {counts[p]["normal"]:>6} {counts[p]["abnormal"]:>6}'
                          for p in parts))

@@ -28,6 +28,7 @@ from tfds_mura import BODY_PARTS
 from mura_jax import checkpoints
 from mura_jax import input_pipeline
 from mura_jax import studies
+from mura_jax.errors import ConfigError
 
 ORDERS = ('views', 'studies')
 
@@ -62,7 +63,7 @@ def members(config, workdir) -> list[Member]:
   e = config.evaluation
   k = int(e.get('ensemble', 1))
   if k < 1:
-    raise ValueError(f'config.evaluation.ensemble={k}; it counts checkpoints, use 1 or more.')
+    raise ConfigError(f'config.evaluation.ensemble={k}; it counts checkpoints, use 1 or more.')
   if k > 1 and str(e.checkpoint) != 'best':
     # A checkpoint asked for by name is what is evaluated (the demo's ensemble=5 included).
     logging.warning('config.evaluation.checkpoint=%s: evaluating it alone, not the ensemble of '
@@ -89,7 +90,7 @@ def evaluated_body_parts(requested: tuple[str, ...] | None,
     return tuple(p for p in BODY_PARTS if p in covered)
   missing = [p for p in requested if p not in covered]
   if missing:
-    raise ValueError(f'config.data.body_parts asks for {", ".join(missing)}, which no evaluated '
+    raise ConfigError(f'config.data.body_parts asks for {", ".join(missing)}, which no evaluated '
                      f'checkpoint was trained on (they cover {", ".join(sorted(covered))}); '
                      'leave it out or add a workdir that covers it (config.evaluation.workdirs).')
   return requested
@@ -108,13 +109,13 @@ def combine(view_probabilities: np.ndarray, split_index: input_pipeline.SplitInd
   view_probabilities = np.asarray(view_probabilities, np.float64)
   covered = ~np.isnan(view_probabilities)
   if not covered.any(0).all():
-    raise ValueError('some views are covered by no ensemble member; evaluate only the body parts '
+    raise ConfigError('some views are covered by no ensemble member; evaluate only the body parts '
                      'the members were trained on.')
   if order == 'views':
     mean = np.where(covered, view_probabilities, 0).sum(0) / covered.sum(0)
     return studies.from_split(split_index, mean, aggregation)
   if order != 'studies':
-    raise ValueError(f'config.evaluation.ensemble_order={order!r}; expected one of {ORDERS}.')
+    raise ConfigError(f'config.evaluation.ensemble_order={order!r}; expected one of {ORDERS}.')
   index = np.asarray(split_index.study_index, np.int64)
   per_member = np.stack([  # NaN for a study of a part the member does not cover
       studies.aggregate_float64(np.where(c, p, 0), index, len(split_index.studies), c,

@@ -23,3 +23,11 @@ class ConfigError(UserError, ValueError):
 
 class WorkdirError(UserError, OSError):
   """A workdir that cannot be written, or holds a run that does not fit the command."""
+
+
+class DataError(UserError, ValueError):
+  """A dataset or input file that is missing or cannot be used as it is."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+  """No built `mura` dataset where the config points; the message says how to build it."""

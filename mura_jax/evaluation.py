@@ -70,6 +70,8 @@ groups always, and had none of "tta", "threshold_from", "checkpoint", "ensemble"
                 "b": ENTRY, "difference": DIFF}}}, "significant": ["<group>/<metric>"]},
   # evaluate mode only:
   "tta": "none" | "flip",
+  "config_changes": [{"time": str, "changes": {"<key>": {"before", "after"}}}]  # intended
+                    # changes of the run's config (allow_config_change), oldest first; [] if none
   "checkpoint": {"which", "step", "directory", "weighted_loss"}       (one checkpoint)
   "ensemble": {"num_members": int, "order": "views" | "studies", "tta": str, "rule": str,
                "members": [{"name", "workdir", "checkpoint", "epoch", "validation_loss",
@@ -146,6 +148,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """
   from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from mura_jax import ensembles  # pylint: disable=g-import-not-at-top
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from mura_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   e = config.evaluation
   _, data_dir = data_lib.dataset_dirs(config, workdir)
@@ -170,6 +173,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   is_main = jax.process_index() == 0
   report = evaluate(table, options, readers=readers, split=e.split, print_table=is_main)
   report['tta'] = tta
+  report['config_changes'] = checkpoints.config_changes(workdir)  # intended, recorded
   report['threshold_from'] = threshold_source
   if len(ensemble) == 1:  # which weights were scored, in the report file too
     report['checkpoint'] = {**infos[0]['checkpoint'], 'weighted_loss': infos[0]['weighted_loss']}

@@ -30,6 +30,7 @@ from mura_jax import parallel
 from mura_jax import preprocessing as preprocessing_lib
 from mura_jax import studies
 from mura_jax.models import densenet
+from mura_jax.errors import ConfigError
 
 
 def view_logits(variables, images, *, model: densenet.DenseNet, in_channels: int):
@@ -62,7 +63,7 @@ def predict_step(variables, batch, *, model, in_channels, loss_weights=None, tta
   elif tta == 'none':
     logits = view_logits(variables, batch['image'], model=model, in_channels=in_channels)
   else:
-    raise ValueError(f'tta={tta!r}; expected one of {TTA_MODES} (config.evaluation.tta)')
+    raise ConfigError(f'tta={tta!r}; expected one of {TTA_MODES} (config.evaluation.tta)')
   out = {'probability': jax.nn.sigmoid(logits), 'index': batch['index'], 'mask': batch['mask']}
   if loss_weights is not None:
     per_view = loss_lib.weighted_bce_per_view(logits, batch['label'], batch['body_part'],

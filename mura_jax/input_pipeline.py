@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mura_jax import preprocessing
+from mura_jax.errors import ConfigError, DatasetNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ def data_source(data_dir: str, split: str):
   try:
     return tfds.data_source('mura', data_dir=data_dir, split=split)
   except Exception as e:  # pylint: disable=broad-except  (TFDS raises several kinds)
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f'No built `mura` dataset with split {split!r} in {data_dir} ({type(e).__name__}: {e}).\n'
         'Build it first: python -m tfds_mura.build --manual_dir DIR --data_dir '
         f'{data_dir}   (DIR holds MURA-v1.1.zip or MURA-v1.1/; or run configs/demo.py for a '
@@ -118,7 +119,7 @@ def preprocess_view(image: np.ndarray, image_size: int, resize: str = 'squash',
                     rotation_degrees: float = 30.0) -> np.ndarray:
   """uint8 (H, W, 1) -> uint8 (S, S, 1) (`preprocessing.fit`). With `rng`: `augment` first."""
   if resize not in preprocessing.RESIZE_MODES:
-    raise ValueError(f'resize={resize!r}; expected one of {preprocessing.RESIZE_MODES}')
+    raise ConfigError(f'resize={resize!r}; expected one of {preprocessing.RESIZE_MODES}')
   pil = Image.fromarray(image[..., 0])
   if rng is not None:
     pil = augment(pil, rng, flip, rotation_degrees)
@@ -133,7 +134,7 @@ def local_positions(num_positions: int, global_batch: int, process_index: int,
                     process_count: int, start_batch: int = 0) -> np.ndarray:
   """This host's positions of an epoch, batch by batch (see the module docstring)."""
   if global_batch % process_count:
-    raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+    raise ConfigError(f'global batch {global_batch} is not divisible by {process_count} processes')
   b = global_batch // process_count
   batches = np.arange(start_batch, num_positions // global_batch)
   return (batches[:, None] * global_batch + process_index * b + np.arange(b)[None, :]).reshape(-1)

@@ -9,10 +9,12 @@ training split's weights) drives the plateau schedule and picks the kept checkpo
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tfds_mura import BODY_PARTS
+from mura_jax.errors import ConfigError
 
 
 def loss_weights_from_counts(image_counts: dict[str, dict[str, int]],
@@ -28,8 +30,15 @@ def loss_weights_from_counts(image_counts: dict[str, dict[str, int]],
     counts = image_counts.get(part, {'normal': 0, 'abnormal': 0})
     normal, abnormal = counts['normal'], counts['abnormal']
     if normal + abnormal == 0:
-      raise ValueError(f'The training split has no {part} images: the weighted loss is undefined; '
+      raise ConfigError(f'The training split has no {part} images: the weighted loss is undefined; '
                        f'leave {part} out of config.data.body_parts.')
+    if normal == 0 or abnormal == 0:  # the formula then ignores the part's only class
+      absent, present = ('abnormal', 'normal') if abnormal == 0 else ('normal', 'abnormal')
+      logging.warning(
+          'The training split has no %s %s images: the paper\'s weights give its %d %s views '
+          'weight 0, so training learns nothing from them. Add %s %s studies, or leave %s out '
+          '(--config.data.body_parts).', absent, part, max(normal, abnormal), present, absent,
+          part, part)
     w[t] = abnormal / (normal + abnormal), normal / (normal + abnormal)
   return w
 

@@ -7,10 +7,20 @@
   cam       class activation maps of a checkpoint, their localisation measured (`cam.py`)
   export    a checkpoint's artifacts: jax.export, torchvision, SavedModel, model card (`export.py`)
 Without --config the demo runs (mura_jax/configs/demo.py, the embedded default). Override any
-config value on the command line: `--config.data.synthetic_seed=1`.
+config value on the command line: `--config.data.synthetic_seed=1`; `--help` lists them all.
+
+A workdir remembers its run's config (WORKDIR/config.json): a rerun that changes anything that
+changes results is refused, naming the keys, unless --config.allow_config_change=True says the
+change is intended (it is then logged and recorded in the reports). Errors in the input, the
+config or the workdir are printed as a sentence (exit 2); --verbose adds the traceback.
 """
 
+import difflib
+import importlib.util
 import os
+import re
+import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -20,10 +30,14 @@ from ml_collections import config_flags
 # Inside the package, so that any install (not only a checkout) has its default.
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.py')
 
-config_flags.DEFINE_config_file('config', _DEMO_CONFIG, 'Python file with get_config().')
+config_flags.DEFINE_config_file('config', None, 'Python file with get_config() (default: the '
+                                'demo, mura_jax/configs/demo.py).')
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, reports (and the demo data) go.')
+flags.DEFINE_bool('verbose', False, 'Print the traceback of errors in the input, config or '
+                  'workdir too (for bug reports).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
+EXIT_USER_ERROR = 2
 
 
 def run_data(config, workdir):
@@ -95,16 +109,154 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except user_errors() as e:
+    if FLAGS.verbose:
+      raise
+    logging.debug('%s', traceback.format_exc())
+    _exit(f'error: {e}\n(--verbose prints the traceback.)')
+
+
+def run(config, workdir):
+  """Checks what can be checked before any computation, then runs config.mode."""
+  from mura_jax import checkpoints, parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if config.mode not in MODES:
-    raise app.UsageError(f'config.mode={config.mode!r}; expected one of {sorted(MODES)}')
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
+  checkpoints.check_writable(workdir)  # not after an hour of evaluation
+  if config.mode in ('evaluate', 'cam', 'export'):
+    checkpoints.check_inference_config(workdir, config)
   parallel.initialize_distributed(config.get('distributed', 'auto'))
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')
   logging.info('Config:\n%s', config)
-  MODES[config.mode](config, FLAGS.workdir)
+  MODES[config.mode](config, workdir)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """What the user can fix: the project's errors (mura_jax.errors) and the dataset builder's."""
+  from mura_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from tfds_mura.mura.mura_dataset_builder import MuraDataError  # pylint: disable=g-import-not-at-top
+  return (UserError, MuraDataError)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: the demo as the default config, --help with every key, a sentence for a key
+# that does not exist.
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  argv = _with_default_config(argv)
+  sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
+  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
+    print(help_text(_config_path(argv)))
+    sys.exit(0)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _exit(f'error: {e}\n`python -m mura_jax.main --help` lists the flags and config keys.')
+  except (AttributeError, KeyError) as e:  # ml_collections, on an override of a missing key
+    _exit(_unknown_key_message(argv) or f'error: {e}')
+
+
+def _exit(message: str):
+  print(message, file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+  if any(re.match(r'^--?config(=|$)', a) for a in argv[1:]):
+    return list(argv)
+  return [argv[0], f'--config={_DEMO_CONFIG}', *argv[1:]]
+
+
+def _config_path(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if re.match(r'^--?config=', arg):
+      return arg.split('=', 1)[1]
+    if re.match(r'^--?config$', arg) and i + 1 < len(argv):
+      return argv[i + 1]
+  return _DEMO_CONFIG
+
+
+def _load_config(path: str):
+  """The ConfigDict of a config file (a `path:argument` passes `argument` to get_config)."""
+  path, _, argument = path.partition(':')
+  spec = importlib.util.spec_from_file_location('_mura_jax_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def _unknown_key_message(argv: list[str]) -> str | None:
+  """error: the first --config.KEY that the config does not have, with the keys it has there."""
+  config = _load_config(_config_path(argv))
+  for arg in argv[1:]:
+    match = re.match(r'^--?(?:no)?config\.([^=]+)', arg)
+    if not match:
+      continue
+    node, walked = config, []
+    for name in match[1].split('.'):
+      if not hasattr(node, 'keys') or name not in node:
+        where = '.'.join(walked) or 'the config'
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        close = difflib.get_close_matches(name, known, n=1)
+        return (f'error: --config.{match[1]}: {where} has no key {name!r}'
+                + (f' (did you mean {".".join(walked + close)}?)' if close else '')
+                + f'. Its keys: {", ".join(known)}.\n`python -m mura_jax.main --help` lists '
+                'every key with its default.')
+      node, walked = node[name], walked + [name]
+  return None
+
+
+def help_text(config_path: str) -> str:
+  """The module's docstring, the flags, and every config key with its value in CONFIG and the
+  comment base.py gives it."""
+  try:
+    config = _load_config(config_path)
+  except Exception as e:  # pylint: disable=broad-except
+    keys = f'  (could not load {config_path}: {type(e).__name__}: {e})'
+  else:
+    comments = _base_comments()
+    rows = [(key, repr(value), comments.get(key, '')) for key, value in _flatten(config)]
+    width = max(len(k) + len(v) for k, v, _ in rows) + 5
+    keys = '\n'.join(f'  {f"--config.{k}={v}":<{width + 10}} {c}'.rstrip() for k, v, c in rows)
+  repository_configs = os.path.join(os.path.dirname(os.path.dirname(_DEMO_CONFIG)), '..',
+                                    'configs')
+  configs = sorted(f for f in os.listdir(repository_configs) if f.endswith('.py')) if (
+      os.path.isdir(repository_configs)) else []
+  return '\n'.join([
+      __doc__.strip(), '',
+      'Flags:',
+      '  --config=FILE      a config (repository configs/: '
+      + (', '.join(configs) if configs else 'densenet169.py, demo.py, ...') + ')',
+      '  --workdir=DIR      checkpoints, metrics, reports (required)',
+      '  --verbose          tracebacks of input, config and workdir errors too',
+      '  --helpfull         absl\'s own flags (logging, ...)', '',
+      f'Config keys and their values in {config_path}:', keys])
+
+
+def _flatten(config, prefix=''):
+  for key in sorted(config.keys()):
+    value = config[key]
+    if hasattr(value, 'keys'):
+      yield from _flatten(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _base_comments() -> dict[str, str]:
+  """{key: its comment} from configs/base.py's `config.KEY = VALUE  # comment` lines."""
+  path = os.path.join(os.path.dirname(_DEMO_CONFIG), 'base.py')
+  with open(path, encoding='utf-8') as f:
+    return {m[1]: m[2].strip() for m in re.finditer(r'^\s*config\.(\S+) = [^#\n]*#(.*)$',
+                                                      f.read(), re.M)}
+
+
+def entry_point():
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  entry_point()

@@ -15,6 +15,7 @@ from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from mura_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
 
@@ -46,7 +47,7 @@ def initialize_distributed(mode: str = 'auto', env=None) -> dict:
   """
   env = os.environ if env is None else env
   if mode not in DISTRIBUTED_MODES:
-    raise ValueError(f'config.distributed={mode!r}; expected one of {DISTRIBUTED_MODES}')
+    raise ConfigError(f'config.distributed={mode!r}; expected one of {DISTRIBUTED_MODES}')
   expected = expected_processes(env)
   explicit = bool(env.get('JAX_COORDINATOR_ADDRESS'))
   start = mode == 'on' or (mode == 'auto' and (explicit or (expected or 1) > 1))
@@ -105,7 +106,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   devices = mesh.devices.size
   if global_batch % devices or global_batch % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f'The global batch size {global_batch} must be divisible by the {devices} devices and '
         f'{jax.process_count()} processes; set --config.train.global_batch_size to a multiple of '
         f'{devices}.')

@@ -26,6 +26,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from mura_jax.errors import ConfigError
 
 RESIZE_MODES = ('squash', 'pad')
 
@@ -48,9 +49,9 @@ class Preprocessing:
 
   def __post_init__(self):
     if self.resize not in RESIZE_MODES:
-      raise ValueError(f'resize={self.resize!r}; expected one of {RESIZE_MODES}')
+      raise ConfigError(f'resize={self.resize!r}; expected one of {RESIZE_MODES}')
     if self.in_channels not in (1, 3):
-      raise ValueError(f'in_channels must be 1 or 3, not {self.in_channels}.')
+      raise ConfigError(f'in_channels must be 1 or 3, not {self.in_channels}.')
 
   @classmethod
   def from_config(cls, config) -> Preprocessing:
@@ -85,7 +86,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def fit(gray: Image.Image | np.ndarray, image_size: int, resize: str = 'squash') -> np.ndarray:
   """uint8 gray (PIL 'L', (H, W) or (H, W, 1)) -> uint8 (S, S, 1); see the module docstring."""
   if resize not in RESIZE_MODES:
-    raise ValueError(f'resize={resize!r}; expected one of {RESIZE_MODES}')
+    raise ConfigError(f'resize={resize!r}; expected one of {RESIZE_MODES}')
   pil = gray if isinstance(gray, Image.Image) else Image.fromarray(np.asarray(gray)[..., 0]
                                                                    if np.ndim(gray) == 3 else gray)
   if resize == 'pad':
@@ -124,7 +125,7 @@ def model_input(gray, in_channels: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     return (gray - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
   if in_channels == 1:
     return (gray - np.float32(gray_mean)) / np.float32(gray_std)
-  raise ValueError(f'in_channels must be 1 or 3, not {in_channels}.')
+  raise ConfigError(f'in_channels must be 1 or 3, not {in_channels}.')
 
 
 def normalize(images, in_channels: int = 3):

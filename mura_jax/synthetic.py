@@ -34,6 +34,7 @@ from etils import epath
 from PIL import Image
 from tfds_mura import BODY_PARTS as _BODY_PARTS
 from tqdm import tqdm
+from mura_jax.errors import ConfigError
 
 # MURA's folder names of the dataset's body parts: XR_ELBOW, ..., XR_WRIST.
 PART_FOLDERS = tuple(f'XR_{part.upper()}' for part in _BODY_PARTS)
@@ -311,7 +312,7 @@ def make_synthetic_mura(out_dir: str | os.PathLike, studies_per_part: int = 20,
   if valid_studies_per_part is None:
     valid_studies_per_part = max(4, studies_per_part // 3)
   if studies_per_part < 1 or valid_studies_per_part < 1:
-    raise ValueError('studies_per_part and valid_studies_per_part must be >= 1, got '
+    raise ConfigError('studies_per_part and valid_studies_per_part must be >= 1, got '
                      f'{studies_per_part} and {valid_studies_per_part}')
   out_dir = epath.Path(out_dir)
   mura_dir = out_dir / 'MURA-v1.1'

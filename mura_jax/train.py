@@ -48,6 +48,7 @@ from mura_jax import preprocessing
 from mura_jax import studies
 from mura_jax.models import densenet
 from mura_jax.models import weights as weights_lib
+from mura_jax.errors import ConfigError
 
 
 @flax.struct.dataclass
@@ -93,7 +94,7 @@ def scaled_for_devices(config: ml_collections.ConfigDict, num_devices: int):
     config.optimizer.learning_rate *= math.sqrt(config.train.global_batch_size /
                                                 config.optimizer.reference_batch_size)
   elif rule != 'none':
-    raise ValueError(f"config.optimizer.lr_scaling={rule!r}; expected 'none' or 'sqrt'")
+    raise ConfigError(f"config.optimizer.lr_scaling={rule!r}; expected 'none' or 'sqrt'")
   return config
 
 
@@ -354,11 +355,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = create_model(config)
   signature = checkpoints.model_signature(config)
-  checkpoints.write_config(workdir, config)
   latest, best = checkpoints.managers(workdir, config)
+  # A continued run must have the config it started with (or say the change is intended).
+  checkpoints.record_config(workdir, config, continuing=latest.latest_step() is not None)
   steps_per_epoch = input_pipeline.num_train_batches(len(train_source), config.train.global_batch_size)
   if steps_per_epoch == 0:
-    raise ValueError(f'The training split has {len(train_source)} views, fewer than one global '
+    raise ConfigError(f'The training split has {len(train_source)} views, fewer than one global '
                      f'batch of {config.train.global_batch_size}.')
   total_steps = steps_per_epoch * config.train.num_epochs
 

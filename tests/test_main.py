@@ -55,12 +55,6 @@ def test_demo_chain_end_to_end_without_tensorflow(tmp_path):
   assert again.returncode == 0, again.stderr[-4000:]
 
 
-def test_unknown_mode_lists_the_modes(tmp_path):
-  out = run_main('--workdir', str(tmp_path), '--config.mode=fly')
-  assert out.returncode != 0 and "config.mode='fly'; expected one of [" in out.stderr
-  assert all(f"'{mode}'" in out.stderr for mode in ('cam', 'data', 'evaluate', 'export', 'train'))
-
-
 def test_paper_config_without_weights_says_what_to_download(mura_data_dir, tmp_path):
   out = run_main('--config', os.path.join(REPO, 'configs', 'densenet169.py'), '--workdir',
                  str(tmp_path), f'--config.data.data_dir={mura_data_dir}',

@@ -13,6 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.distributed = 'auto'        # jax.distributed: auto | on | off (parallel.py)
   config.compilation_cache_dir = ''  # '' = ~/.cache/mura_jax/jax; 'none' = no persistent cache
+  # True: continue a workdir with a config that changes results (logged, recorded in reports).
+  config.allow_config_change = False
 
   config.data = ml_collections.ConfigDict()
   # MURA-v1.1.zip or MURA-v1.1/ (only needed to build; '' = WORKDIR/synthetic).

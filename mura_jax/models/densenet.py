@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from mura_jax.errors import ConfigError
 
 ModuleDef = Any
 
@@ -178,7 +179,7 @@ class DenseNet(nn.Module):
 def create_model(arch: str, **kwargs) -> DenseNet:
   """The DenseNet torchvision calls `arch` ('densenet169'); kwargs override DenseNet attributes."""
   if arch not in ARCHS:
-    raise ValueError(f'Unknown arch {arch!r}; known: {", ".join(ARCHS)}.')
+    raise ConfigError(f'Unknown arch {arch!r}; known: {", ".join(ARCHS)}.')
   return DenseNet(**{**ARCHS[arch], **kwargs})
 
 

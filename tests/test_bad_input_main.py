@@ -1,0 +1,210 @@
+"""Every bad input of `python -m mura_jax.main` (the command line, the config, the workdir) and the
+message it must print: one or a few lines naming the key, file or folder and what to do, exit 2,
+the traceback only with --verbose. The README's "When something is wrong" section quotes these.
+
+    input                                         message (start)
+    --help                                        the modes, the flags, every config key (exit 0)
+    --config.train.foo=1                          error: --config.train.foo: train has no key 'foo'
+    --config.trian.num_epochs=1                   ... has no key 'trian' (did you mean train?)
+    --config.train.num_epochs=abc                 error: flag --config.train.num_epochs=abc: ...
+    --config.mode=fly                             error: config.mode='fly'; expected one of data, ...
+    a workdir that cannot be written              error: Cannot write to the workdir DIR (...)
+    a finished run continued with another config  error: DIR holds a run trained with another config
+    evaluate/cam/export with another image size   error: The checkpoints in DIR were trained with ...
+    a data_dir without a built dataset            error: No built `mura` dataset with split ...
+    a body part without abnormal training images  warning: ... weight 0, so training learns nothing
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mura_jax import checkpoints
+from mura_jax import evaluation
+from mura_jax import loss as loss_lib
+from mura_jax import train
+from mura_jax.errors import ConfigError, UserError
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def run_main(*flags, cwd=None):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return subprocess.run([sys.executable, '-m', 'mura_jax.main', *flags], capture_output=True,
+                        text=True, cwd=cwd or REPO, env=env, timeout=600)
+
+
+def tiny_config_file(tmp_path, data_dir) -> str:
+  """A --config file giving test_train's tiny_config (what `trained_workdir` was trained with)."""
+  path = tmp_path / 'tiny_config.py'
+  path.write_text(f'import sys\nsys.path.insert(0, {TESTS!r})\n'
+                  'from test_train import tiny_config\n\n'
+                  f'def get_config():\n  return tiny_config({str(data_dir)!r})\n')
+  return str(path)
+
+
+def copy_of(trained_workdir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir[0], workdir)
+  return workdir
+
+
+def assert_user_error(out, *phrases):
+  """Exit 2, the phrases on stderr, no traceback."""
+  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  for phrase in phrases:
+    assert phrase in out.stderr, (phrase, out.stderr[-3000:])
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_help_lists_the_modes_flags_and_every_config_key():
+  out = run_main('--help')
+  assert out.returncode == 0, out.stderr
+  for mode in ('data', 'train', 'evaluate', 'cam', 'export'):
+    assert f'\n  {mode} ' in out.stdout
+  assert '--workdir' in out.stdout and '--verbose' in out.stdout and 'densenet169.py' in out.stdout
+  # Every key, with its value in the demo config and base.py's comment.
+  assert '--config.data.image_size=128' in out.stdout
+  assert "--config.data.resize='squash'" in out.stdout and 'keeps the aspect ratio' in out.stdout
+  assert '--config.allow_config_change=False' in out.stdout
+  # With --config, that config's values.
+  paper = run_main('--config', 'configs/densenet169.py', '--help')
+  assert paper.returncode == 0 and '--config.data.image_size=224' in paper.stdout
+
+
+def test_unknown_config_key_is_one_sentence_with_the_keys_there(tmp_path):
+  out = run_main('--workdir', str(tmp_path), '--config.train.foo=1')
+  assert_user_error(out, "error: --config.train.foo: train has no key 'foo'",
+                    'num_epochs', '--help')
+  assert len(out.stderr.strip().splitlines()) == 2
+  typo = run_main('--workdir', str(tmp_path), '--config.trian.num_epochs=1')
+  assert_user_error(typo, "the config has no key 'trian' (did you mean train?)")
+
+
+def test_config_value_of_the_wrong_type(tmp_path):
+  out = run_main('--workdir', str(tmp_path), '--config.train.num_epochs=abc')
+  assert_user_error(out, 'error: flag --config.train.num_epochs=abc', "invalid literal for int()")
+
+
+def test_unknown_mode_lists_the_modes(tmp_path):
+  out = run_main('--workdir', str(tmp_path), '--config.mode=fly')
+  assert_user_error(out, "error: config.mode='fly'; expected one of data, train, evaluate, cam, "
+                    'export.', '--verbose prints the traceback')
+  verbose = run_main('--workdir', str(tmp_path), '--config.mode=fly', '--verbose')
+  assert verbose.returncode != 0 and 'Traceback' in verbose.stderr
+  assert 'ConfigError' in verbose.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The workdir.
+
+
+def _unwritable_workdir(tmp_path) -> str:
+  """A folder this process cannot write in: chmod 555, or (as root, which ignores modes) a path
+  under /sys, where nobody may create folders."""
+  parent = tmp_path / 'read-only'
+  parent.mkdir()
+  parent.chmod(0o555)
+  if not os.access(parent, os.W_OK):
+    return str(parent / 'run')
+  return '/sys/mura-jax-test-workdir'
+
+
+def test_unwritable_workdir_fails_before_any_work(tmp_path, mura_data_dir):
+  workdir = _unwritable_workdir(tmp_path)
+  for mode in ('train', 'evaluate', 'export'):
+    out = run_main('--workdir', workdir, f'--config.mode={mode}', '--config.data.synthetic=False',
+                   f'--config.data.data_dir={mura_data_dir}')
+    assert_user_error(out, f'error: Cannot write to the workdir {workdir}',
+                      'pass a --workdir you can write to')
+    assert 'Config:' not in out.stderr  # refused before the run started
+
+
+def test_finished_run_continued_with_another_config_is_refused(tmp_path, mura_data_dir,
+                                                              trained_workdir):
+  workdir = copy_of(trained_workdir, tmp_path)
+  config_file = tiny_config_file(tmp_path, mura_data_dir)
+  before = (workdir / 'config.json').read_text()
+  out = run_main('--config', config_file, '--workdir', str(workdir), '--config.seed=3',
+                 '--config.optimizer.learning_rate=0.01')
+  assert_user_error(out, f'error: {workdir} holds a run trained with another config',
+                    'optimizer.learning_rate: 0.001 in the workdir, 0.01 now',
+                    'seed: 0 in the workdir, 3 now', '--config.allow_config_change=True')
+  assert (workdir / 'config.json').read_text() == before  # nothing written
+  assert not (workdir / 'config_changes.json').exists()
+  # What does not change results is free: logging cadence, workers, the evaluation's options.
+  same = run_main('--config', config_file, '--workdir', str(workdir),
+                  '--config.train.log_every_steps=7', '--config.evaluation.bootstrap_resamples=0',
+                  '--config.cam.num_abnormal=1')
+  assert same.returncode == 0, same.stderr[-3000:]
+
+
+def test_intended_config_change_is_logged_and_recorded_in_the_report(tmp_path, trained_workdir):
+  workdir = copy_of(trained_workdir, tmp_path)
+  config = trained_workdir[1].copy_and_resolve_references()
+  config.optimizer.learning_rate = 0.01
+  with pytest.raises(ConfigError, match='optimizer.learning_rate: 0.001 in the workdir, 0.01 now'):
+    train.train_and_evaluate(config, str(workdir))
+  config.allow_config_change = True
+  assert train.train_and_evaluate(config, str(workdir))['status'] == 'done'
+  changes = checkpoints.config_changes(workdir)
+  assert changes[-1]['changes'] == {'optimizer.learning_rate': {'before': 0.001, 'after': 0.01}}
+  assert json.loads((workdir / 'config.json').read_text())['optimizer']['learning_rate'] == 0.01
+  config.evaluation.bootstrap_resamples = 0
+  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  assert report['config_changes'] == changes
+
+
+def test_evaluate_with_another_image_size_is_refused(tmp_path, mura_data_dir, trained_workdir):
+  workdir = copy_of(trained_workdir, tmp_path)
+  report = workdir / 'eval' / 'validation' / 'report.json'
+  before = report.read_text()
+  config_file = tiny_config_file(tmp_path, mura_data_dir)
+  for mode in ('evaluate', 'cam', 'export'):
+    out = run_main('--config', config_file, '--workdir', str(workdir), f'--config.mode={mode}',
+                   '--config.data.image_size=64')
+    assert_user_error(out, f'error: The checkpoints in {workdir} were trained with another model',
+                      'data.image_size: 32 in the workdir, 64 now', f'{mode} uses the checkpoints')
+  assert report.read_text() == before
+
+
+def test_missing_dataset_says_how_to_build_it(tmp_path):
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config.data.synthetic=False',
+                 f'--config.data.data_dir={tmp_path / "empty"}')
+  assert_user_error(out, 'error: No built `mura` dataset with split', 'python -m tfds_mura.build')
+
+
+# ------------------------------------------------------------------------------------------------
+# The data's consequences.
+
+
+def test_body_part_without_abnormal_images_warns_of_its_zero_weight(caplog):
+  counts = {'wrist': {'normal': 10, 'abnormal': 0}, 'hand': {'normal': 5, 'abnormal': 5}}
+  with caplog.at_level('WARNING'):
+    weights = loss_lib.loss_weights_from_counts(counts, ('hand', 'wrist'))
+  assert weights[loss_lib.BODY_PARTS.index('wrist')].tolist() == [0.0, 1.0]
+  assert ('The training split has no abnormal wrist images: the paper\'s weights give its 10 '
+          'normal views weight 0') in caplog.text
+  assert 'hand' not in caplog.text
+
+
+def test_every_error_class_is_a_user_error():
+  """The entry points print these as sentences; each keeps its built-in base for callers."""
+  from mura_jax import export, images, studies  # pylint: disable=g-import-not-at-top
+  from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
+  for cls, base in ((images.ImageError, ValueError), (export.ExportError, ValueError),
+                    (studies.PredictionsError, ValueError),
+                    (checkpoints.CheckpointNotFoundError, FileNotFoundError),
+                    (checkpoints.CheckpointMismatchError, ValueError),
+                    (weights.WeightsNotFoundError, FileNotFoundError),
+                    (weights.WeightsMismatchError, ValueError)):
+    assert issubclass(cls, UserError) and issubclass(cls, base), cls
