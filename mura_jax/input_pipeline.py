@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 from collections.abc import Iterator
 
 import grain
@@ -187,6 +188,13 @@ def train_batches(source, *, seed: int, epoch: int, global_batch: int, image_siz
   dataset = (grain.MapDataset.source(pairs).map(view)
              .batch(global_batch // process_count, drop_remainder=True))
   return _to_iter(dataset, num_workers, prefetch)
+
+
+def train_batch_shapes(global_batch: int, image_size: int) -> dict[str, tuple[tuple, Any]]:
+  """{key: (shape, dtype)} of one global batch of `train_batches` (all hosts' parts together):
+  the train step compiles from these while the first batch is still being read."""
+  return {'image': ((global_batch, image_size, image_size, 1), np.uint8),
+          'label': ((global_batch,), np.int32), 'body_part': ((global_batch,), np.int32)}
 
 
 def num_train_batches(num_examples: int, global_batch: int) -> int:

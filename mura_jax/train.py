@@ -18,8 +18,10 @@ preemption continues exactly where it stopped. The validation at the end of ever
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -116,11 +118,14 @@ def initial_state(config, model) -> TrainState:
   variables = weights_lib.initial_variables(config.model.init, model, init_rng,
                                             config.data.image_size, config.model.in_channels)
   params = jax.tree.map(jnp.asarray, variables['params'])
+  # Jitted: op by op, Adam's zero moments would compile one small program per parameter shape
+  # (about a hundred, seconds at every start); jitted, one program, from the compilation cache.
+  opt_state, plateau_state = jax.jit(
+      lambda p: (create_optimizer(config).init(p), create_plateau(config).init(p)))(params)
   return TrainState(
       step=jnp.asarray(0, jnp.int32), params=params,
       batch_stats=jax.tree.map(jnp.asarray, variables['batch_stats']),
-      opt_state=create_optimizer(config).init(params),
-      plateau_state=create_plateau(config).init(params), rng=dropout_rng)
+      opt_state=opt_state, plateau_state=plateau_state, rng=dropout_rng)
 
 
 def state_template(config, model) -> TrainState:
@@ -172,6 +177,22 @@ def compile_steps(config, model, loss_weights, mesh) -> Steps:
   return Steps(train, evaluate, mesh)
 
 
+def compile_while_reading(steps: Steps, state: TrainState, local_batches, config):
+  """The run's first batch is read (worker processes start, images decode) in a thread while the
+  train step compiles (or loads from the compilation cache): both take seconds at start-up.
+  Returns the batches, the first one included."""
+  shapes = input_pipeline.train_batch_shapes(config.train.global_batch_size,
+                                             config.data.image_size)
+  sharding = parallel.batch_sharding(steps.mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+           for k, (shape, dtype) in shapes.items()}
+  with concurrent.futures.ThreadPoolExecutor(1) as reader:
+    first = reader.submit(next, local_batches, None)
+    steps.train.lower(state, batch).compile()  # jit keeps it: the first call does not retrace
+    first_batch = first.result()
+  return local_batches if first_batch is None else itertools.chain([first_batch], local_batches)
+
+
 def variables_of(state: TrainState) -> dict:
   """What inference needs of a state: the network's variables."""
   return {'params': state.params, 'batch_stats': state.batch_stats}
@@ -197,19 +218,24 @@ def parameter_overview(params) -> str:
 # Metric writing.
 
 
+def _import_clu_writers():
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  except ImportError:
+    return None
+  return metric_writers
+
+
 class MetricWriter:
   """TensorBoard files through clu (needs TensorFlow: the `tf` extra) + the log + metrics.jsonl."""
 
   def __init__(self, workdir):
-    just_logging = jax.process_index() > 0
-    try:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-      self._writer = metric_writers.create_default_writer(workdir, just_logging=just_logging)
-    except ImportError:
-      logging.warning('TensorFlow is not installed: no TensorBoard files; metrics go to the log '
-                      'and metrics.jsonl (pip install "mura-jax[tf]" for TensorBoard).')
-      self._writer = None
-    self._jsonl = None if just_logging else epath.Path(workdir) / 'metrics.jsonl'
+    self._workdir, self._just_logging = workdir, jax.process_index() > 0
+    # clu imports TensorFlow (seconds): in a thread, while the model initialises and compiles;
+    # the TensorBoard writer is made at the first write.
+    self._clu = concurrent.futures.ThreadPoolExecutor(1).submit(_import_clu_writers)
+    self._writer = None
+    self._jsonl = None if self._just_logging else epath.Path(workdir) / 'metrics.jsonl'
     # Lines are buffered and written at each flush (every epoch, at preemption, every 30 s): a
     # gs:// workdir gets one write per flush, not one round trip per line. Object stores cannot
     # append, so there the whole file is rewritten from what this process has seen.
@@ -218,8 +244,20 @@ class MetricWriter:
     self._pending: list[str] = []
     self._last_flush = time.time()
 
+  def _tensorboard(self):
+    if self._clu is not None:
+      metric_writers, self._clu = self._clu.result(), None
+      if metric_writers is None:
+        logging.warning('TensorFlow is not installed: no TensorBoard files; metrics go to the log '
+                        'and metrics.jsonl (pip install "mura-jax[tf]" for TensorBoard).')
+      else:
+        self._writer = metric_writers.create_default_writer(self._workdir,
+                                                            just_logging=self._just_logging)
+    return self._writer
+
   def write(self, step: int, scalars: dict):
     scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+    self._tensorboard()
     if self._writer is not None:
       self._writer.write_scalars(step, scalars)
     else:
@@ -231,7 +269,7 @@ class MetricWriter:
         self.flush()
 
   def flush(self):
-    if self._writer is not None:
+    if self._tensorboard() is not None:
       self._writer.flush()
     if self._jsonl is not None and self._pending:
       if self._remote:
@@ -334,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started, first_step = time.time(), True
   mesh = parallel.make_mesh()
   parallel.log_topology(mesh)
+  writer = MetricWriter(workdir)  # TensorFlow (TensorBoard) imports meanwhile
   config = scaled_for_devices(config, mesh.devices.size)
   logging.info('Global batch %d (evaluation %d) over %d devices; learning rate %.3g (%s).',
                config.train.global_batch_size, config.evaluation.global_batch_size,
@@ -381,7 +420,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                steps_per_epoch, len(train_source), config.train.global_batch_size)
   steps = compile_steps(config, model, loss_weights, mesh)
   plateau = create_plateau(config)
-  writer = MetricWriter(workdir)
   is_main = jax.process_index() == 0
   bar = tqdm(total=total_steps, initial=progress['step'], unit='step', disable=not is_main,
              desc='train', dynamic_ncols=True)
@@ -410,8 +448,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           rotation_degrees=config.data.rotation_degrees, process_index=jax.process_index(),
           process_count=jax.process_count(), start_batch=start_batch,
           num_workers=config.data.num_workers)
+      local_batches = input_pipeline.batches_of(batches)
+      if first_step:
+        local_batches = compile_while_reading(steps, state, local_batches, config)
       tick, tick_step = time.time(), int(state.step)
-      for batch_in_epoch, local in enumerate(input_pipeline.batches_of(batches), start=start_batch):
+      for batch_in_epoch, local in enumerate(local_batches, start=start_batch):
         state, metrics = steps.train(state, parallel.global_batch(local, mesh))
         step = int(state.step)
         bar.update(1)

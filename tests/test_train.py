@@ -166,6 +166,18 @@ def test_host_shards_make_up_the_single_host_batches():
       other[0]['image'], single[0]['image'])
 
 
+def test_train_batch_shapes_are_what_train_batches_yields():
+  """The train step is compiled from `train_batch_shapes` before the first batch is read: a
+  mismatch would compile a program that the real batches do not use."""
+  source = FakeSource(20)
+  batch = next(input_pipeline.batches_of(input_pipeline.train_batches(
+      source, seed=0, epoch=0, global_batch=8, image_size=12)))
+  shapes = input_pipeline.train_batch_shapes(8, 12)
+  assert set(shapes) == set(batch)
+  for key, (shape, dtype) in shapes.items():
+    assert batch[key].shape == shape and batch[key].dtype == dtype, key
+
+
 def test_preprocess_view_modes():
   image = np.zeros((40, 20, 1), np.uint8)
   image[:, :] = 200
@@ -334,6 +346,7 @@ def test_a_non_finite_state_is_never_checkpointed(mura_data_dir, tmp_path, monke
       if int(state.step) == 4:
         state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
       return state, metrics
+    train_step.lower = real_train.lower  # compiled ahead of the first batch, as the real one
     steps.train = train_step
     return steps
 
