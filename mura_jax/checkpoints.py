@@ -188,9 +188,35 @@ def check_inference_config(workdir, config: ml_collections.ConfigDict) -> None:
         'own (their spec); drop these overrides, or pass the config the run was trained with.')
 
 
-def check_writable(workdir) -> None:
-  """Fails now, with a sentence, when the workdir cannot be written: not after the work."""
-  path = epath.Path(workdir)
+# The files a config may name, what each should be (for the message when it is missing).
+_NAMED_FILES = {
+    'evaluation.readers': "a CSV `study,<reader>,...` of radiologists' labels",
+    'evaluation.threshold_from': 'a report.json (e.g. WORKDIR/eval/validation/report.json)',
+    'evaluation.compare': 'another workdir or a predictions CSV',
+    'cam.annotations': 'a boxes CSV `image_path,abnormality,x0,y0,x1,y1`',
+}
+
+
+def check_named_files(config: ml_collections.ConfigDict) -> None:
+  """Every file or folder the config names exists, and the weights file for training: checked
+  before any work, not after an hour of it."""
+  from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
+  for key, what in _NAMED_FILES.items():
+    section, name = key.split('.')
+    value = config.get(section, {}).get(name, '') if section in config else ''
+    if value and not epath.Path(value).exists():
+      raise ConfigError(f'--config.{key}={value}: no such file or folder. It should be {what}; '
+                        'fix the path, or leave the key empty.')
+  kind, _, path = config.model.init.partition(':')
+  if config.mode == 'train' and kind in ('torchvision', 'keras') and path:
+    weights._weights_file(path, create_model(model_signature(config)), kind)  # pylint: disable=protected-access
+  if config.mode == 'export' and config.export.get('dir'):
+    check_writable(epath.Path(config.export.dir).parent, '--config.export.dir')
+
+
+def check_writable(folder, flag: str = '--workdir') -> None:
+  """Fails now, with a sentence, when `folder` cannot be written: not after the work."""
+  path = epath.Path(folder)
   probe = path / f'.write-test-{os.getpid()}'
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -198,10 +224,10 @@ def check_writable(workdir) -> None:
     probe.unlink()
   except OSError as e:
     raise WorkdirError(
-        f'Cannot write to the workdir {workdir} ({type(e).__name__}: '
-        f'{getattr(e, "strerror", None) or e}). Every mode writes its checkpoints, reports or '
-        'outputs there: pass a --workdir you can write to (copy the run there to evaluate it).'
-    ) from e
+        f'Cannot write to {folder} ({type(e).__name__}: {getattr(e, "strerror", None) or e}). '
+        + ('Every mode writes its checkpoints, reports or outputs in the workdir: pass a --workdir '
+           'you can write to (copy a finished run there to evaluate it).' if flag == '--workdir'
+           else f'Pass a {flag} you can write to.')) from e
 
 
 # ------------------------------------------------------------------------------------------------

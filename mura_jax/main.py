@@ -125,6 +125,7 @@ def run(config, workdir):
   if config.mode not in MODES:
     raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
   checkpoints.check_writable(workdir)  # not after an hour of evaluation
+  checkpoints.check_named_files(config)
   if config.mode in ('evaluate', 'cam', 'export'):
     checkpoints.check_inference_config(workdir, config)
   parallel.initialize_distributed(config.get('distributed', 'auto'))

@@ -8,10 +8,15 @@ the traceback only with --verbose. The README's "When something is wrong" sectio
     --config.trian.num_epochs=1                   ... has no key 'trian' (did you mean train?)
     --config.train.num_epochs=abc                 error: flag --config.train.num_epochs=abc: ...
     --config.mode=fly                             error: config.mode='fly'; expected one of data, ...
-    a workdir that cannot be written              error: Cannot write to the workdir DIR (...)
+    a workdir that cannot be written              error: Cannot write to DIR (...) ... pass a --workdir
     a finished run continued with another config  error: DIR holds a run trained with another config
     evaluate/cam/export with another image size   error: The checkpoints in DIR were trained with ...
     a data_dir without a built dataset            error: No built `mura` dataset with split ...
+    --config.evaluation.readers=MISSING (also     error: --config.evaluation.readers=MISSING: no
+      threshold_from, compare, cam.annotations)     such file or folder. It should be ...
+    --config.model.init=torchvision:MISSING       error: No weights file at MISSING. (where to get it)
+    --config.export.dir that cannot be written    error: Cannot write to DIR ... Pass a
+                                                    --config.export.dir you can write to
     a body part without abnormal training images  warning: ... weight 0, so training learns nothing
 """
 
@@ -124,9 +129,29 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path, mura_data_dir):
   for mode in ('train', 'evaluate', 'export'):
     out = run_main('--workdir', workdir, f'--config.mode={mode}', '--config.data.synthetic=False',
                    f'--config.data.data_dir={mura_data_dir}')
-    assert_user_error(out, f'error: Cannot write to the workdir {workdir}',
-                      'pass a --workdir you can write to')
+    assert_user_error(out, f'error: Cannot write to {workdir}', 'pass a --workdir you can write to')
     assert 'Config:' not in out.stderr  # refused before the run started
+
+
+@pytest.mark.parametrize('flag', [
+    '--config.evaluation.readers', '--config.evaluation.threshold_from',
+    '--config.evaluation.compare', '--config.cam.annotations'])
+def test_a_named_file_that_does_not_exist_fails_before_any_work(tmp_path, flag):
+  missing = tmp_path / 'no-such-file.csv'
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config.mode=evaluate', f'{flag}={missing}')
+  assert_user_error(out, f'error: {flag}={missing}: no such file or folder. It should be ')
+  assert 'Config:' not in out.stderr
+
+
+def test_missing_weights_file_and_unwritable_export_dir_fail_first(tmp_path):
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config', 'configs/densenet169.py',
+                 f'--config.model.init=torchvision:{tmp_path}/densenet169.pth')
+  assert_user_error(out, f'error: No weights file at {tmp_path}/densenet169.pth',
+                    'densenet169-b2777c0a.pth')
+  export_dir = _unwritable_workdir(tmp_path) + '/export'
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config.mode=export',
+                 f'--config.export.dir={export_dir}')
+  assert_user_error(out, 'error: Cannot write to', 'Pass a --config.export.dir you can write to')
 
 
 def test_finished_run_continued_with_another_config_is_refused(tmp_path, mura_data_dir,
