@@ -26,8 +26,9 @@ def first_step(config, data_dir, cache_dir, workdir, extra) -> tuple[float, floa
              f'--config.data.data_dir={data_dir}', '--config.data.synthetic=False',
              '--config.model.init=random', f'--config.compilation_cache_dir={cache_dir}', *extra]
   start = time.time()
+  # Its own process group: the kill below takes grain's worker processes with it.
   process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             text=True)
+                             text=True, start_new_session=True)
   try:
     for line in process.stderr:
       match = LINE.search(line)
@@ -35,7 +36,7 @@ def first_step(config, data_dir, cache_dir, workdir, extra) -> tuple[float, floa
         return float(match[2]), float(match[1]), time.time() - start
     raise RuntimeError(f'no first step: exit {process.wait()}')
   finally:
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
 
