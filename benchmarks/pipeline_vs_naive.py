@@ -7,9 +7,10 @@ Every variant runs in this one process on one core (torch.set_num_threads(1), no
 same PNG files, alternating, `--rounds` times; views/s per core is what is compared.
   ours, epoch     what each training epoch does per view: decode the view's gray PNG as the TFDS
                   `mura` dataset stores it (re-encoded gray at build time, decoded by TFDS with
-                  PIL), then `preprocess_view` with an rng (random lateral flip, random rotation
-                  of up to 30 degrees, bilinear, then resize to 224 x 224); uint8 out, normalised
-                  on the device inside the jitted step.
+                  PIL), then `preprocess_view` with an rng (resize to 224 x 224, then random
+                  lateral flip and random rotation of up to 30 degrees, bilinear; before 3fe1c3e
+                  the rotation came first, at full resolution); uint8 out, normalised on the
+                  device inside the jitted step.
   ours, from file the same from the original file: `preprocessing.read_image` (decode, the
                   dataset's gray rule) + `preprocess_view`; what a pipeline without a build does.
   naive           as MURA reimplementations write it with torchvision: PIL open, convert('RGB'),

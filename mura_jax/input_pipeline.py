@@ -7,7 +7,7 @@ the training. Augmentation draws from a generator seeded by (seed, epoch, positi
 same whatever the number of hosts or grain workers.
 
 What the network sees is `preprocessing`'s (gray -> `fit` to S x S -> `normalize` on the
-device); training wraps the random lateral flip and rotation around it (`augment`), before `fit`.
+device); training adds the random lateral flip and rotation (`augment`) to the fitted S x S view.
 """
 
 from __future__ import annotations
@@ -118,13 +118,17 @@ def augment(pil: Image.Image, rng: np.random.Generator, flip: bool = True,
 def preprocess_view(image: np.ndarray, image_size: int, resize: str = 'squash',
                     rng: np.random.Generator | None = None, flip: bool = True,
                     rotation_degrees: float = 30.0) -> np.ndarray:
-  """uint8 (H, W, 1) -> uint8 (S, S, 1) (`preprocessing.fit`). With `rng`: `augment` first."""
+  """uint8 (H, W, 1) -> uint8 (S, S, 1) (`preprocessing.fit`). With `rng`: then `augment`.
+
+  The augmentation comes after the resize: rotating S x S pixels instead of the full-resolution
+  radiograph (about 512 x 400) costs a third (BENCHMARKS.md, input pipeline)."""
   if resize not in preprocessing.RESIZE_MODES:
     raise ConfigError(f'resize={resize!r}; expected one of {preprocessing.RESIZE_MODES}')
-  pil = Image.fromarray(image[..., 0])
-  if rng is not None:
-    pil = augment(pil, rng, flip, rotation_degrees)
-  return preprocessing.fit(pil, image_size, resize)
+  fitted = preprocessing.fit(Image.fromarray(image[..., 0]), image_size, resize)
+  if rng is None:
+    return fitted
+  return np.asarray(augment(Image.fromarray(fitted[..., 0]), rng, flip, rotation_degrees),
+                    np.uint8)[..., None]
 
 
 # ------------------------------------------------------------------------------------------------
