@@ -8,7 +8,7 @@ same PNG files, alternating, `--rounds` times; views/s per core is what is compa
   ours, epoch     what each training epoch does per view: decode the view's gray PNG as the TFDS
                   `mura` dataset stores it (re-encoded gray at build time, decoded by TFDS with
                   PIL), then `preprocess_view` with an rng (resize to 224 x 224, then random
-                  lateral flip and random rotation of up to 30 degrees, bilinear; before 3fe1c3e
+                  lateral flip and random rotation of up to 30 degrees, bilinear; before 8332ce6
                   the rotation came first, at full resolution); uint8 out, normalised on the
                   device inside the jitted step.
   ours, from file the same from the original file: `preprocessing.read_image` (decode, the
