@@ -48,6 +48,7 @@ import numpy as np
 from etils import epath
 
 from mura_jax import images
+from mura_jax.errors import UserError
 from tfds_mura import BODY_PARTS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING = 0, 1, 2
@@ -360,11 +361,27 @@ def parse_args(argv):
                       help='the body part of every study (else from XR_<PART> or DICOM)')
   parser.add_argument('--threshold', type=float, default=0.5, help='abnormal if > this')
   parser.add_argument('--batch-size', type=int, default=32, help='views per batch')
+  parser.add_argument('--verbose', action='store_true',
+                      help='print the traceback of errors in the input or model too')
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  try:
+    return predict_paths(args)
+  except UserError as e:  # e.g. an --out that cannot be written, a damaged export
+    if args.verbose:
+      raise
+    print(f'error: {e}\n(--verbose prints the traceback.)', file=sys.stderr)
+    return EXIT_NOTHING
+
+
+def predict_paths(args) -> int:
+  """mura-predict's work: find the studies, load the model, predict, print and write."""
+  if args.out:  # before the work, not after it
+    from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    checkpoints.check_writable(args.out, '--out')
   studies, problems, sidecars = find_studies(args.paths)
   for problem in problems:
     print(f'error: {problem}', file=sys.stderr)

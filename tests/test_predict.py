@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from mura_jax import predict
+from mura_jax.errors import UserError
 
 from test_images import write_dicom
 
@@ -120,6 +121,23 @@ def test_nothing_to_predict_and_usage_errors(trained_workdir, capsys, tmp_path):
   Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / 'empty' / 'x.png')
   code, _, err = _run(capsys, tmp_path / 'empty', '--workdir', tmp_path / 'no_run')
   assert code == predict.EXIT_NOTHING and 'train first' in err
+
+
+def test_unwritable_out_fails_before_predicting(trained_workdir, capsys, tmp_path):
+  """An --out that cannot be written is a sentence before any work; --verbose adds the traceback."""
+  workdir, _ = trained_workdir
+  (tmp_path / 'study').mkdir()
+  Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / 'study' / 'x.png')
+  blocked = tmp_path / 'a-file'
+  blocked.write_text('')
+  out = blocked / 'out'  # a folder inside a file: no user can create it
+  code, stdout, err = _run(capsys, tmp_path / 'study', '--workdir', workdir, '--out', out)
+  assert code == predict.EXIT_NOTHING and f'error: Cannot write to {out}' in err
+  assert 'Pass a --out you can write to' in err and 'Traceback' not in err
+  assert stdout == ''  # nothing was predicted
+  with pytest.raises(UserError):
+    predict.main([str(tmp_path / 'study'), '--workdir', str(workdir), '--out', str(out),
+                  '--verbose'])
 
 
 def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_path):
