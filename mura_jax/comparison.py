@@ -16,7 +16,6 @@ Groups: the body parts with studies, then "all".
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 
@@ -28,27 +27,22 @@ from mura_jax.studies import LabelsError, StudyTable, study_key
 
 
 def common_studies(table_a: StudyTable, table_b: StudyTable) -> tuple[StudyTable, StudyTable]:
-  """Both tables restricted to the studies they share, in A's order (labels must agree)."""
+  """Both tables restricted to the studies they share, in study order (labels must agree)."""
   in_b = {study_key(p): i for i, p in enumerate(table_b.paths)}
   rows_a = [i for i, p in enumerate(table_a.paths) if study_key(p) in in_b]
   rows_b = [in_b[study_key(table_a.paths[i])] for i in rows_a]
   if not rows_a:
     raise LabelsError('comparison', [('empty', 'comparison', None,
                                       'the two models share no study')])
-  a, b = _rows(table_a, rows_a), _rows(table_b, rows_b)
+  # In study order (`StudyTable.in_study_order`): the paired bootstrap draws row indices.
+  order = sorted(range(len(rows_a)), key=lambda r: study_key(table_a.paths[rows_a[r]]))
+  a = table_a.rows([rows_a[r] for r in order])
+  b = table_b.rows([rows_b[r] for r in order])
   bad = np.flatnonzero(a.label != b.label)
   if bad.size:
     raise LabelsError('comparison', [('contradiction', 'comparison', int(i),
                                       f'study {a.paths[i]} has different labels') for i in bad])
   return a, b
-
-
-def _rows(table: StudyTable, rows) -> StudyTable:
-  rows = np.asarray(rows, np.int64)
-  return dataclasses.replace(
-      table, paths=tuple(table.paths[i] for i in rows), probability=table.probability[rows],
-      label=table.label[rows], body_part=table.body_part[rows],
-      num_views=None if table.num_views is None else table.num_views[rows])
 
 
 def _counts(table: StudyTable, membership, options: scoring.Options):

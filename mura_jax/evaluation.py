@@ -107,6 +107,7 @@ from mura_jax import readers as readers_lib
 from mura_jax import reports
 from mura_jax import scoring
 from mura_jax import studies
+from mura_jax.errors import UserError
 from mura_jax.studies import LabelsError, PredictionsError  # noqa: F401  (raised by evaluate)
 
 
@@ -402,7 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'whose operating point sets the threshold')
   parser.add_argument('--operating-point', default='specificity@0.95',
                       help="its name: threshold, worklist, sensitivity@0.95, specificity@0.95, ...")
+  parser.add_argument('--verbose', action='store_true', help='tracebacks of input errors too')
   args = parser.parse_args(argv)
+  for flag in ('predictions', 'labels', 'readers', 'compare', 'threshold_from'):
+    value = getattr(args, flag)
+    if value and not epath.Path(value).is_file():
+      print(f'error: --{flag.replace("_", "-")} {value}: no such file; check the path.',
+            file=sys.stderr)
+      return 2
   try:
     score_files(args.predictions, args.labels, args.out, args.readers,
                 aggregation=args.aggregation, split=args.split, print_table=True,
@@ -411,7 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         tie_break=args.tie_break),
                 compare=args.compare, threshold_from=args.threshold_from,
                 operating_point=args.operating_point)
-  except (PredictionsError, ValueError, FileNotFoundError) as e:  # LabelsError too
+  except (UserError, ValueError, OSError) as e:  # PredictionsError, LabelsError, an unwritable --out
+    if args.verbose:
+      raise
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'Wrote report.json, report.md, predictions.csv, study_probabilities.csv, roc.png to '

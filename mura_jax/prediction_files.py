@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 
+from mura_jax.errors import DataError
 from mura_jax.readers import Readers
 from mura_jax.studies import (LabelsError, PredictionsError, aggregate_float64, body_part_of,
                               study_key, study_path)
@@ -31,6 +32,9 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.dcm', '.dicom')
 
 def _read_rows(path, what: str) -> list[tuple[int, list[str]]]:
   """(row number, fields) of the non-empty rows of a CSV file; warns about CRLF line ends."""
+  if not epath.Path(path).is_file():
+    raise DataError(f'The {what} {path} does not exist' + (
+        ' (it is a folder)' if epath.Path(path).exists() else '') + '; check the path.')
   data = epath.Path(path).read_bytes()
   if b'\r' in data:
     logging.warning('%s %s has CRLF (Windows) line ends; reading it anyway.', what, path)

@@ -145,9 +145,13 @@ def match_readers(readers: Readers, study_paths) -> np.ndarray:
 
 def compare(table: StudyTable, readers: Readers, options: scoring.Options) -> dict:
   """The "readers" section of report.json for the model's predictions in `table`."""
+  # In study order: neither the predictions' nor the readers file's row order moves the CIs.
+  table = table.in_study_order()
   read = match_readers(readers, table.paths)
+  by_study = np.argsort(read, kind='stable')
+  read, reader_labels = read[by_study], np.asarray(readers.labels)[by_study]
   predicted = (table.probability > options.threshold).astype(np.int64)
   return reader_comparison(
-      predicted[read], table.label[read], table.body_part[read], readers.labels, readers.names,
+      predicted[read], table.label[read], table.body_part[read], reader_labels, readers.names,
       num_resamples=options.num_resamples, seed=options.seed, tie_break=options.tie_break,
       chunk_size=options.chunk_size, level=options.level)

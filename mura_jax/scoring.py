@@ -109,6 +109,7 @@ def _choose_thresholds(scores, truth, wanted, with_scores):
 
 def score(table: StudyTable, options: Options = Options(), split: str | None = None) -> dict:
   """The report dict (report.json's content, `readers` None) of a study table."""
+  table = table.in_study_order()  # the CIs must not depend on the input's row order
   study_paths, scores, truth, part = table.paths, table.probability, table.label, table.body_part
   threshold, num_resamples, seed = options.threshold, options.num_resamples, options.seed
   chunk_size, level = options.chunk_size, options.level

@@ -148,6 +148,20 @@ class StudyTable:
   score_kind: str = 'probabilities'    # or 'labels': hard-label predictions
   aggregation: str | None = None       # how views became studies; None: study-level input
 
+  def in_study_order(self) -> StudyTable:
+    """The same rows sorted by study (split, part, patient, study): the bootstrap draws row
+    indices, so every resampling starts from this order. Otherwise the same predictions would
+    get other CIs from a shuffled labels file, or from the scorer and the training run."""
+    return self.rows(sorted(range(len(self.paths)), key=lambda i: study_key(self.paths[i])))
+
+  def rows(self, rows) -> StudyTable:
+    """These rows of the table, in this order."""
+    rows = np.asarray(rows, np.int64)
+    return dataclasses.replace(
+        self, paths=tuple(self.paths[i] for i in rows), probability=self.probability[rows],
+        label=self.label[rows], body_part=self.body_part[rows],
+        num_views=None if self.num_views is None else self.num_views[rows])
+
   def __len__(self):
     return len(self.paths)
 

@@ -26,7 +26,7 @@ def _tables(num_studies=150, seed=0):
 
 
 def test_paired_bootstrap_equals_a_loop_over_the_same_resamples():
-  table_a, table_b = _tables()
+  table_a, table_b = comparison.common_studies(*_tables())  # in study order, as compare() has them
   options = Options(num_resamples=120, seed=7, chunk_size=50)
   values, samples = comparison.paired_differences(table_a, table_b, options)
   membership = metrics.body_part_membership(table_a.body_part)
