@@ -86,6 +86,21 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
   """No weights file at the given path (or a URL): the message says where the official one is."""
 
 
+class WeightsFileError(UserError, ValueError):
+  """A weights file that exists but cannot be read as the format its name says."""
+
+
+def _unreadable(path, what: str, error: Exception, arch: str, kind: str,
+                quote: bool = True) -> WeightsFileError:
+  # torch's own message advises torch.load(weights_only=False), which would run the file's
+  # pickled code: for torch only the error's kind is given (quote=False).
+  first_line = str(error).splitlines()[0][:120] if str(error) else ''
+  reason = type(error).__name__ + (f': {first_line}' if quote and first_line else '')
+  size = epath.Path(path).stat().length if epath.Path(path).exists() else 0
+  return WeightsFileError(f'{path} ({size:,} bytes) is not a readable {what} ({reason}). '
+                          f'{_where_to_get(arch, kind) or "Pass a file saved from this model."}')
+
+
 # --- Shared helpers -------------------------------------------------------------------------------
 
 def _model(arch: str | DenseNet, num_classes: int | None = None) -> DenseNet:
@@ -159,8 +174,11 @@ def _weights_file(path: str | os.PathLike, model: DenseNet, kind: str) -> epath.
   if re.match(r'^https?://', text, re.IGNORECASE):
     raise WeightsNotFoundError(
         f'{text} is a URL, and mura-jax downloads nothing at run time. {_where_to_get(arch, kind)}')
+  where = _where_to_get(arch, kind) or 'Pass the path of a weights file of this model.'
   if not epath.Path(text).exists():
-    raise WeightsNotFoundError(f'No weights file at {text}. {_where_to_get(arch, kind)}')
+    raise WeightsNotFoundError(f'No weights file at {text}. {where}')
+  if epath.Path(text).is_dir():
+    raise WeightsNotFoundError(f'{text} is a folder, not a weights file. {where}')
   return epath.Path(text)
 
 
@@ -224,14 +242,22 @@ def _read_state_dict(path_or_state_dict, model: DenseNet) -> tuple[dict[str, np.
     source = str(path)
     if path.suffix == '.safetensors':
       import safetensors.numpy  # pylint: disable=g-import-not-at-top
-      raw = safetensors.numpy.load(path.read_bytes())
+      try:
+        raw = safetensors.numpy.load(path.read_bytes())
+      except Exception as e:  # pylint: disable=broad-except  (safetensors raises several kinds)
+        raise _unreadable(path, 'safetensors file', e, _arch_name(model), 'torchvision') from e
     else:
       torch = _import_torch()
       # weights_only: a weights file never runs pickled code.
-      with path.open('rb') as f:
-        raw = torch.load(f, map_location='cpu', weights_only=True)
+      try:
+        with path.open('rb') as f:
+          raw = torch.load(f, map_location='cpu', weights_only=True)
+      except Exception as e:  # pylint: disable=broad-except  (pickle, zip and torch errors)
+        raise _unreadable(path, 'PyTorch state dict (.pth)', e, _arch_name(model),
+                          'torchvision', quote=False) from e
       if not isinstance(raw, Mapping):
-        raise ValueError(f'{path} holds a {type(raw).__name__}, not a state dict.')
+        raise WeightsFileError(f'{path} holds a {type(raw).__name__}, not a state dict: save '
+                               'model.state_dict() instead of the model.')
   state_dict = {}
   for key, value in raw.items():
     if key.endswith('num_batches_tracked'):  # only used by BN with momentum=None
@@ -349,10 +375,15 @@ def _keras_layers(path_or_model, model: DenseNet) -> tuple[dict[str, dict[str, n
   except ImportError as e:
     raise ImportError('Reading Keras h5 files needs h5py: pip install mura-jax[keras].') from e
   layers = {}
-  with path.open('rb') as fp, h5py.File(fp, 'r') as f:
+  try:
+    fp = path.open('rb')
+    f = h5py.File(fp, 'r')
+  except Exception as e:  # pylint: disable=broad-except  (h5py's OSError for a bad signature)
+    raise _unreadable(path, 'Keras HDF5 weights file (.h5)', e, _arch_name(model), 'keras') from e
+  with fp, f:
     root = f['model_weights'] if 'model_weights' in f else f  # model.save() vs save_weights()
     if 'layer_names' not in root.attrs:
-      raise ValueError(
+      raise WeightsFileError(
           f'{path} is not a Keras h5 weights file with layer names (a Keras 3 .weights.h5 names '
           'layers by class: load it into keras.applications.DenseNet169(weights=None) with '
           'load_weights and pass that model instead).')
