@@ -6,8 +6,8 @@ network what it saw in training.
 PNG / JPEG (Pillow): the EXIF orientation is applied; 8-bit and 16-bit gray go through the
 dataset's own rule (`tfds_mura.to_grayscale`: 16-bit scaled by its significant bits); RGB whose
 channels are equal (MURA's own RGB files) becomes gray exactly, RGB whose channels differ (a colour
-photograph, not a radiograph) is converted to luma with a warning; an alpha channel is dropped, with
-a warning where it hides pixels.
+photograph, not a radiograph) is converted to luma with a warning; transparent pixels are
+composited onto black, with a warning (`tfds_mura.grayscale_notes`, the builder's notes too).
 
 DICOM (pydicom), in the standard's order (PS3.3 C.11: modality LUT, VOI LUT, presentation LUT):
   1. the modality LUT (Rescale Slope/Intercept, or a Modality LUT Sequence);
@@ -34,6 +34,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from mura_jax import preprocessing
+from tfds_mura import grayscale_notes
 from mura_jax.errors import UserError
 
 PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -104,13 +105,7 @@ def _read_picture(path) -> View:
     if orientation != 1:
       image = ImageOps.exif_transpose(image)
       warnings.append(f'EXIF orientation {orientation} applied')
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-      alpha = np.asarray(image.convert('RGBA'))[..., 3]
-      if alpha.min() < 255:
-        warnings.append(f'alpha channel dropped: {np.mean(alpha < 255):.1%} of the pixels were '
-                        'transparent and are now visible')
-    if image.mode in ('RGB', 'RGBA', 'P'):
-      warnings += _colour_warning(np.asarray(image.convert('RGB')))
+    warnings += grayscale_notes(image)  # the dataset's rule: transparency, colour
     try:
       gray = preprocessing.to_gray(image)
     except ValueError as e:
@@ -169,12 +164,7 @@ def _read_dicom(path) -> View:
 
 def _colour_warning(rgb: np.ndarray) -> list[str]:
   """MURA's RGB files have equal channels; differing ones mean a colour photograph."""
-  rgb = np.asarray(rgb, np.int16)
-  spread = int(np.abs(rgb - rgb.mean(-1, keepdims=True)).max())
-  if spread <= 2:
-    return []
-  return [f'colour image (channels differ by up to {spread}): a photograph, not a radiograph? '
-          'converted to gray luma']
+  return grayscale_notes(Image.fromarray(np.asarray(rgb, np.uint8), 'RGB'))
 
 
 def _text(ds, keyword: str) -> str | None:

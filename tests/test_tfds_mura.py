@@ -196,7 +196,7 @@ def test_corrupt_and_truncated_pngs_are_all_listed(tree, tmp_path):
   truncated, corrupt = tree / lines[1], tree / lines[-1]
   truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
   corrupt.write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 100)
-  with pytest.raises(tfds_mura.MuraDataError, match=r'Corrupt, truncated.*\(2\)') as e:
+  with pytest.raises(tfds_mura.MuraDataError, match=r'2 corrupt, truncated or unsupported image.*\(2\)') as e:
     _build(tree, tmp_path / 'data')
   assert str(truncated) in str(e.value) and str(corrupt) in str(e.value)
   assert not (tmp_path / 'data' / 'mura' / '1.1.0' / 'dataset_info.json').exists()

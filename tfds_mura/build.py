@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from absl import logging
+
 from tfds_mura.mura import mura_dataset_builder as mura
 
 
@@ -34,20 +36,61 @@ def summary_table(info) -> str:
   return '\n'.join(lines)
 
 
-def build(manual_dir: str, data_dir: str, file_format: str = 'array_record',
+def build(manual_dir: str | None, data_dir: str, file_format: str = 'array_record',
           num_workers: int | None = None):
-  """Builds (or finds already built) `mura` in data_dir; returns the builder."""
+  """Builds `mura` in data_dir from manual_dir; returns the builder. A dataset already built
+  there is reused only when manual_dir holds the same MURA (`check_reuse`), or none is given."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = mura.Builder(data_dir=data_dir, file_format=file_format, num_workers=num_workers)
+  if builder.is_prepared():
+    check_reuse(builder, manual_dir, data_dir)
+    return builder
+  if not manual_dir:
+    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset, and no manual_dir was '
+                             f'given to build one.\n{mura.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
 
+def check_reuse(builder, manual_dir: str | None, data_dir: str) -> None:
+  """A built dataset is reused, with a line that says so, when no manual_dir is given or it holds
+  the MURA it was built from (the same four CSVs); anything else is an error, not a silent
+  reuse of other data."""
+  built = builder.info.metadata.get('source') if builder.info.metadata else None
+  where = builder.data_dir
+  origin = (f"from {built['read']} on {built['built']}" if built else 'by an earlier version '
+            'that recorded no source')
+  if not manual_dir:
+    logging.warning('Using the mura dataset already built in %s (%s).', where, origin)
+    return
+  try:
+    source = mura.Source(manual_dir)
+  except mura.MuraDataError:
+    raise mura.MuraDataError(
+        f'{where} already holds a built mura dataset ({origin}), and the manual_dir {manual_dir} '
+        'has no MURA-v1.1 to compare it with. To use the built dataset, give no manual_dir '
+        f'(python -m tfds_mura.build --data_dir {data_dir}); to build again, '
+        f'put MURA-v1.1.zip or MURA-v1.1/ in the manual_dir and delete {where}.') from None
+  if built is None:
+    raise mura.MuraDataError(
+        f'{where} holds a mura dataset built by an earlier version, which did not record its '
+        f'source: whether it is the MURA in {manual_dir} cannot be checked. Delete {where} to '
+        'build again, or give no manual_dir to use it as it is.')
+  if built['csv_sha256'] != source.fingerprint():
+    raise mura.MuraDataError(
+        f'{where} already holds a mura dataset built {origin}, but the manual_dir {manual_dir} '
+        f'holds another MURA (its CSVs differ). Delete {where} to build from {manual_dir}, or '
+        'pass another --data_dir.')
+  logging.warning('Using the mura dataset already built in %s (%s; the same CSVs as in %s).',
+                  where, origin, manual_dir)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m tfds_mura.build', description=__doc__.split('\n')[0])
-  parser.add_argument('--manual_dir', required=True,
-                      help='folder holding MURA-v1.1.zip or the extracted MURA-v1.1/')
+  parser.add_argument('--manual_dir', default=None,
+                      help='folder holding MURA-v1.1.zip or the extracted MURA-v1.1/ (without: '
+                           'show the dataset already built in --data_dir)')
   parser.add_argument('--data_dir', required=True, help='TFDS data_dir to write mura/1.1.0/ into')
   parser.add_argument('--file_format', default='array_record', choices=['array_record', 'tfrecord'],
                       help='array_record (grain, tfds.data_source; no TensorFlow) or tfrecord '

@@ -8,10 +8,12 @@ study, body part, patient and view number, so that study-level prediction can be
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import multiprocessing
 import os
 import re
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
 
@@ -57,6 +59,8 @@ LABELS = ('normal', 'abnormal')
 SPLITS = {'train': 'train', 'valid': 'validation'}
 ROOT = 'MURA-v1.1'
 ZIP_NAME = 'MURA-v1.1.zip'
+CSV_NAMES = ('train_labeled_studies.csv', 'train_image_paths.csv', 'valid_labeled_studies.csv',
+             'valid_image_paths.csv')
 SYNTHETIC_MARKER = 'synthetic_annotations.csv'  # beside MURA-v1.1/ in a synthetic tree
 
 _IMAGE_PATH = re.compile(
@@ -111,9 +115,25 @@ class Source:
 
   def _zipfile(self) -> zipfile.ZipFile:
     if self._zip is None:
-      self._zip = zipfile.ZipFile(self._zip_path.open('rb'))
+      try:
+        self._zip = zipfile.ZipFile(self._zip_path.open('rb'))
+      except (zipfile.BadZipFile, EOFError, OSError) as e:
+        size = self._zip_path.stat().length
+        raise MuraDataError(
+            f'{self._zip_path} ({size:,} bytes) is not a readable zip ({type(e).__name__}: {e}): '
+            f'a truncated or damaged download? MURA-v1.1.zip is about 3.3 GB. Download it again '
+            f'from {HOMEPAGE}, or extract it and put the MURA-v1.1/ folder in the manual_dir.'
+        ) from None
       self._names = set(self._zip.namelist())
     return self._zip
+
+  def fingerprint(self) -> str:
+    """sha256 of the four CSVs: what a built dataset was made from (`Builder`, reuse check)."""
+    digest = hashlib.sha256()
+    for name in CSV_NAMES:
+      path = f'{ROOT}/{name}'
+      digest.update(self.read_bytes(path) if self.exists(path) else b'')
+    return digest.hexdigest()
 
   def exists(self, path: str) -> bool:
     if self._base is not None:
@@ -151,7 +171,11 @@ def read_csv_rows(source: Source, name: str, num_fields: int) -> list[tuple[int,
   if not source.exists(path):
     raise MuraDataError(f'{source.where(path)} is missing: every MURA-v1.1 release has it.\n'
                         f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  text = source.read_bytes(path).decode('utf-8-sig')
+  data = source.read_bytes(path)
+  if b'\r\n' in data:
+    logging.warning('%s has CRLF (Windows) line ends, not the official LF: read as LF (a copy '
+                    'saved on Windows?).', source.where(path))
+  text = data.decode('utf-8-sig')
   rows, errors = [], []
   for number, line in enumerate(text.splitlines(), start=1):  # splitlines: LF and CRLF alike
     if not line.strip():
@@ -165,7 +189,7 @@ def read_csv_rows(source: Source, name: str, num_fields: int) -> list[tuple[int,
       errors.append(f'line {number}: expected {num_fields} comma-separated field(s), got {line!r}')
       continue
     rows.append((number, fields))
-  _raise_if(errors, f'{source.where(path)} has malformed rows')
+  _raise_if(errors, f'{source.where(path)} has malformed rows')  # nothing else can be checked
   return rows
 
 
@@ -178,6 +202,13 @@ def _raise_if(problems: Sequence[str], what: str):
 
 def read_split(source: Source, split: str, num_workers: int = 1) -> list[View]:
   """Every view of a MURA split (`train` or `valid`), cross-checked; raises listing all problems."""
+  views, problems = check_split(source, split, num_workers)
+  _raise_if(problems, f'The {split} split of {source.description} is inconsistent')
+  return views
+
+
+def check_split(source: Source, split: str, num_workers: int = 1) -> tuple[list[View], list[str]]:
+  """(views, problems) of a MURA split: every problem of its two CSVs and their files."""
   labels_csv = f'{split}_labeled_studies.csv'
   images_csv = f'{split}_image_paths.csv'
   study_labels: dict[str, int] = {}
@@ -200,7 +231,6 @@ def read_split(source: Source, split: str, num_workers: int = 1) -> list[View]:
       problems.append(f'{where}: study {study_path} is listed twice')
     else:
       study_labels[study_path] = int(label)
-  _raise_if(problems, f'{labels_csv} contradicts itself or MURA\'s layout')
 
   views, seen, studies_with_views = [], set(), set()
   for line, (image_path,) in read_csv_rows(source, images_csv, 1):
@@ -223,10 +253,10 @@ def read_split(source: Source, split: str, num_workers: int = 1) -> list[View]:
           view=int(match['view']), label=study_labels[study_path]))
   problems += [f'{labels_csv}: study {s} has no image in {images_csv}'
                for s in study_labels if s not in studies_with_views]
+  missing = set(source.missing([v.image_path for v in views], num_workers))
   problems += [f'{images_csv}: {v} is listed but the file is not in {source.description}'
-               for v in source.missing([v.image_path for v in views], num_workers)]
-  _raise_if(problems, f'The {split} split of {source.description} is inconsistent')
-  return views
+               for v in sorted(missing)]
+  return [v for v in views if v.image_path not in missing], problems
 
 
 def count_images(views: Sequence[View]) -> dict[str, dict[str, int]]:
@@ -254,8 +284,10 @@ def to_grayscale(image):
   `mura_jax.preprocessing` applies the same function to files given for prediction, so a view
   stored here and the same file read at prediction time give the network identical pixels.
     L                    kept as it is.
-    RGB, RGBA, LA, P, 1  ITU-R 601 luma (exact for MURA's RGB files, whose channels are equal);
-                         alpha is dropped.
+    RGB, RGBA, LA, P, 1  ITU-R 601 luma (exact for MURA's RGB files, whose channels are equal).
+                         Transparent pixels are composited onto black, a radiograph's
+                         background (dropping alpha would show what they hide); an opaque alpha
+                         channel changes nothing. `grayscale_notes` says when either happened.
     I;16, I              16-bit (or 32-bit integer) gray, scaled by its significant bits: a file
                          whose largest value has b > 8 bits is shifted right by b - 8, so 12-bit
                          data (0..4095, as exported from DICOM) keeps its contrast instead of
@@ -270,24 +302,51 @@ def to_grayscale(image):
       raise ValueError(f'negative pixel values in a {image.mode} image')
     bits = max(8, int(pixels.max(initial=0)).bit_length())
     return Image.fromarray((pixels >> (bits - 8)).astype(np.uint8))
+  if _has_transparency(image):
+    black = Image.new('RGBA', image.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, image.convert('RGBA')).convert('L')
   if image.mode in ('RGB', 'RGBA', 'LA', 'P', '1'):
     return image.convert('L')
   raise ValueError(f'unsupported image mode {image.mode!r}')
 
 
-def grayscale_png(data: bytes) -> bytes:
-  """PNG bytes of the image as 8-bit grayscale (`to_grayscale`); raises on anything that does not
-  decode fully. Grayscale PNGs are kept byte for byte."""
+def _has_transparency(image) -> bool:
+  if image.mode not in ('RGBA', 'LA', 'PA') and not (image.mode == 'P' and
+                                                     'transparency' in image.info):
+    return False
+  return int(np.asarray(image.convert('RGBA'))[..., 3].min()) < 255
+
+
+def grayscale_notes(image) -> list[str]:
+  """What `to_grayscale` did to this image beyond MURA's own conversions, in words: transparent
+  pixels composited onto black, or colour channels (a photograph, not a radiograph) made luma."""
+  notes = []
+  if _has_transparency(image):
+    alpha = np.asarray(image.convert('RGBA'))[..., 3]
+    notes.append(f'{np.mean(alpha < 255):.1%} of the pixels are transparent: composited onto '
+                 'black')
+  if image.mode in ('RGB', 'RGBA', 'P', 'PA'):
+    rgb = np.asarray(image.convert('RGB'), np.int16)
+    spread = int(np.abs(rgb - rgb.mean(-1, keepdims=True)).max())
+    if spread > 2:  # MURA's RGB files have equal channels
+      notes.append(f'colour image (channels differ by up to {spread}): a photograph, not a '
+                   'radiograph? converted to gray luma')
+  return notes
+
+
+def grayscale_png(data: bytes) -> tuple[bytes, list[str]]:
+  """(PNG bytes of the image as 8-bit grayscale (`to_grayscale`), `grayscale_notes`); raises on
+  anything that does not decode fully. Grayscale PNGs are kept byte for byte."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(data)) as image:
     if image.format != 'PNG':
       raise ValueError(f'not a PNG but {image.format}')
     image.load()  # decodes every row: a truncated file raises here
     if image.mode == 'L':
-      return data
+      return data, []
     buffer = io.BytesIO()
     to_grayscale(image).save(buffer, format='PNG', compress_level=3)
-    return buffer.getvalue()
+    return buffer.getvalue(), grayscale_notes(image)
 
 
 _WORKER_SOURCE: Source | None = None
@@ -298,16 +357,25 @@ def _init_worker(source: Source):
   _WORKER_SOURCE = source
 
 
-def _encode_view(image_path: str) -> tuple[bytes | None, str | None]:
+def _encode_view(image_path: str) -> tuple[bytes | None, list[str], str | None]:
   try:
-    return grayscale_png(_WORKER_SOURCE.read_bytes(image_path)), None
+    png, notes = grayscale_png(_WORKER_SOURCE.read_bytes(image_path))
+    return png, notes, None
   except Exception as e:  # pylint: disable=broad-except  (reported, with the file, by the caller)
-    return None, f'{_WORKER_SOURCE.where(image_path)}: {type(e).__name__}: {e}'
+    return None, [], f'{_WORKER_SOURCE.where(image_path)}: {type(e).__name__}: {e}'
 
 
-def encode_views(source: Source, views: Sequence[View], num_workers: int) -> Iterator[tuple[View, bytes]]:
-  """(view, grayscale PNG) in order, decoded on all cores; raises listing every bad image."""
-  bad = []
+@dataclasses.dataclass
+class ImageReport:
+  """What decoding found, over every split of a build: unreadable files and conversion notes."""
+  bad: list[str] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def encode_views(source: Source, views: Sequence[View], num_workers: int,
+                 report: ImageReport) -> Iterator[tuple[View, bytes]]:
+  """(view, grayscale PNG) in order, decoded on all cores. Unreadable files go to `report.bad`
+  (the caller raises once every split is decoded), notes (`grayscale_notes`) to `report.notes`."""
   paths = [v.image_path for v in views]
   if num_workers > 1:
     pool = multiprocessing.get_context('spawn').Pool(num_workers, _init_worker, (source,))
@@ -317,16 +385,33 @@ def encode_views(source: Source, views: Sequence[View], num_workers: int) -> Ite
     _init_worker(source)
     results = map(_encode_view, paths)
   try:
-    for v, (png, error) in zip(views, results):
+    for v, (png, notes, error) in zip(views, results):
+      report.notes += [f'{source.where(v.image_path)}: {note}' for note in notes]
       if error is not None:
-        bad.append(error)  # keep going: the error lists every bad file, not just the first
-      elif not bad:
-        yield v, png
+        report.bad.append(error)  # keep going: the error lists every bad file, not the first
+      else:
+        yield v, png  # TFDS keeps nothing of a build that raises in the end
   finally:
     if pool is not None:
       pool.terminate()
-  _raise_if(bad, 'Corrupt, truncated or unsupported images (the build stopped; fix or re-download '
-                 'them)')
+
+
+def raise_for_images(report: ImageReport, csv_problems: Sequence[str] = ()) -> None:
+  """One error for everything a build found: the CSVs' problems and every unreadable image."""
+  problems = [*csv_problems, *report.bad]
+  kinds = [f'{len(csv_problems)} in the CSVs and their files'] * bool(csv_problems) + [
+      f'{len(report.bad)} corrupt, truncated or unsupported image(s)'] * bool(report.bad)
+  _raise_if(problems, f'The build stopped and wrote nothing: {" and ".join(kinds)}; fix or '
+                      're-download them. Every problem')
+
+
+def warn_for_notes(report: ImageReport) -> None:
+  if report.notes:
+    listed = '\n  '.join(report.notes[:_MAX_LISTED])
+    more = (f'\n  ... and {len(report.notes) - _MAX_LISTED} more' if len(report.notes) >
+            _MAX_LISTED else '')
+    logging.warning('%d image(s) were not plain radiographs; stored converted as said:\n  %s%s',
+                    len(report.notes), listed, more)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,17 +468,43 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     except AssertionError as e:  # TFDS's own error for a missing or empty manual_dir
       raise MuraDataError(f'{e}') from None
     source = Source(manual_dir)
-    # Check both splits before writing anything: a bad validation CSV should not cost a train build.
-    views = {split: read_split(source, split, self._num_workers) for split in SPLITS}
+    # Check both splits before writing anything: a bad validation CSV should not cost a train
+    # build. With CSV problems, every image is decoded too, so that one error lists everything.
+    checked = {split: check_split(source, split, self._num_workers) for split in SPLITS}
+    views = {split: v for split, (v, _) in checked.items()}
+    csv_problems = [f'{split}: {p}' for split, (_, problems) in checked.items() for p in problems]
+    report = ImageReport()
+    if csv_problems:
+      for v in views.values():
+        for _ in encode_views(source, v, self._num_workers, report):
+          pass
+      raise_for_images(report, csv_problems)
     self.info.metadata['image_counts'] = {SPLITS[s]: count_images(v) for s, v in views.items()}
     self.info.metadata['study_counts'] = {SPLITS[s]: count_studies(v) for s, v in views.items()}
     # mura_jax's synthetic MURA writes its boxes beside MURA-v1.1/: say so, so that nobody takes
     # a model of it for one of the real data (model cards, licence terms).
     self.info.metadata['synthetic'] = source.exists(SYNTHETIC_MARKER)
-    return {SPLITS[s]: self._generate_examples(source, v) for s, v in views.items()}
+    # What it was built from: a later build into this data_dir reuses it only from the same CSVs.
+    self.info.metadata['source'] = {'manual_dir': os.fspath(manual_dir),
+                                    'read': source.description,
+                                    'csv_sha256': source.fingerprint(),
+                                    'built': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    last = list(views)[-1]
+    return {SPLITS[s]: self._generate_examples(source, v, report, s == last)
+            for s, v in views.items()}
 
-  def _generate_examples(self, source: Source, views: Sequence[View]):
-    for v, png in encode_views(source, views, self._num_workers):
+  def _generate_examples(self, source: Source, views: Sequence[View], report: ImageReport,
+                         last: bool):
+    """A split's examples; after the last split, one error for every bad image of all splits
+    (TFDS then keeps nothing of the build)."""
+    yield from self._examples(source, views, report)
+    if last:
+      raise_for_images(report)
+      warn_for_notes(report)
+      self.info.metadata['converted_images'] = len(report.notes)
+
+  def _examples(self, source: Source, views: Sequence[View], report: ImageReport):
+    for v, png in encode_views(source, views, self._num_workers, report):
       yield v.image_path, {
           'image': png,
           'label': v.label,
