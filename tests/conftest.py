@@ -1,6 +1,7 @@
 """Shared fixtures: one small synthetic MURA-v1.1 and its built TFDS dataset per test session."""
 
 import os
+import shutil
 
 # Tests see 4 CPU devices, as a 4-accelerator host would (sharded == unsharded tests need them).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
@@ -52,3 +53,18 @@ def trained_workdir(mura_data_dir, tmp_path_factory):
   assert train.train_and_evaluate(config, str(workdir))['status'] == 'done'
   evaluation.evaluate_checkpoint(config, str(workdir))
   return workdir, config
+
+
+@pytest.fixture(scope='module')
+def tiny_tree(tmp_path_factory):
+  """A tiny synthetic manual_dir (one study per part and split), for builder tests that edit it."""
+  out = tmp_path_factory.mktemp('tiny')
+  synthetic.make_synthetic_mura(out, 1, 1, seed=5, num_workers=1, progress=False)
+  return out
+
+
+@pytest.fixture
+def tree(tiny_tree, tmp_path):
+  """A fresh, editable copy of `tiny_tree`'s manual_dir."""
+  shutil.copytree(tiny_tree / 'MURA-v1.1', tmp_path / 'manual' / 'MURA-v1.1')
+  return tmp_path / 'manual'

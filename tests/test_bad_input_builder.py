@@ -28,22 +28,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfds_mura
-from mura_jax import synthetic
 from tfds_mura import build
 from tfds_mura.mura import mura_dataset_builder as mura
 
 
-@pytest.fixture(scope='module')
-def tiny_tree(tmp_path_factory):
-  out = tmp_path_factory.mktemp('tiny')
-  synthetic.make_synthetic_mura(out, 1, 1, seed=5, num_workers=1, progress=False)
-  return out
-
-
-@pytest.fixture
-def tree(tiny_tree, tmp_path):
-  shutil.copytree(tiny_tree / 'MURA-v1.1', tmp_path / 'manual' / 'MURA-v1.1')
-  return tmp_path / 'manual'
 
 
 def _build(manual_dir, data_dir):

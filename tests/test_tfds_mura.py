@@ -2,7 +2,6 @@
 
 import collections
 import logging
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,6 @@ from PIL import Image
 import tfds_mura
 from tfds_mura import build
 from tfds_mura.mura import mura_dataset_builder as mura
-from mura_jax import synthetic
 
 
 def csv_counts(synthetic_dir):
@@ -98,18 +96,6 @@ def test_another_process_reads_without_importing_tfds_mura(mura_data_dir):
 # Manual-dir variants: the zip, header rows and CRLF line ends of redistributed copies.
 
 
-@pytest.fixture(scope='module')
-def tiny_tree(tmp_path_factory):
-  out = tmp_path_factory.mktemp('tiny')
-  synthetic.make_synthetic_mura(out, 1, 1, seed=5, num_workers=1, progress=False)
-  return out
-
-
-@pytest.fixture
-def tree(tiny_tree, tmp_path):
-  """A fresh, editable copy of a tiny synthetic manual_dir."""
-  shutil.copytree(tiny_tree / 'MURA-v1.1', tmp_path / 'manual' / 'MURA-v1.1')
-  return tmp_path / 'manual'
 
 
 def _build(manual_dir, data_dir, **kw):
