@@ -65,5 +65,5 @@ def test_paper_config_without_weights_says_what_to_download(mura_data_dir, tmp_p
 
 def test_paper_config_without_dataset_says_how_to_build_it(tmp_path):
   out = run_main('--config', os.path.join(REPO, 'configs', 'densenet169.py'), '--workdir',
-                 str(tmp_path), f'--config.data.data_dir={tmp_path}/tfds')
+                 str(tmp_path), f'--config.data.data_dir={tmp_path}/tfds', '--config.model.init=random')
   assert out.returncode != 0 and 'python -m tfds_mura.build' in out.stderr

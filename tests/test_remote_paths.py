@@ -1,6 +1,6 @@
 """gs:// readiness: what the project itself writes and reads in a workdir goes through
 etils.epath, tested on a `gs://` bucket kept in memory (fsspec's memory file system registered as
-the `gs` protocol; no network). Orbax (tensorstore) and TFDS's ArrayRecord reader have their own
+the `gs` protocol, epath told to use fsspec; no network). Orbax (tensorstore) and TFDS's ArrayRecord reader have their own
 GCS drivers and are not faked here: they are tested on local paths.
 
 A static audit keeps it so: the package opens no file with the built-ins (open, os.makedirs, ...),
@@ -45,7 +45,9 @@ class FakeGCS(MemoryFileSystem):
 
 @pytest.fixture
 def bucket(monkeypatch):
-  monkeypatch.setenv('EPATH_USE_TF', 'false')  # epath's fsspec backend, not TensorFlow's gfile
+  # epath's fsspec backend, not TensorFlow's gfile (epath caches whether TensorFlow is there).
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
   saved = {name: fsspec.registry.get(name) for name in ('gs', 'gcs')}
   for name in ('gs', 'gcs'):
     fsspec.register_implementation(name, FakeGCS, clobber=True)
