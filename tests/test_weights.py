@@ -222,7 +222,8 @@ def test_pth_must_be_a_plain_state_dict(tmp_path):
   # weights_only=True: a file that would run pickled code is refused, not executed.
   torch.save({'features.conv0.weight': argparse.Namespace()}, tmp_path / 'pickle.pth')
   with pytest.raises(weights.WeightsFileError, match=r'is not a readable PyTorch state dict '
-                                                     r'\(.pth\) \(UnpicklingError\)') as error:
+                                                     r'\(.pth\) \(UnpicklingError; it holds pickled '
+                                                     r'Python objects') as error:
     load_torchvision(tmp_path / 'pickle.pth')
   assert isinstance(error.value.__cause__, pickle.UnpicklingError)
   assert 'weights_only' not in str(error.value)  # torch's advice to lift it is not passed on

@@ -70,15 +70,14 @@ class WeightsMismatchError(UserError, ValueError):
                misshaped: list[str], hint: str = ''):
     self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
     lines = [f'{source} does not fit {model_name}: {len(missing)} missing, {len(unexpected)} '
-             f'unexpected and {len(misshaped)} mis-shaped keys; nothing was loaded.']
+             f'unexpected and {len(misshaped)} mis-shaped keys; nothing was loaded.'
+             + (f' {hint}' if hint else '')]
     for what, keys in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)):
       if keys:
         lines.append(f'  {what} ({len(keys)}):')
         lines.extend(f'    {key}' for key in keys[:5])
         if len(keys) > 5:
           lines.append(f'    ... and {len(keys) - 5} more')
-    if hint:
-      lines.append(hint)
     super().__init__('\n'.join(lines))
 
 
@@ -91,11 +90,12 @@ class WeightsFileError(UserError, ValueError):
 
 
 def _unreadable(path, what: str, error: Exception, arch: str, kind: str,
-                quote: bool = True) -> WeightsFileError:
+                quote: bool = True, why: str = '') -> WeightsFileError:
   # torch's own message advises torch.load(weights_only=False), which would run the file's
-  # pickled code: for torch only the error's kind is given (quote=False).
+  # pickled code: for torch only the error's kind is given (quote=False), and `why` says more.
   first_line = str(error).splitlines()[0][:120] if str(error) else ''
   reason = type(error).__name__ + (f': {first_line}' if quote and first_line else '')
+  reason += f'; {why}' if why else ''
   size = epath.Path(path).stat().length if epath.Path(path).exists() else 0
   return WeightsFileError(f'{path} ({size:,} bytes) is not a readable {what} ({reason}). '
                           f'{_where_to_get(arch, kind) or "Pass a file saved from this model."}')
@@ -138,7 +138,7 @@ def _guess_arch(keys, model_name: str) -> str:
 
 
 def _check(found: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
-           model: DenseNet) -> None:
+           model: DenseNet, kind: str | None = 'torchvision') -> None:
   """Raises WeightsMismatchError unless `found` has exactly the keys and shapes of `expected`."""
   missing = sorted((k for k in expected if k not in found), key=_natural)
   unexpected = sorted((k for k in found if k not in expected), key=_natural)
@@ -147,8 +147,13 @@ def _check(found: Mapping[str, tuple], expected: Mapping[str, tuple], source: st
                if k in found and tuple(found[k]) != tuple(expected[k])]
   if missing or unexpected or misshaped:
     name = _arch_name(model)
+    hint = _guess_arch(found, name)
+    if not hint and not any('denseblock' in k for k in found):
+      first = ', '.join(sorted(found, key=_natural)[:3])
+      hint = (f'Its keys ({first}, ...) are not a DenseNet\'s: it is another model\'s weights.'
+              + (f' {_where_to_get(name, kind)}' if kind and _where_to_get(name, kind) else ''))
     raise WeightsMismatchError(source, f'{name} with {model.num_classes} classes', missing,
-                               unexpected, misshaped, _guess_arch(found, name))
+                               unexpected, misshaped, hint)
 
 
 def _where_to_get(arch: str, kind: str) -> str:
@@ -233,6 +238,17 @@ def _import_torch():
   return torch
 
 
+def _why_not_torch(path: epath.Path, error: Exception) -> str:
+  """What a .pth that torch.load(weights_only=True) refused probably is (never torch's advice)."""
+  if 'Unsupported global' in str(error):  # the unpickler met a class: an object, not tensors
+    return ('it holds pickled Python objects, e.g. a whole model saved with torch.save(model), '
+            'and mura-jax never runs pickled code: save model.state_dict() instead')
+  if path.suffix.lower() not in ('.pth', '.pt', '.bin', '.ckpt', '.tar', ''):
+    return (f'a {path.suffix} file is not one; torchvision: takes .pth/.pt state dicts and '
+            '.safetensors files')
+  return ''
+
+
 def _read_state_dict(path_or_state_dict, model: DenseNet) -> tuple[dict[str, np.ndarray], str]:
   """Current-named float32 arrays and a description of the source, from a file or a dict."""
   if isinstance(path_or_state_dict, Mapping):
@@ -254,7 +270,7 @@ def _read_state_dict(path_or_state_dict, model: DenseNet) -> tuple[dict[str, np.
           raw = torch.load(f, map_location='cpu', weights_only=True)
       except Exception as e:  # pylint: disable=broad-except  (pickle, zip and torch errors)
         raise _unreadable(path, 'PyTorch state dict (.pth)', e, _arch_name(model),
-                          'torchvision', quote=False) from e
+                          'torchvision', quote=False, why=_why_not_torch(path, e)) from e
       if not isinstance(raw, Mapping):
         raise WeightsFileError(f'{path} holds a {type(raw).__name__}, not a state dict: save '
                                'model.state_dict() instead of the model.')
@@ -375,11 +391,17 @@ def _keras_layers(path_or_model, model: DenseNet) -> tuple[dict[str, dict[str, n
   except ImportError as e:
     raise ImportError('Reading Keras h5 files needs h5py: pip install mura-jax[keras].') from e
   layers = {}
+  fp = path.open('rb')
   try:
-    fp = path.open('rb')
     f = h5py.File(fp, 'r')
   except Exception as e:  # pylint: disable=broad-except  (h5py's OSError for a bad signature)
-    raise _unreadable(path, 'Keras HDF5 weights file (.h5)', e, _arch_name(model), 'keras') from e
+    fp.close()
+    why = ''
+    if path.suffix.lower() == '.keras' or path.read_bytes()[:4] == b'PK\x03\x04':
+      why = ('a Keras 3 .keras file is a zip archive, not HDF5: load it with '
+             'keras.saving.load_model and pass that model, or pass the .h5 file')
+    raise _unreadable(path, 'Keras HDF5 weights file (.h5)', e, _arch_name(model), 'keras',
+                      why=why) from e
   with fp, f:
     root = f['model_weights'] if 'model_weights' in f else f  # model.save() vs save_weights()
     if 'layer_names' not in root.attrs:
@@ -430,7 +452,7 @@ def load_keras(path_or_model, arch: str | DenseNet = 'densenet169',
   if not has_top and num_classes is None:  # a _notop file: the backbone only
     expected = {p: s for p, s in expected.items() if 'classifier' not in p}
   _check({**{'/'.join(p): v.shape for p, v in flat.items()}, **unexpected},
-         {'/'.join(p): s for p, s in expected.items()}, source, model)
+         {'/'.join(p): s for p, s in expected.items()}, source, model, 'keras')
   return _unflatten(flat)
 
 
