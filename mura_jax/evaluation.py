@@ -91,6 +91,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -379,6 +380,34 @@ def score_files(predictions, labels, out_dir, readers=None, *, aggregation: str 
   return report
 
 
+def _check_paths(args) -> str | None:
+  """The first problem with the scorer's file flags and --out, as a sentence; checked before any
+  work, so that nothing is scored for an output that cannot be written."""
+  for flag in ('predictions', 'labels', 'readers', 'compare', 'threshold_from'):
+    value = getattr(args, flag)
+    if not value:
+      continue
+    name = f'--{flag.replace("_", "-")}'
+    path = epath.Path(value)
+    if path.is_dir():
+      return f'{name} {value} is a folder, not a file; give the file in it.'
+    if not path.is_file():
+      return f'{name} {value}: no such file; check the path.'
+  out = epath.Path(args.out)
+  if out.exists() and not out.is_dir():
+    return (f'--out {args.out} is a file, not a folder; give a folder (it is created if missing) '
+            'for report.json and the other outputs.')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f'.write-test-{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    return (f'--out {args.out}: cannot write there ({getattr(e, "strerror", None) or e}); give a '
+            'folder you can write to.')
+  return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m mura_jax.evaluation',
@@ -405,12 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="its name: threshold, worklist, sensitivity@0.95, specificity@0.95, ...")
   parser.add_argument('--verbose', action='store_true', help='tracebacks of input errors too')
   args = parser.parse_args(argv)
-  for flag in ('predictions', 'labels', 'readers', 'compare', 'threshold_from'):
-    value = getattr(args, flag)
-    if value and not epath.Path(value).is_file():
-      print(f'error: --{flag.replace("_", "-")} {value}: no such file; check the path.',
-            file=sys.stderr)
-      return 2
+  problem = _check_paths(args)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    return 2
   try:
     score_files(args.predictions, args.labels, args.out, args.readers,
                 aggregation=args.aggregation, split=args.split, print_table=True,

@@ -36,9 +36,14 @@ def _read_rows(path, what: str) -> list[tuple[int, list[str]]]:
     raise DataError(f'The {what} {path} does not exist' + (
         ' (it is a folder)' if epath.Path(path).exists() else '') + '; check the path.')
   data = epath.Path(path).read_bytes()
-  if b'\r' in data:
+  try:
+    text = data.decode('utf-8-sig')  # a BOM is dropped
+  except UnicodeDecodeError as e:
+    raise DataError(f'The {what} {path} is not a text CSV file (byte {data[e.start]:#04x} at '
+                    f'offset {e.start} is not UTF-8); give the CSV file itself, not a spreadsheet, '
+                    'archive or binary file.') from e
+  if '\r' in text:
     logging.warning('%s %s has CRLF (Windows) line ends; reading it anyway.', what, path)
-  text = data.decode('utf-8-sig')  # a BOM is dropped
   rows = []
   for number, line in enumerate(text.splitlines(), start=1):
     if line.strip():
@@ -54,8 +59,14 @@ def _is_number(text: str) -> bool:
     return False
 
 
+def _looks_like_path(field: str) -> bool:
+  return '/' in field or '\\' in field or field.lower().endswith(IMAGE_SUFFIXES)
+
+
 def _drop_header(rows, path, what: str, looks_like_data) -> list:
-  if rows and not looks_like_data(rows[0][1]):
+  """Rows without row 1 if it is a header: not data, and not a path (a path with a bad value is a
+  bad data row, reported as such, not a header)."""
+  if rows and not looks_like_data(rows[0][1]) and not _looks_like_path(rows[0][1][0]):
     logging.warning('%s %s: row 1 %r is not data; treating it as a header row.', what, path,
                     rows[0][1])
     return rows[1:]
@@ -90,7 +101,8 @@ def read_labels(path) -> tuple[list[str], np.ndarray]:
     paths.append(study)
     labels.append(label)
   if not paths and not problems:
-    problems.append(('empty', path, None, 'no studies'))
+    problems.append(('empty', path, None, 'no studies; it needs one "study path,0|1" row per '
+                     "study, as MURA's valid_labeled_studies.csv"))
   if problems:
     raise LabelsError(f'labels file {path}', problems)
   if any(not fields[0].rstrip().endswith(('/', '\\')) for _, fields in rows):
@@ -139,6 +151,10 @@ def read_predictions(path, label_paths: Sequence[str], aggregation: str = 'mean'
   path = str(path)
   rows = _read_rows(path, 'predictions file')
   rows = _drop_header(rows, path, 'predictions file', lambda f: len(f) >= 2 and _is_number(f[1]))
+  if not rows:
+    raise PredictionsError(f'predictions file {path}', [(
+        'empty', path, None, 'no rows; it needs one "study path,probability" (or "image '
+        'path,probability") row per study of the labels file')])
   index = {study_key(p): i for i, p in enumerate(label_paths)}
   is_view_level = bool(rows) and rows[0][1][0].lower().endswith(IMAGE_SUFFIXES)
   problems, seen, kept = [], {}, []  # kept: (row, study index, value)
@@ -146,6 +162,10 @@ def read_predictions(path, label_paths: Sequence[str], aggregation: str = 'mean'
   for number, fields in rows:
     if len(fields) != 2 or not _is_number(fields[1]):
       problems.append(('malformed', path, number, f'expected "path,number", got {fields}'))
+      if fields and fields[0]:  # its study is named, not 'missing'
+        study = fields[0].replace('\\', '/')
+        study = study.rsplit('/', 1)[0] if study.lower().endswith(IMAGE_SUFFIXES) else study
+        named.add(index.get(study_key(study)))
       continue
     name, value = fields[0], float(fields[1])
     if name.lower().endswith(IMAGE_SUFFIXES) != is_view_level:
