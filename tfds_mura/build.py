@@ -11,11 +11,10 @@ need; with it installed, `tfds build mura --imports tfds_mura --manual_dir DIR -
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
-
-from absl import logging
 
 from tfds_mura.mura import mura_dataset_builder as mura
 
@@ -36,54 +35,70 @@ def summary_table(info) -> str:
   return '\n'.join(lines)
 
 
-def build(manual_dir: str | None, data_dir: str, file_format: str = 'array_record',
+def build(manual_dir: str | None, data_dir: str, file_format: str | None = None,
           num_workers: int | None = None):
   """Builds `mura` in data_dir from manual_dir; returns the builder. A dataset already built
-  there is reused only when manual_dir holds the same MURA (`check_reuse`), or none is given."""
+  there is reused only when manual_dir holds the same MURA (`Builder.check_reuse`), or none is
+  given; file_format (default array_record) must then be the one it was built in."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = mura.Builder(data_dir=data_dir, file_format=file_format, num_workers=num_workers)
+  builder = mura.Builder(data_dir=data_dir, num_workers=num_workers)
   if builder.is_prepared():
-    check_reuse(builder, manual_dir, data_dir)
-    return builder
-  if not manual_dir:
-    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset, and no manual_dir was '
-                             f'given to build one.\n{mura.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    built = builder.info.file_format.value
+    if file_format and file_format != built:
+      raise mura.MuraDataError(
+          f'{builder.data_dir} already holds mura built as {built}, not {file_format}: give no '
+          f'--file_format (or {built}) to use it, or delete {builder.data_dir} (or pass another '
+          f'--data_dir) to build it as {file_format}.')
+    if not manual_dir:
+      builder.check_reuse(None)
+      return builder
+  elif not manual_dir:
+    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset{_misplaced(data_dir)}, and '
+                             'no manual_dir was given to build one.\n'
+                             f'{mura.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  elif file_format:
+    builder.info.set_file_format(file_format, override=True)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except OSError as e:
+    if e.errno != errno.ENOSPC and not _under(e.filename, data_dir):
+      raise
+    raise mura.MuraDataError(
+        f'The dataset cannot be written into the data_dir {data_dir} ({type(e).__name__}: '
+        f'{e.strerror}{f": {e.filename}" if e.filename else ""}): give a --data_dir that is a '
+        'folder you can write to, with room for the dataset.') from None
   return builder
 
 
-def check_reuse(builder, manual_dir: str | None, data_dir: str) -> None:
-  """A built dataset is reused, with a line that says so, when no manual_dir is given or it holds
-  the MURA it was built from (the same four CSVs); anything else is an error, not a silent
-  reuse of other data."""
-  built = builder.info.metadata.get('source') if builder.info.metadata else None
-  where = builder.data_dir
-  origin = (f"from {built['read']} on {built['built']}" if built else 'by an earlier version '
-            'that recorded no source')
-  if not manual_dir:
-    logging.warning('Using the mura dataset already built in %s (%s).', where, origin)
-    return
+def _under(path, folder: str) -> bool:
+  if not path:
+    return False
+  path, folder = os.path.abspath(os.fspath(path)), os.path.abspath(os.path.expanduser(folder))
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _misplaced(data_dir: str) -> str:
+  """' (...: give --data_dir X)' when data_dir is a built dataset's own folder, not its data_dir."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path, version = epath.Path(data_dir).expanduser(), str(mura.Builder.VERSION)
+  if path.name == 'mura' and (path / version / 'dataset_info.json').exists():
+    return f' ({data_dir} is the mura/ folder of a built dataset: give --data_dir {path.parent})'
+  if (path.name == version and path.parent.name == 'mura' and
+      (path / 'dataset_info.json').exists()):
+    return (f' ({data_dir} is the mura/{version}/ folder of a built dataset: give --data_dir '
+            f'{path.parent.parent})')
+  return ''
+
+
+def _positive(text: str) -> int:
   try:
-    source = mura.Source(manual_dir)
-  except mura.MuraDataError:
-    raise mura.MuraDataError(
-        f'{where} already holds a built mura dataset ({origin}), and the manual_dir {manual_dir} '
-        'has no MURA-v1.1 to compare it with. To use the built dataset, give no manual_dir '
-        f'(python -m tfds_mura.build --data_dir {data_dir}); to build again, '
-        f'put MURA-v1.1.zip or MURA-v1.1/ in the manual_dir and delete {where}.') from None
-  if built is None:
-    raise mura.MuraDataError(
-        f'{where} holds a mura dataset built by an earlier version, which did not record its '
-        f'source: whether it is the MURA in {manual_dir} cannot be checked. Delete {where} to '
-        'build again, or give no manual_dir to use it as it is.')
-  if built['csv_sha256'] != source.fingerprint():
-    raise mura.MuraDataError(
-        f'{where} already holds a mura dataset built {origin}, but the manual_dir {manual_dir} '
-        f'holds another MURA (its CSVs differ). Delete {where} to build from {manual_dir}, or '
-        'pass another --data_dir.')
-  logging.warning('Using the mura dataset already built in %s (%s; the same CSVs as in %s).',
-                  where, origin, manual_dir)
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of processes >= 1')
+  return value
 
 
 def main(argv=None):
@@ -92,10 +107,11 @@ def main(argv=None):
                       help='folder holding MURA-v1.1.zip or the extracted MURA-v1.1/ (without: '
                            'show the dataset already built in --data_dir)')
   parser.add_argument('--data_dir', required=True, help='TFDS data_dir to write mura/1.1.0/ into')
-  parser.add_argument('--file_format', default='array_record', choices=['array_record', 'tfrecord'],
-                      help='array_record (grain, tfds.data_source; no TensorFlow) or tfrecord '
-                           '(tfds.load; needs TensorFlow)')
-  parser.add_argument('--num_workers', type=int, default=None, help='processes (default: all cores)')
+  parser.add_argument('--file_format', default=None, choices=['array_record', 'tfrecord'],
+                      help='array_record (the default for a new build; grain, tfds.data_source; no '
+                           'TensorFlow) or tfrecord (tfds.load; needs TensorFlow)')
+  parser.add_argument('--num_workers', type=_positive, default=None,
+                      help='processes (default: all cores)')
   args = parser.parse_args(argv)
   if args.file_format == 'tfrecord':
     try:
@@ -115,6 +131,9 @@ def main(argv=None):
   print(f'{num_images:,} images in {seconds:.1f} s ({num_images / seconds:.0f} images/s, '
         f'{args.num_workers or os.cpu_count()} workers).')
   print(f"Load it with: tfds.data_source('mura', data_dir={args.data_dir!r})")
+  if builder.build_warnings:  # logged as they came, among the progress bars: once more here
+    sys.stdout.flush()
+    print('\n' + '\n'.join(f'warning: {w}' for w in builder.build_warnings), file=sys.stderr)
 
 
 if __name__ == '__main__':

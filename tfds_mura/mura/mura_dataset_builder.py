@@ -15,6 +15,7 @@ import os
 import re
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -96,6 +97,15 @@ class Source:
     self.description = os.fspath(manual_dir)
     self._zip_path = None
     self._zip = None
+    if not manual_dir.exists():
+      raise MuraDataError(
+          f'The manual_dir {manual_dir} does not exist: create it and put {ZIP_NAME} or the '
+          f'extracted {ROOT}/ in it.\n{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    if not manual_dir.is_dir():
+      raise MuraDataError(
+          f'The manual_dir {manual_dir} is a file, not a folder: give the folder that holds '
+          f'{ZIP_NAME} or {ROOT}/ (--manual_dir {manual_dir.parent}'
+          f'{"" if manual_dir.name == ZIP_NAME else f", with the file renamed to {ZIP_NAME}"}).')
     if (manual_dir / ROOT / 'train_labeled_studies.csv').exists():
       self._base = manual_dir
     elif (manual_dir / 'train_labeled_studies.csv').exists() and manual_dir.name == ROOT:
@@ -104,11 +114,15 @@ class Source:
       self._base = None
       self._zip_path = manual_dir / ZIP_NAME
       self.description = os.fspath(self._zip_path)
+      if (manual_dir / ZIP_NAME).is_dir():
+        raise MuraDataError(f'{self._zip_path} is a folder, not the zip: rename it to {ROOT} if '
+                            f'it holds the extracted files, or put the downloaded zip there.')
     else:
-      found = sorted(p.name for p in manual_dir.iterdir())[:10] if manual_dir.exists() else []
+      found = sorted(p.name for p in manual_dir.iterdir())
       raise MuraDataError(
           f'Neither {ROOT}/ (with its CSVs) nor {ZIP_NAME} is in the manual_dir {manual_dir} '
-          f'(it holds: {found or "nothing"}).\n{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+          f'(it holds: {found[:10] or "nothing"}){_hint(manual_dir, found)}.\n'
+          f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
 
   def __getstate__(self):  # worker processes reopen the zip themselves
     return {**self.__dict__, '_zip': None}
@@ -132,8 +146,18 @@ class Source:
     digest = hashlib.sha256()
     for name in CSV_NAMES:
       path = f'{ROOT}/{name}'
-      digest.update(self.read_bytes(path) if self.exists(path) else b'')
+      try:
+        digest.update(self.read_bytes(path) if self.exists(path) else b'')
+      except (OSError, zipfile.BadZipFile, EOFError, zlib.error):
+        digest.update(b'unreadable')  # differs from any readable CSV; the build says why
     return digest.hexdigest()
+
+  def top_level(self) -> list[str]:
+    """The names at the top of the zip or folder (for errors about a misplaced MURA-v1.1/)."""
+    if self._base is not None:
+      return sorted(p.name for p in self._base.iterdir())
+    self._zipfile()
+    return sorted({name.split('/', 1)[0] for name in self._names})
 
   def exists(self, path: str) -> bool:
     if self._base is not None:
@@ -161,36 +185,94 @@ class Source:
     return [p for p, ok in zip(paths, present) if not ok]
 
 
+def _hint(manual_dir: epath.Path, found: Sequence[str]) -> str:
+  """What a manual_dir without MURA most likely holds instead, and the fix, as a clause."""
+  root = manual_dir / ROOT
+  if root.exists() and not root.is_dir():
+    return f': {root} is a file, not the extracted folder; remove it and extract {ZIP_NAME} again'
+  if (root / ROOT / 'train_labeled_studies.csv').exists():
+    return (f': it was extracted one level too deep, use --manual_dir {root} (or move '
+            f'{root / ROOT} up one level)')
+  if root.is_dir():
+    inside = sorted(p.name for p in root.iterdir())
+    return (f': {root}/ lacks train_labeled_studies.csv (it holds: {inside[:10] or "nothing"}), '
+            f'an incomplete extraction? Extract {ZIP_NAME} again')
+  if (manual_dir / 'train_labeled_studies.csv').exists():
+    return (f': it holds the CSVs itself, in a folder not named {ROOT} (their paths start with '
+            f'{ROOT}/): rename it to {ROOT} and give its parent, --manual_dir '
+            f'{manual_dir.parent}')
+  if (manual_dir.parent / 'train_labeled_studies.csv').exists():
+    return f': it is inside {ROOT}/, use --manual_dir {manual_dir.parent.parent}'
+  zips = [name for name in found if name.lower().endswith('.zip')]
+  if zips:
+    return (f': if {zips[0]} is the MURA download (a browser may have renamed it), rename it to '
+            f'{ZIP_NAME}')
+  return ''
+
+
 # ------------------------------------------------------------------------------------------------
 # The CSVs: no header, study paths end in '/'. Redistributed copies add a header or CRLF endings.
 
 
-def read_csv_rows(source: Source, name: str, num_fields: int) -> list[tuple[int, list[str]]]:
-  """(line number, fields) of a MURA CSV; skips a leading header row with a warning."""
+class _Unreadable(Exception):
+  """A CSV that cannot be read at all: its split is not checked further."""
+
+
+def read_csv_rows(source: Source, name: str, num_fields: int, warnings: list[str] | None = None
+                  ) -> tuple[list[tuple[int, list[str]]], list[str]]:
+  """((line number, fields) of each row, problems) of a MURA CSV. A first line that is no path
+  (a header) is skipped, and CRLF line ends are read as LF, each with a warning (logged, and
+  added to `warnings`). Raises `_Unreadable` when the file is missing or cannot be read."""
   path = f'{ROOT}/{name}'
+  where = source.where(path)
   if not source.exists(path):
-    raise MuraDataError(f'{source.where(path)} is missing: every MURA-v1.1 release has it.\n'
-                        f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  data = source.read_bytes(path)
+    top = source.top_level()
+    inside = ('' if ROOT in top else
+              f' ({source.description} holds {top[:10] or "nothing"}, not {ROOT}/: is it the MURA '
+              'download?)')
+    raise _Unreadable(f'{where} is missing{inside}: every MURA-v1.1 release has it; download '
+                      f'{ZIP_NAME} again from {HOMEPAGE}.')
+  try:
+    data = source.read_bytes(path)
+  except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+    raise _Unreadable(f'{where} cannot be read ({type(e).__name__}: {e}): a damaged copy? '
+                      f'Download {ZIP_NAME} again from {HOMEPAGE}.') from None
+  if data.startswith((b'\xff\xfe', b'\xfe\xff')):
+    raise _Unreadable(f'{where} is UTF-16 text, not the official plain ASCII (saved again by a '
+                      'spreadsheet program?): use the CSV of the download.')
+  try:
+    text = data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise _Unreadable(f'{where} is not text (byte {e.start} is {data[e.start:e.start + 1]!r}): '
+                      'the official CSVs are plain ASCII; use the CSV of the download.') from None
   if b'\r\n' in data:
-    logging.warning('%s has CRLF (Windows) line ends, not the official LF: read as LF (a copy '
-                    'saved on Windows?).', source.where(path))
-  text = data.decode('utf-8-sig')
-  rows, errors = [], []
+    _warn(warnings, f'{where} has CRLF (Windows) line ends, not the official LF: read correctly, '
+                    'each CRLF as one line end (a copy saved on Windows?).')
+  rows, problems, first = [], [], True
   for number, line in enumerate(text.splitlines(), start=1):  # splitlines: LF and CRLF alike
     if not line.strip():
       continue
     fields = [f.strip() for f in line.split(',')]
-    if not rows and not errors and not fields[0].startswith(f'{ROOT}/'):
-      logging.warning('%s: line %d looks like a header row (%r), not a path; skipping it. The '
-                      'official CSVs have no header.', source.where(path), number, line)
+    if first and '/' not in fields[0]:
+      _warn(warnings, f'{where}: line {number} looks like a header row ({line!r}), not a path; '
+                      'skipped it. The official CSVs have no header.')
+      first = False
       continue
+    first = False
     if len(fields) != num_fields:
-      errors.append(f'line {number}: expected {num_fields} comma-separated field(s), got {line!r}')
-      continue
-    rows.append((number, fields))
-  _raise_if(errors, f'{source.where(path)} has malformed rows')  # nothing else can be checked
-  return rows
+      problems.append(f'{name} line {number}: expected {num_fields} comma-separated field(s), got '
+                      f'{line!r}')
+    rows.append((number, fields))  # a malformed row too: the caller skips it, problem listed
+  if first:
+    problems.append(f'{name} has no rows ({len(data)} bytes): an empty or cut-short copy? Use the '
+                    'CSV of the download.')
+  return rows, problems
+
+
+def _warn(warnings: list[str] | None, message: str) -> None:
+  logging.warning('%s', message)
+  if warnings is not None:
+    warnings.append(message)
 
 
 def _raise_if(problems: Sequence[str], what: str):
@@ -207,16 +289,30 @@ def read_split(source: Source, split: str, num_workers: int = 1) -> list[View]:
   return views
 
 
-def check_split(source: Source, split: str, num_workers: int = 1) -> tuple[list[View], list[str]]:
-  """(views, problems) of a MURA split: every problem of its two CSVs and their files."""
+def check_split(source: Source, split: str, num_workers: int = 1,
+                warnings: list[str] | None = None) -> tuple[list[View], list[str]]:
+  """(views, problems) of a MURA split: every problem of its two CSVs and their files. A study
+  whose row is wrong is reported once, not again for each of its images."""
   labels_csv = f'{split}_labeled_studies.csv'
   images_csv = f'{split}_image_paths.csv'
   study_labels: dict[str, int] = {}
-  problems = []
-  for line, (study_path, label) in read_csv_rows(source, labels_csv, 2):
+  rejected: set[str] = set()  # studies with a reported problem: their images are not reported
+  try:
+    label_rows, problems = read_csv_rows(source, labels_csv, 2, warnings)
+  except _Unreadable as e:
+    return [], [str(e)]  # without labels nothing of the split can be checked
+  for line, fields in label_rows:
     where = f'{labels_csv} line {line}'
-    study_path = study_path if study_path.endswith('/') else study_path + '/'
+    study_path = fields[0] if fields[0].endswith('/') else fields[0] + '/'
+    if len(fields) != 2:  # listed by read_csv_rows
+      rejected.add(study_path)
+      continue
+    label = fields[1]
     match = _IMAGE_PATH.match(study_path + 'image1.png')
+    if study_path in study_labels:
+      problems.append(f'{where}: study {study_path} is listed twice')
+      continue
+    rejected.add(study_path)  # until it passes every check
     if label not in ('0', '1'):
       problems.append(f'{where}: label {label!r} is not 0 or 1')
     elif match is None or match['split'] != split:
@@ -227,16 +323,25 @@ def check_split(source: Source, split: str, num_workers: int = 1) -> tuple[list[
                       f'{", ".join("XR_" + p.upper() for p in BODY_PARTS)})')
     elif (match['folder_label'] == 'positive') != (label == '1'):
       problems.append(f'{where}: label {label} contradicts the folder name {study_path!r}')
-    elif study_path in study_labels:
-      problems.append(f'{where}: study {study_path} is listed twice')
     else:
+      rejected.discard(study_path)
       study_labels[study_path] = int(label)
 
+  try:
+    image_rows, image_problems = read_csv_rows(source, images_csv, 1, warnings)
+  except _Unreadable as e:
+    return [], problems + [str(e)]
+  problems += image_problems
   views, seen, studies_with_views = [], set(), set()
-  for line, (image_path,) in read_csv_rows(source, images_csv, 1):
+  for line, fields in image_rows:
+    if len(fields) != 1:  # listed by read_csv_rows
+      continue
+    image_path = fields[0]
     where = f'{images_csv} line {line}'
     match = _IMAGE_PATH.match(image_path)
     study_path = image_path.rsplit('/', 1)[0] + '/'
+    if study_path in rejected:
+      continue  # its study's row is reported
     if match is None or match['split'] != split:
       problems.append(f'{where}: {image_path!r} is not a {ROOT}/{split}/XR_<PART>/patientN/'
                       'studyK_{positive,negative}/imageN.png path')
@@ -405,13 +510,13 @@ def raise_for_images(report: ImageReport, csv_problems: Sequence[str] = ()) -> N
                       're-download them. Every problem')
 
 
-def warn_for_notes(report: ImageReport) -> None:
+def warn_for_notes(report: ImageReport, warnings: list[str] | None = None) -> None:
   if report.notes:
     listed = '\n  '.join(report.notes[:_MAX_LISTED])
     more = (f'\n  ... and {len(report.notes) - _MAX_LISTED} more' if len(report.notes) >
             _MAX_LISTED else '')
-    logging.warning('%d image(s) were not plain radiographs; stored converted as said:\n  %s%s',
-                    len(report.notes), listed, more)
+    _warn(warnings, f'{len(report.notes)} image(s) were not plain radiographs; stored converted '
+                    f'as said:\n  {listed}{more}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,6 +548,52 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       # ArrayRecord by default: random access for grain, and no TensorFlow to write or read it.
       self.info.set_file_format('array_record', override=True)
     self._num_workers = num_workers or os.cpu_count() or 1
+    # The warnings of the last download_and_prepare (CRLF, header rows, converted images, a
+    # reused build), also logged: `python -m tfds_mura.build` prints them after its summary.
+    self.build_warnings: list[str] = []
+
+  def download_and_prepare(self, *, download_config=None, **kwargs):
+    """TFDS's, except that a dataset already built in the data_dir is reused only when the
+    manual_dir given holds the MURA it was built from (`check_reuse`), and says so."""
+    self.build_warnings = []
+    manual_dir = download_config.manual_dir if download_config is not None else None
+    overwrite = download_config is not None and download_config.download_mode.overwrite_dataset
+    if manual_dir and not overwrite and self.is_prepared():
+      self.check_reuse(manual_dir)
+    super().download_and_prepare(download_config=download_config, **kwargs)
+
+  def check_reuse(self, manual_dir: epath.PathLike | None) -> None:
+    """Returns, with a warning that says so, when the built dataset may be reused: no manual_dir
+    given, or one that holds the MURA it was built from (the same four CSVs). Anything else is
+    an error, never a silent reuse of other data."""
+    built = self.info.metadata.get('source') if self.info.metadata else None
+    where = self.data_dir
+    data_dir = os.fspath(epath.Path(where).parent.parent)
+    origin = (f"from {built['read']} on {built['built']}" if built else 'by an earlier version '
+              'that recorded no source')
+    if not manual_dir:
+      _warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}).')
+      return
+    try:
+      source = Source(manual_dir)
+    except MuraDataError:
+      raise MuraDataError(
+          f'{where} already holds a built mura dataset ({origin}), and the manual_dir '
+          f'{manual_dir} has no MURA-v1.1 to compare it with. To use the built dataset, give no '
+          f'manual_dir (python -m tfds_mura.build --data_dir {data_dir}); to build again, put '
+          f'MURA-v1.1.zip or MURA-v1.1/ in the manual_dir and delete {where}.') from None
+    if built is None:
+      raise MuraDataError(
+          f'{where} holds a mura dataset built by an earlier version, which did not record its '
+          f'source: whether it is the MURA in {manual_dir} cannot be checked. Delete {where} to '
+          'build again, or give no manual_dir to use it as it is.')
+    if built['csv_sha256'] != source.fingerprint():
+      raise MuraDataError(
+          f'{where} already holds a mura dataset built {origin}, but the manual_dir {manual_dir} '
+          f'holds another MURA (its CSVs differ). Delete {where} to build from {manual_dir}, or '
+          'pass another --data_dir.')
+    _warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}; the '
+                               f'same CSVs as in {manual_dir}).')
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -466,11 +617,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     try:
       manual_dir = dl_manager.manual_dir
     except AssertionError as e:  # TFDS's own error for a missing or empty manual_dir
+      given = getattr(dl_manager, '_manual_dir', None)
+      if given:
+        Source(given)  # raises the error that says what is missing where
       raise MuraDataError(f'{e}') from None
+    except NotADirectoryError as e:  # a file given as manual_dir (often the zip itself)
+      Source(e.filename)  # raises the error that says which folder to give
+      raise
     source = Source(manual_dir)
     # Check both splits before writing anything: a bad validation CSV should not cost a train
     # build. With CSV problems, every image is decoded too, so that one error lists everything.
-    checked = {split: check_split(source, split, self._num_workers) for split in SPLITS}
+    checked = {split: check_split(source, split, self._num_workers, self.build_warnings)
+               for split in SPLITS}
     views = {split: v for split, (v, _) in checked.items()}
     csv_problems = [f'{split}: {p}' for split, (_, problems) in checked.items() for p in problems]
     report = ImageReport()
@@ -500,7 +658,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     yield from self._examples(source, views, report)
     if last:
       raise_for_images(report)
-      warn_for_notes(report)
+      warn_for_notes(report, self.build_warnings)
       self.info.metadata['converted_images'] = len(report.notes)
 
   def _examples(self, source: Source, views: Sequence[View], report: ImageReport):
