@@ -105,11 +105,14 @@ _INFERENCE_KEYS = ('data.image_size', 'data.resize', 'model.arch', 'model.in_cha
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """WORKDIR/config.json: the full config of the run, for people and for `inference`."""
+  """WORKDIR/config.json: the full config of the run, for people and for `inference`. Written
+  whole and renamed into place: another process reading it never sees half a file."""
   if jax.process_index() == 0:
     path = epath.Path(workdir) / 'config.json'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    partial = path.parent / f'.config.json.partial-{os.getpid()}'
+    partial.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    partial.replace(path)
 
 
 def read_config(workdir) -> ml_collections.ConfigDict | None:
@@ -148,6 +151,9 @@ def record_config(workdir, config: ml_collections.ConfigDict, *, continuing: boo
   mix), unless config.allow_config_change: then the change is logged and appended to
   WORKDIR/config_changes.json, which the reports include."""
   written = read_config(workdir)
+  if jax.process_count() > 1:  # every host has read it before host 0 writes the new one
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('mura_jax: config.json read')
   changes = config_differences(written, config) if written is not None and continuing else {}
   if changes and not config.get('allow_config_change', False):
     raise ConfigError(
