@@ -8,13 +8,13 @@
 A built dataset is read without this package: `tfds.data_source('mura', data_dir=DATA_DIR)`.
 """
 
+from tfds_mura.grayscale import grayscale_notes
+from tfds_mura.grayscale import to_grayscale
 from tfds_mura.mura.mura_dataset_builder import BODY_PARTS
 from tfds_mura.mura.mura_dataset_builder import Builder as Mura
-from tfds_mura.mura.mura_dataset_builder import grayscale_notes
 from tfds_mura.mura.mura_dataset_builder import image_counts
 from tfds_mura.mura.mura_dataset_builder import LABELS
 from tfds_mura.mura.mura_dataset_builder import MuraDataError
-from tfds_mura.mura.mura_dataset_builder import to_grayscale
 
 __all__ = ['BODY_PARTS', 'LABELS', 'Mura', 'MuraDataError', 'grayscale_notes', 'image_counts',
            'to_grayscale']
