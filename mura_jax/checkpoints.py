@@ -33,7 +33,7 @@ from etils import epath
 
 from mura_jax import preprocessing as preprocessing_lib
 from mura_jax.models import densenet
-from mura_jax.errors import ConfigError, UserError, WorkdirError
+from mura_jax.errors import ConfigError, UserError, WorkdirError, write_problem
 
 SPEC_VERSION = 1
 LATEST, BEST = 'checkpoints', 'best'
@@ -222,13 +222,8 @@ def check_named_files(config: ml_collections.ConfigDict) -> None:
 
 def check_writable(folder, flag: str = '--workdir') -> None:
   """Fails now, with a sentence, when `folder` cannot be written: not after the work."""
-  path = epath.Path(folder)
-  probe = path / f'.write-test-{os.getpid()}'
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
+  e = write_problem(folder)
+  if e is not None:
     raise WorkdirError(
         f'Cannot write to {folder} ({type(e).__name__}: {getattr(e, "strerror", None) or e}). '
         + ('Every mode writes its checkpoints, reports or outputs in the workdir: pass a --workdir '

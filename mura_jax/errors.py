@@ -12,6 +12,10 @@ The dataset builder (`tfds_mura`, which imports nothing from mura_jax) has its o
 which the entry points treat the same way.
 """
 
+import os
+
+from etils import epath
+
 
 class UserError(Exception):
   """A problem the user can fix; the message says how."""
@@ -31,3 +35,18 @@ class DataError(UserError, ValueError):
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
   """No built `mura` dataset where the config points; the message says how to build it."""
+
+
+def write_problem(folder) -> OSError | None:
+  """Why `folder` (local or gs://) cannot be written, or None: it is created if missing and a
+  file is written and removed there. The entry points check their output folders with it before
+  any work (`checkpoints.check_writable`, the scorer's --out)."""
+  path = epath.Path(folder)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write-test-{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    return e
+  return None

@@ -91,7 +91,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -108,7 +107,7 @@ from mura_jax import readers as readers_lib
 from mura_jax import reports
 from mura_jax import scoring
 from mura_jax import studies
-from mura_jax.errors import UserError
+from mura_jax.errors import UserError, write_problem
 from mura_jax.studies import LabelsError, PredictionsError  # noqa: F401  (raised by evaluate)
 
 
@@ -397,12 +396,8 @@ def _check_paths(args) -> str | None:
   if out.exists() and not out.is_dir():
     return (f'--out {args.out} is a file, not a folder; give a folder (it is created if missing) '
             'for report.json and the other outputs.')
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / f'.write-test-{os.getpid()}'
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
+  e = write_problem(out)
+  if e is not None:
     return (f'--out {args.out}: cannot write there ({getattr(e, "strerror", None) or e}); give a '
             'folder you can write to.')
   return None
