@@ -170,11 +170,11 @@ class Predictor:
     name, step = checkpoints.choose(workdir, which)
     found = checkpoints.read_spec(workdir, name, step)
     signature = found['model']
-    dtype = 'float32'
+    options = {}
     if config is not None:
       signature = checkpoints.model_signature(config)
-      dtype = config.model.dtype
-    model = checkpoints.create_model(signature, dtype=dtype)
+      options = dict(dtype=config.model.dtype, scan_segment=config.model.scan_segment)
+    model = checkpoints.create_model(signature, **options)
     variables, found = checkpoints.restore_variables(
         workdir, name, step, model, parallel.replicated(mesh), signature)
     preprocessing = preprocessing_lib.Preprocessing(**found['preprocessing'])

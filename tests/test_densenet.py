@@ -209,3 +209,70 @@ def test_training_batch_norm_equals_torch_train_mode():
       np.testing.assert_allclose(new_value, biased, rtol=1e-5, atol=1e-5)
       largest_gap = max(largest_gap, float(np.abs(new_value - torch_new).max()))
   assert largest_gap > 1e-4  # so the n/(n-1) correction above was really needed
+
+
+SCAN_TEST = dict(growth_rate=4, block_config=(3, 5), num_init_features=8, num_classes=2)
+
+
+@pytest.fixture(scope='module')
+def unrolled_reference():
+  """The unrolled network's variables (batch statistics away from their initial 0 and 1, so
+  that padding them would show), an input, its eval logits, and its training results."""
+  model = DenseNet(**SCAN_TEST)
+  variables = init_variables(model, jax.random.key(0), image_size=32)
+  rs = np.random.RandomState(1)
+  variables = {'params': variables['params'], 'batch_stats': jax.tree.map(
+      lambda v: v + rs.uniform(0.1, 0.5, v.shape).astype(np.float32), variables['batch_stats'])}
+  x = _images()
+  return variables, x, model.apply(variables, x), _loss_and_grads(model, variables, x)
+
+
+def _loss_and_grads(model, variables, x):
+  """(loss, batch statistics updated in training, gradients) of a training step."""
+  def loss(params):
+    logits, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                  mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(logits)), updates
+  (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  return value, updates, grads
+
+
+# Blocks of 3 and 5 layers: segments of 2 leave a last segment of 1; 3 scans block 1 whole.
+@pytest.mark.parametrize('segment, remat', [(2, False), (3, True)])
+def test_scanned_dense_blocks_equal_the_unrolled_ones(unrolled_reference, segment, remat):
+  variables, x, logits, trained = unrolled_reference
+  scanned = DenseNet(**SCAN_TEST, scan_segment=segment, remat=remat)
+  # Same names, shapes and initial values: checkpoints and weight files serve both.
+  jax.tree.map(np.testing.assert_array_equal,
+               init_variables(DenseNet(**SCAN_TEST), jax.random.key(0), image_size=32),
+               init_variables(scanned, jax.random.key(0), image_size=32))
+  np.testing.assert_allclose(scanned.apply(variables, x), logits, rtol=1e-5, atol=1e-5)
+  scanned_trained = _loss_and_grads(scanned, variables, x)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+               scanned_trained, trained)
+  # Every layer's running statistics were updated (not only the last one's of a segment).
+  jax.tree.map(lambda new, old: np.testing.assert_equal(np.allclose(new, old), False),
+               scanned_trained[1]['batch_stats'], variables['batch_stats'])
+  # The dense layers really run in scans: one per segment.
+  jaxpr = str(jax.make_jaxpr(functools.partial(scanned.apply, train=False))(variables, x))
+  assert jaxpr.count('scan[') == sum(-(-n // segment) for n in SCAN_TEST['block_config'])
+
+
+def test_scanned_dense_blocks_refuse_dropout():
+  with pytest.raises(ValueError, match='scan_segment needs drop_rate 0'):
+    init_variables(DenseNet(**TINY, drop_rate=0.1, scan_segment=2), jax.random.key(0), 32)
+
+
+def test_scanned_dense_blocks_in_bfloat16(tiny_variables):
+  x = _images()
+  scanned = _tiny(num_classes=3, dtype=jnp.bfloat16, scan_segment=2)
+  logits, updates = scanned.apply(tiny_variables, x, train=True, mutable=['batch_stats'])
+  assert logits.dtype == jnp.float32
+  assert {s.dtype for s in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(logits, _tiny(num_classes=3).apply(
+      tiny_variables, x, train=True, mutable=['batch_stats'])[0], rtol=0.1, atol=0.1)
+  grads = jax.grad(lambda p: jnp.sum(scanned.apply({**tiny_variables, 'params': p}, x)))(
+      tiny_variables['params'])
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  jaxpr = jax.make_jaxpr(functools.partial(scanned.apply, train=False))(tiny_variables, x)
+  assert 'bf16[' in str(jaxpr) and 'scan[' in str(jaxpr)

@@ -61,6 +61,14 @@ def test_loss_weights_are_the_papers():
     loss.loss_weights_from_counts(counts)
 
 
+def test_dense_blocks_are_scanned_unless_there_is_dropout():
+  config = base.base_config()
+  assert train.create_model(config).scan_segment == config.model.scan_segment > 0
+  config.model.drop_rate = 0.2  # the scanned block has no dropout: the unrolled one runs
+  model = train.create_model(config)
+  assert (model.scan_segment, model.drop_rate) == (0, 0.2)
+
+
 def test_weighted_loss_on_a_hand_checked_batch():
   # Wrist: N = 6 normal, A = 4 abnormal images -> w_1 = 6/10 on abnormal, w_0 = 4/10 on normal.
   # Elbow: N = 1, A = 3 -> w_1 = 1/4, w_0 = 3/4.

@@ -131,6 +131,15 @@ def test_torchvision_parity(torch_densenet169, tmp_path, form):
   _assert_parity(load_torchvision(source), expected)
 
 
+def test_torchvision_parity_of_the_scanned_model(torch_densenet169):
+  # The scanned dense blocks (models.densenet.ScannedDenseBlock) load the same file and give
+  # torchvision's logits: the padded channels change nothing.
+  _, state_dict, expected = torch_densenet169
+  scanned = jax.jit(functools.partial(DenseNet169(scan_segment=8).apply, train=False))
+  logits = np.asarray(scanned(load_torchvision(state_dict), _images()))
+  assert np.abs(logits - expected).max() <= TOLERANCE
+
+
 def test_round_trip_is_bit_exact(torch_densenet169):
   torch, torchvision = _import_torch()
   _, state_dict, _ = torch_densenet169

@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'     # compute dtype; 'bfloat16' on accelerators
   config.model.drop_rate = 0.0
   config.model.remat = False         # memory-efficient DenseNet
+  # Dense layers per jax.lax.scan (models/densenet.py ScannedDenseBlock): the same results,
+  # densenet169's train step compiled in 28 s instead of 53 (2 CPU cores); 0 compiles every
+  # layer on its own, as does a drop_rate > 0 (the scanned block has no dropout).
+  config.model.scan_segment = 8
   config.model.growth_rate = 32
   config.model.block_config = (6, 12, 32, 32)
   config.model.num_init_features = 64
