@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
 import os
 import re
 import sys
@@ -28,11 +29,14 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--hlo', default='', help='write the compiled HLO text here')
+  parser.add_argument('--model-options', default='{}', help='config.model overrides, JSON')
   args = parser.parse_args()
   train, _ = vs_torch.import_train()
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
-                                        dtype='float32'))
+                                        dtype='float32',
+                                        model_options=json.loads(args.model_options)))
   model = train.create_model(config)
   mesh = parallel.make_mesh()
   state = train.initial_state(config, model)
@@ -45,6 +49,9 @@ def main():
   t = time.perf_counter()
   compiled = steps.train.lower(state, batch).compile()
   print(f'compile {time.perf_counter() - t:.1f} s')
+  if args.hlo:
+    with open(args.hlo, 'w') as f:
+      f.write(compiled.as_text())
   state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   logdir = tempfile.mkdtemp()
@@ -64,7 +71,7 @@ def main():
         name = ev.name
         if not re.match(r'^(fusion|convolution|dot|copy|reduce|transpose|broadcast|concatenate|'
                         r'slice|pad|add|multiply|select|dynamic|custom-call|loop_|input_|wrapped_|'
-                        r'reduce-window|select-and-scatter|bitcast|xnn|onednn)', name):
+                        r'reduce-window|select-and-scatter|bitcast|xnn|ynn|onednn)', name):
           continue
         by_name[name] += ev.duration_ns / 1e6 / args.steps
         kind = re.sub(r'[._]?\d+$', '', name)
