@@ -8,6 +8,9 @@
 # needs minutes too; compiling several processes in parallel on the host's 16 cores made every
 # compile take over 260 s (measured), so everything here runs one process at a time.
 # Usage (from the repository root): OUT=/tmp/out PART=256 bash benchmarks/gpu_run.sh
+# mura-jax runs with unrolled dense blocks (scan_segment 0, what the accelerator configs use);
+# SCAN=8 measures the scanned blocks instead (config.model.scan_segment; CPU figures in
+# BENCHMARKS.md), e.g. OUT=/tmp/out PART=8 SCAN=8 VS_BUDGET=300 bash benchmarks/gpu_run.sh.
 # The accelerator image has no ml_collections: carry benchmarks/out/carry, a copy of the venv's
 #   mkdir -p benchmarks/out/carry/site && cp -r .venv/lib/python3.11/site-packages/ml_collections \
 #     benchmarks/out/carry/site/
@@ -39,12 +42,15 @@ cat "$OUT/env.txt"
   || { echo "JAX sees no GPU"; exit 3; }
 COMMON="--arch ${VS_ARCH:-densenet169} --image-size ${VS_IMAGE_SIZE:-224} --rounds 1 --warmup 2
         --min-seconds 3 --job-timeout 330 --budget ${VS_BUDGET:-420}"
+SCAN_OPTIONS="{\"scan_segment\": ${SCAN:-0}}"
 if [ "$PART" = 256 ]; then
   $PY benchmarks/vs_torch.py $COMMON --batches 256 --torch-modes eager,amp,compile \
-      --jax-dtypes float32,bfloat16 --json "$OUT/vs_torch_gpu_256.json" 2>&1 \
-      | tee "$OUT/vs_torch_gpu_256.log"
+      --jax-dtypes float32,bfloat16 --jax-model-options "$SCAN_OPTIONS" \
+      --json "$OUT/vs_torch_gpu_256_scan${SCAN:-0}.json" 2>&1 \
+      | tee "$OUT/vs_torch_gpu_256_scan${SCAN:-0}.log"
 else
   $PY benchmarks/vs_torch.py $COMMON --batches 8,64 --torch-modes eager,amp \
-      --jax-dtypes float32,bfloat16 --json "$OUT/vs_torch_gpu_8_64.json" 2>&1 \
-      | tee "$OUT/vs_torch_gpu_8_64.log"
+      --jax-dtypes float32,bfloat16 --jax-model-options "$SCAN_OPTIONS" \
+      --json "$OUT/vs_torch_gpu_8_64_scan${SCAN:-0}.json" 2>&1 \
+      | tee "$OUT/vs_torch_gpu_8_64_scan${SCAN:-0}.log"
 fi

@@ -25,6 +25,7 @@ def get_config():
   config.model.arch = 'densenet169'
   config.model.init = 'random'  # torchvision:PATH, given by the launch script
   config.model.dtype = 'bfloat16'
+  config.model.scan_segment = 0  # unrolled blocks until the scanned ones are measured there
   config.train.per_device_batch_size = 16
   config.evaluation.per_device_batch_size = 64
   config.optimizer.lr_scaling = 'sqrt'
