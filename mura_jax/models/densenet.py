@@ -296,9 +296,8 @@ def _scan_segment_backward(layout: _Segment, residuals, cotangents):
   def step(d_features, inputs):
     p, offset, h = inputs
     x = output[..., :layout.width]
-    if h is None:
-      h, _ = layout.bottleneck(x, p)
-    _, bottleneck_vjp = jax.vjp(lambda x, p: layout.bottleneck(x, p)[0], x, p)
+    recomputed, bottleneck_vjp = jax.vjp(lambda x, p: layout.bottleneck(x, p)[0], x, p)
+    h = recomputed if h is None else h  # remat kept none: the vjp's own forward gives it
     _, new_features_vjp = jax.vjp(lambda h, p: layout.new_features(h, p)[0], h, p)
     # This layer's own channels: their cotangent, then zero (they were not the segment's input).
     dy = jax.lax.dynamic_slice_in_dim(d_features, offset, k, axis=3)
