@@ -261,6 +261,9 @@ def test_scanned_dense_blocks_equal_the_unrolled_ones(unrolled_reference, segmen
 def test_scanned_dense_blocks_refuse_dropout():
   with pytest.raises(ValueError, match='scan_segment needs drop_rate 0'):
     init_variables(DenseNet(**TINY, drop_rate=0.1, scan_segment=2), jax.random.key(0), 32)
+  # A negative segment would skip every dense layer; it is refused instead.
+  with pytest.raises(ValueError, match='scan_segment is -1'):
+    init_variables(DenseNet(**TINY, scan_segment=-1), jax.random.key(0), 32)
 
 
 def test_scanned_dense_blocks_in_bfloat16(tiny_variables):

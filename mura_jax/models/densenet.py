@@ -417,6 +417,9 @@ class DenseNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype)
+    if self.scan_segment < 0:
+      raise ConfigError(f'scan_segment is {self.scan_segment}: give the dense layers per scan '
+                        '(8 is the default), or 0 to unroll them.')
     if self.scan_segment:
       if self.drop_rate:
         raise ConfigError('scan_segment needs drop_rate 0 (the scanned dense block has no '
