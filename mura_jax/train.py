@@ -47,6 +47,7 @@ from mura_jax import input_pipeline
 from mura_jax import loss as loss_lib
 from mura_jax import parallel
 from mura_jax import preprocessing
+from mura_jax import step_cache
 from mura_jax import studies
 from mura_jax.models import densenet
 from mura_jax.models import weights as weights_lib
@@ -118,14 +119,15 @@ def initial_state(config, model) -> TrainState:
   init_rng, dropout_rng = jax.random.split(rng)
   variables = weights_lib.initial_variables(config.model.init, model, init_rng,
                                             config.data.image_size, config.model.in_channels)
-  params = jax.tree.map(jnp.asarray, variables['params'])
+  # One transfer for the whole tree (jnp.asarray leaf by leaf stages each shape: about 1 s).
+  params, batch_stats = jax.device_put((variables['params'], variables['batch_stats']))
   # Jitted: op by op, Adam's zero moments would compile one small program per parameter shape
   # (about a hundred, seconds at every start); jitted, one program, from the compilation cache.
   opt_state, plateau_state = jax.jit(
       lambda p: (create_optimizer(config).init(p), create_plateau(config).init(p)))(params)
   return TrainState(
       step=jnp.asarray(0, jnp.int32), params=params,
-      batch_stats=jax.tree.map(jnp.asarray, variables['batch_stats']),
+      batch_stats=batch_stats,
       opt_state=opt_state, plateau_state=plateau_state, rng=dropout_rng)
 
 
@@ -167,13 +169,20 @@ class Steps:
   mesh: Any
 
 
-def compile_steps(config, model, loss_weights, mesh) -> Steps:
+def compile_steps(config, model, loss_weights, mesh, traced_cache=None) -> Steps:
+  """`traced_cache`: where the traced train step is kept (step_cache.py; default beside the
+  compilation cache when that is on): a restart skips tracing it."""
   tx = create_optimizer(config)
   replicated, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  train = jax.jit(
+  # Everything train_step closes over, for the traced step's key.
+  description = (f'train_step of {model!r}\noptimizer {config.optimizer.to_dict()!r}\n'
+                 f'loss weights {np.asarray(loss_weights).tolist()!r}\n'
+                 f'in_channels {config.model.in_channels}')
+  train = step_cache.jit(
       functools.partial(train_step, model=model, tx=tx, loss_weights=loss_weights,
-                        in_channels=config.model.in_channels),
-      in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=0)
+                        in_channels=config.model.in_channels), description,
+      in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,),
+      directory=traced_cache)
   evaluate = inference.compile_predict_step(model, config.model.in_channels, mesh, loss_weights)
   return Steps(train, evaluate, mesh)
 

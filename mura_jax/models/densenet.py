@@ -209,6 +209,10 @@ class ScannedDenseBlock(nn.Module):
     layers = [_DenseLayerVariables(in_features + i * k, k, self.bn_size,
                                    name=f'denselayer{i + 1}')() for i in range(self.num_layers)]
     features = _pad_channels(x.astype(self.dtype), in_features + self.num_layers * k)
+    if self.is_initializing():
+      # Creating the variables needs only the output's shape: the segments are not traced
+      # (model.init and the weight loaders' shape checks trace in a fraction of the time).
+      return features
     for start in range(0, self.num_layers, self.segment):
       segment = layers[start:start + self.segment]
       width = in_features + (start + len(segment) - 1) * k  # the segment's widest input
@@ -216,7 +220,7 @@ class ScannedDenseBlock(nn.Module):
       layout = _Segment(width, in_features + start * k, k, self.train, self.epsilon,
                         jnp.dtype(self.dtype), self.remat)
       features, stats = _scan_segment(features, stacked, layout)
-      if self.train and not self.is_initializing():
+      if self.train:
         # Each layer's running averages of its own channels, as BatchNorm updates them.
         for i, layer in enumerate(segment):
           for norm in ('norm1', 'norm2'):
