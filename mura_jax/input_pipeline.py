@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 from collections.abc import Iterator
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from mura_jax import preprocessing
@@ -225,8 +227,22 @@ def _to_iter(dataset: grain.MapDataset, num_workers: int, prefetch: int) -> grai
     if not flags.FLAGS.is_parsed():
       # grain's worker processes read absl flags; outside an absl app nobody parsed them.
       flags.FLAGS.mark_as_parsed()
-    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    iterable = iterable.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count(num_workers)))
   return iterable
+
+
+@functools.cache
+def worker_count(requested: int) -> int:
+  """Worker processes for `config.data.num_workers`, at most one per CPU core this process may
+  use: more only compete for the cores with each other and the steps, and each costs a process
+  start (8 workers on a 2-core VM: 3 s more to the first training step). Logged when lowered."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  count = max(1, min(requested, cores or 1))
+  if count < requested:
+    logging.info('config.data.num_workers=%d but this host lets this process use %d CPU cores: '
+                 '%d grain worker processes.', requested, cores, count)
+  return count
 
 
 def batches_of(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:

@@ -241,9 +241,8 @@ class MetricWriter:
 
   def __init__(self, workdir):
     self._workdir, self._just_logging = workdir, jax.process_index() > 0
-    # clu imports TensorFlow (seconds): in a thread, while the model initialises and compiles;
-    # the TensorBoard writer is made at the first write.
-    self._clu = concurrent.futures.ThreadPoolExecutor(1).submit(_import_clu_writers)
+    self._clu = None  # clu's import, started by `import_in_background` or at the first write
+    self._tensorboard_checked = False
     self._writer = None
     self._jsonl = None if self._just_logging else epath.Path(workdir) / 'metrics.jsonl'
     # Lines are buffered and written at each flush (every epoch, at preemption, every 30 s): a
@@ -254,9 +253,18 @@ class MetricWriter:
     self._pending: list[str] = []
     self._last_flush = time.time()
 
+  def import_in_background(self):
+    """clu imports TensorFlow (seconds of Python holding the interpreter lock): the loop starts
+    it after the first step, when the steps run in XLA and leave the lock free; started at
+    start-up it would slow the weights' loading and the model's set-up beside it."""
+    if self._clu is None:
+      self._clu = concurrent.futures.ThreadPoolExecutor(1).submit(_import_clu_writers)
+
   def _tensorboard(self):
-    if self._clu is not None:
-      metric_writers, self._clu = self._clu.result(), None
+    """The TensorBoard writer, made at the first write (None without TensorFlow)."""
+    if not self._tensorboard_checked:
+      self.import_in_background()
+      metric_writers, self._tensorboard_checked = self._clu.result(), True
       if metric_writers is None:
         logging.warning('TensorFlow is not installed: no TensorBoard files; metrics go to the log '
                         'and metrics.jsonl (pip install "mura-jax[tf]" for TensorBoard).')
@@ -382,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started, first_step = time.time(), True
   mesh = parallel.make_mesh()
   parallel.log_topology(mesh)
-  writer = MetricWriter(workdir)  # TensorFlow (TensorBoard) imports meanwhile
+  writer = MetricWriter(workdir)
   config = scaled_for_devices(config, mesh.devices.size)
   logging.info('Global batch %d (evaluation %d) over %d devices; learning rate %.3g (%s).',
                config.train.global_batch_size, config.evaluation.global_batch_size,
@@ -467,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step = int(state.step)
         bar.update(1)
         if first_step:
+          writer.import_in_background()
           first_step, age = False, _process_age()
           logging.info('First training step done %.1f s after training started%s (compilation '
                        'included).', time.time() - started,

@@ -198,6 +198,19 @@ def test_preprocess_view_modes():
     input_pipeline.preprocess_view(image, 16, 'crop')
 
 
+def test_grain_workers_are_at_most_one_per_core(monkeypatch, caplog):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+  input_pipeline.worker_count.cache_clear()
+  try:
+    with caplog.at_level('INFO'):
+      assert input_pipeline.worker_count(8) == 2
+    assert 'num_workers=8 but this host lets this process use 2 CPU cores: 2 grain' in caplog.text
+    caplog.clear()
+    assert input_pipeline.worker_count(1) == 1 and 'num_workers' not in caplog.text
+  finally:
+    input_pipeline.worker_count.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------------
 # Sharding: 4 devices compute what 1 device computes.
 

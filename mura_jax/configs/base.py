@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.resize = 'squash'  # the paper scales to 224 x 224; 'pad' keeps the aspect ratio
   config.data.flip = True        # random lateral flips
   config.data.rotation_degrees = 30.0
-  config.data.num_workers = 0    # grain worker processes (0: in the main process)
+  config.data.num_workers = 0    # grain worker processes (0: main process; at most 1 per core)
   # Study types trained on and evaluated: 'all' (those with training images) or e.g.
   # 'humerus,wrist'; the weighted loss uses these parts only.
   config.data.body_parts = 'all'
