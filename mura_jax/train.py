@@ -117,8 +117,11 @@ def create_plateau(config) -> optax.GradientTransformationExtraArgs:
 def initial_state(config, model) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  variables = weights_lib.initial_variables(config.model.init, model, init_rng,
-                                            config.data.image_size, config.model.in_channels)
+  if config.model.init == 'random' and not isinstance(init_rng, jax.core.Tracer):
+    variables = random_variables(model, init_rng, config.model.in_channels)
+  else:
+    variables = weights_lib.initial_variables(config.model.init, model, init_rng,
+                                              config.data.image_size, config.model.in_channels)
   # One transfer for the whole tree (jnp.asarray leaf by leaf stages each shape: about 1 s).
   params, batch_stats = jax.device_put((variables['params'], variables['batch_stats']))
   # Jitted: op by op, Adam's zero moments would compile one small program per parameter shape
@@ -129,6 +132,18 @@ def initial_state(config, model) -> TrainState:
       step=jnp.asarray(0, jnp.int32), params=params,
       batch_stats=batch_stats,
       opt_state=opt_state, plateau_state=plateau_state, rng=dropout_rng)
+
+
+def random_variables(model, rng, in_channels: int) -> dict:
+  """Flax's random initialisation (`weights.initial_variables('random', ...)`), its traced
+  program kept like the train step's (step_cache.py): a restart does not trace the model's init."""
+  init = densenet.init_function(model, 32, in_channels)
+
+  def init_variables(rng):
+    return (init(rng),)
+  jitted = step_cache.jit(init_variables, f'init of {model!r}, in_channels {in_channels}',
+                          in_shardings=(None,), out_shardings=(None,))
+  return dict(jitted(rng)[0])
 
 
 def state_template(config, model) -> TrainState:

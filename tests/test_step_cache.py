@@ -150,3 +150,25 @@ def test_the_cached_train_step_is_the_train_step(mura_data_dir, tmp_path, monkey
       train.initial_state(other, model), batch)
   assert traces == [1, 1, 1], 'another learning rate must not reuse the traced step'
   assert len(list(tmp_path.glob('train_step-*.exported'))) == 2
+
+
+def test_random_init_is_flax_init_and_kept(tmp_path, monkeypatch):
+  """train.random_variables: the variables weights.initial_variables('random') gives, and a
+  restart does not trace the model's init."""
+  from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
+  from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
+  model = densenet.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
+                            num_classes=1, scan_segment=2)
+  rng = jax.random.PRNGKey(3)
+  reference = weights.initial_variables('random', model, rng, 64, 1)
+  monkeypatch.setattr(step_cache, 'default_directory', lambda: tmp_path)
+  traces = []
+  real = densenet.init_function
+
+  def counting(*args):
+    init = real(*args)
+    return lambda r: traces.append(1) or init(r)
+  monkeypatch.setattr(densenet, 'init_function', counting)
+  assert_same(train.random_variables(model, rng, 1), reference)
+  assert_same(train.random_variables(model, rng, 1), reference)
+  assert traces == [1] and len(list(tmp_path.glob('init_variables-*.exported'))) == 1

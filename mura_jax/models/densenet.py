@@ -461,7 +461,9 @@ DenseNet169 = functools.partial(create_model, 'densenet169')
 DenseNet201 = functools.partial(create_model, 'densenet201')
 
 
-def _init_fn(model: DenseNet, image_size: int, in_channels: int):
+def init_function(model: DenseNet, image_size: int, in_channels: int):
+  """`model.init` as a function of the rng alone. The variables do not depend on the image size;
+  32 is the smallest a DenseNet takes and traces fastest."""
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   return lambda rng: model.init(rng, jnp.zeros(x.shape, x.dtype), train=False)
 
@@ -472,7 +474,7 @@ def init_variables(model: DenseNet | str, rng: jax.Array, image_size: int = 224,
   if isinstance(model, str):
     model = create_model(model)
   # Jitted: op-by-op initialisation of a full-size DenseNet is much slower than compiling it.
-  return dict(jax.jit(_init_fn(model, image_size, in_channels))(rng))
+  return dict(jax.jit(init_function(model, image_size, in_channels))(rng))
 
 
 def variable_shapes(model: DenseNet | str, in_channels: int = 3) -> dict:
@@ -480,4 +482,4 @@ def variable_shapes(model: DenseNet | str, in_channels: int = 3) -> dict:
   if isinstance(model, str):
     model = create_model(model)
   # Variable shapes do not depend on the image size; 32 is the smallest a DenseNet takes.
-  return dict(jax.eval_shape(_init_fn(model, 32, in_channels), jax.random.key(0)))
+  return dict(jax.eval_shape(init_function(model, 32, in_channels), jax.random.key(0)))
