@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import os
 import pathlib
 import pickle
 from typing import Any, Callable, Sequence
@@ -61,8 +62,8 @@ def _version(name: str) -> str:
     return 'none'
 
 
-def jit(fn: Callable, description: str, *, in_shardings: Sequence[Any], out_shardings: Sequence[Any],
-        donate_argnums: tuple[int, ...] = (), directory: epath.PathLike | None = None):
+def jit(fn: Callable, description: str, *, in_shardings: Sequence[Any],
+        out_shardings: Sequence[Any], donate_argnums: tuple[int, ...] = (), directory: epath.PathLike | None = None):
   """`jax.jit(fn, in_shardings=..., out_shardings=..., donate_argnums=...)`, its traced program
   kept in `directory` (default: `default_directory()`; None there: plain jax.jit).
 
@@ -211,7 +212,7 @@ def _write(path: epath.Path, stored) -> None:
   exported, out_trees = stored
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f'.{path.name}.partial'
+    partial = path.parent / f'.{path.name}.{os.getpid()}.partial'  # one per writing process
     partial.write_bytes(pickle.dumps({'exported': bytes(exported.serialize()),
                                       'out_trees': out_trees}))
     partial.replace(path)  # whole or not at all, for a reader in another process

@@ -30,8 +30,9 @@ def make_step(traces: list):
 
 def inputs(rows=8):
   rng = np.random.default_rng(0)
-  state = State(step=jnp.asarray(0), weights={'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-                                               'b': jnp.asarray(rng.normal(size=4), jnp.float32)})
+  weights = {'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+             'b': jnp.asarray(rng.normal(size=4), jnp.float32)}
+  state = State(step=jnp.asarray(0), weights=weights)
   return state, {'x': jnp.asarray(rng.normal(size=(rows, 3)), jnp.float32)}
 
 
