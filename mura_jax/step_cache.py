@@ -63,7 +63,8 @@ def _version(name: str) -> str:
 
 
 def jit(fn: Callable, description: str, *, in_shardings: Sequence[Any],
-        out_shardings: Sequence[Any], donate_argnums: tuple[int, ...] = (), directory: epath.PathLike | None = None):
+        out_shardings: Sequence[Any], donate_argnums: tuple[int, ...] = (),
+        directory: epath.PathLike | None = None):
   """`jax.jit(fn, in_shardings=..., out_shardings=..., donate_argnums=...)`, its traced program
   kept in `directory` (default: `default_directory()`; None there: plain jax.jit).
 
