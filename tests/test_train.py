@@ -198,15 +198,16 @@ def test_preprocess_view_modes():
     input_pipeline.preprocess_view(image, 16, 'crop')
 
 
-def test_grain_workers_are_at_most_one_per_core(monkeypatch, caplog):
+def test_grain_workers_are_at_most_one_per_core(monkeypatch):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+  logged = []
+  monkeypatch.setattr(input_pipeline.logging, 'info', lambda msg, *a: logged.append(msg % a))
   input_pipeline.worker_count.cache_clear()
   try:
-    with caplog.at_level('INFO'):
-      assert input_pipeline.worker_count(8) == 2
-    assert 'num_workers=8 but this host lets this process use 2 CPU cores: 2 grain' in caplog.text
-    caplog.clear()
-    assert input_pipeline.worker_count(1) == 1 and 'num_workers' not in caplog.text
+    assert input_pipeline.worker_count(8) == 2
+    assert logged == ['config.data.num_workers=8 but this host lets this process use 2 CPU cores: '
+                      '2 grain worker processes.']
+    assert input_pipeline.worker_count(1) == 1 and len(logged) == 1
   finally:
     input_pipeline.worker_count.cache_clear()
 
