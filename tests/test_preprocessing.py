@@ -9,7 +9,7 @@ from PIL import Image
 
 from mura_jax import input_pipeline
 from mura_jax import preprocessing
-from tfds_mura.mura import mura_dataset_builder
+from tfds_mura.grayscale import grayscale_png
 
 
 def _modes(synthetic_dir, image_paths):
@@ -66,7 +66,7 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
   np.testing.assert_array_equal(gray[..., 0], (ramp >> 4).astype(np.uint8))
   assert gray.min() == 4 and gray.max() == 255
   # The builder stores the very same pixels (one rule for both).
-  stored = Image.open(io.BytesIO(mura_dataset_builder.grayscale_png(path.read_bytes())[0]))
+  stored = Image.open(io.BytesIO(grayscale_png(path.read_bytes())[0]))
   np.testing.assert_array_equal(np.asarray(stored), gray[..., 0])
   # True 16-bit data keeps its top 8 bits; 8-bit-range data in 16 bits is kept as it is.
   full = np.array([[0, 65535]], np.uint16)

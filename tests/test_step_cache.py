@@ -4,7 +4,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from mura_jax import parallel
 from mura_jax import step_cache

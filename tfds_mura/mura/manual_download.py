@@ -1,0 +1,434 @@
+"""MURA-v1.1 as the manual download holds it: the official CSVs, checked row by row against the
+files and folder names, and every image decoded, before the builder writes anything.
+
+Reads an extracted `MURA-v1.1/` folder or the official zip in place (`Source`); every problem is
+collected and raised once, as a `MuraDataError` naming the file and row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+
+from absl import logging
+from etils import epath
+
+from tfds_mura.grayscale import grayscale_png
+
+HOMEPAGE = 'https://stanfordmlgroup.github.io/competitions/mura/'
+
+# The 7 study types, in the order of the ClassLabel (alphabetical, as the folders `XR_<PART>`).
+BODY_PARTS = ('elbow', 'finger', 'forearm', 'hand', 'humerus', 'shoulder', 'wrist')
+LABELS = ('normal', 'abnormal')
+# MURA's folder names -> TFDS split names.
+SPLITS = {'train': 'train', 'valid': 'validation'}
+ROOT = 'MURA-v1.1'
+ZIP_NAME = 'MURA-v1.1.zip'
+CSV_NAMES = ('train_labeled_studies.csv', 'train_image_paths.csv', 'valid_labeled_studies.csv',
+             'valid_image_paths.csv')
+SYNTHETIC_MARKER = 'synthetic_annotations.csv'  # beside MURA-v1.1/ in a synthetic tree
+
+_IMAGE_PATH = re.compile(
+    r'^MURA-v1\.1/(?P<split>train|valid)/XR_(?P<part>[A-Z]+)/patient(?P<patient>\d+)/'
+    r'study(?P<study>\d+)_(?P<folder_label>positive|negative)/image(?P<view>\d+)\.png$')
+_MAX_LISTED = 20  # offending rows shown in an error; the count says how many more
+
+# What to get and where (TFDS shows it as the builder's MANUAL_DOWNLOAD_INSTRUCTIONS).
+INSTRUCTIONS = f"""\
+  MURA needs registration and may not be redistributed:
+    1. Register and accept the Stanford AIMI research use agreement at
+       {HOMEPAGE}
+       (or the Stanford AIMI shared datasets page, https://aimi.stanford.edu/shared-datasets).
+    2. Download MURA-v1.1.zip (about 3.3 GB).
+    3. Put it into the manual_dir (default ~/tensorflow_datasets/downloads/manual/), either as the
+       zip itself, `<manual_dir>/MURA-v1.1.zip` (read in place, no need to extract), or extracted,
+       `<manual_dir>/MURA-v1.1/` holding train/, valid/ and the four CSVs
+       (train_image_paths.csv, train_labeled_studies.csv, valid_image_paths.csv,
+       valid_labeled_studies.csv).
+    4. python -m tfds_mura.build --manual_dir <manual_dir> --data_dir <data_dir>
+  """
+
+
+class MuraDataError(ValueError):
+  """The manual download is missing, incomplete or contradicts itself; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """One row of `<split>_image_paths.csv`, checked against its study's label row."""
+  image_path: str   # as in the CSV: MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive/image1.png
+  study_id: str     # valid/XR_WRIST/patient11185/study1_positive
+  body_part: str    # wrist
+  patient_id: int
+  view: int
+  label: int        # 1 = abnormal
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the files are: an extracted `MURA-v1.1/` folder or the official zip, read in place.
+
+
+class Source:
+  """Reads files under MURA's root by their CSV paths (`MURA-v1.1/...`), from a folder or a zip."""
+
+  def __init__(self, manual_dir: epath.PathLike):
+    manual_dir = epath.Path(manual_dir)
+    self.description = os.fspath(manual_dir)
+    self._zip_path = None
+    self._zip = None
+    if not manual_dir.exists():
+      raise MuraDataError(
+          f'The manual_dir {manual_dir} does not exist: create it and put {ZIP_NAME} or the '
+          f'extracted {ROOT}/ in it.\n{INSTRUCTIONS}')
+    if not manual_dir.is_dir():
+      raise MuraDataError(
+          f'The manual_dir {manual_dir} is a file, not a folder: give the folder that holds '
+          f'{ZIP_NAME} or {ROOT}/ (--manual_dir {manual_dir.parent}'
+          f'{"" if manual_dir.name == ZIP_NAME else f", with the file renamed to {ZIP_NAME}"}).')
+    if (manual_dir / ROOT / 'train_labeled_studies.csv').exists():
+      self._base = manual_dir
+    elif (manual_dir / 'train_labeled_studies.csv').exists() and manual_dir.name == ROOT:
+      self._base = manual_dir.parent  # the user pointed at MURA-v1.1/ itself
+    elif (manual_dir / ZIP_NAME).exists():
+      self._base = None
+      self._zip_path = manual_dir / ZIP_NAME
+      self.description = os.fspath(self._zip_path)
+      if (manual_dir / ZIP_NAME).is_dir():
+        raise MuraDataError(f'{self._zip_path} is a folder, not the zip: rename it to {ROOT} if '
+                            f'it holds the extracted files, or put the downloaded zip there.')
+    else:
+      found = sorted(p.name for p in manual_dir.iterdir())
+      raise MuraDataError(
+          f'Neither {ROOT}/ (with its CSVs) nor {ZIP_NAME} is in the manual_dir {manual_dir} '
+          f'(it holds: {found[:10] or "nothing"}){_hint(manual_dir, found)}.\n'
+          f'{INSTRUCTIONS}')
+
+  def __getstate__(self):  # worker processes reopen the zip themselves
+    return {**self.__dict__, '_zip': None}
+
+  def _zipfile(self) -> zipfile.ZipFile:
+    if self._zip is None:
+      try:
+        self._zip = zipfile.ZipFile(self._zip_path.open('rb'))
+      except (zipfile.BadZipFile, EOFError, OSError) as e:
+        size = self._zip_path.stat().length
+        raise MuraDataError(
+            f'{self._zip_path} ({size:,} bytes) is not a readable zip ({type(e).__name__}: {e}): '
+            f'a truncated or damaged download? MURA-v1.1.zip is about 3.3 GB. Download it again '
+            f'from {HOMEPAGE}, or extract it and put the MURA-v1.1/ folder in the manual_dir.'
+        ) from None
+      self._names = set(self._zip.namelist())
+    return self._zip
+
+  def fingerprint(self) -> str:
+    """sha256 of the four CSVs: what a built dataset was made from (`Builder`, reuse check)."""
+    digest = hashlib.sha256()
+    for name in CSV_NAMES:
+      path = f'{ROOT}/{name}'
+      try:
+        digest.update(self.read_bytes(path) if self.exists(path) else b'')
+      except (OSError, zipfile.BadZipFile, EOFError, zlib.error):
+        digest.update(b'unreadable')  # differs from any readable CSV; the build says why
+    return digest.hexdigest()
+
+  def top_level(self) -> list[str]:
+    """The names at the top of the zip or folder (for errors about a misplaced MURA-v1.1/)."""
+    if self._base is not None:
+      return sorted(p.name for p in self._base.iterdir())
+    self._zipfile()
+    return sorted({name.split('/', 1)[0] for name in self._names})
+
+  def exists(self, path: str) -> bool:
+    if self._base is not None:
+      return (self._base / path).exists()
+    self._zipfile()
+    return path in self._names
+
+  def read_bytes(self, path: str) -> bytes:
+    if self._base is not None:
+      return (self._base / path).read_bytes()
+    return self._zipfile().read(path)
+
+  def where(self, path: str) -> str:
+    """A path a person can open (for error messages)."""
+    return os.fspath(self._base / path) if self._base is not None else f'{self._zip_path}:{path}'
+
+  def missing(self, paths: Sequence[str], num_workers: int) -> list[str]:
+    """The paths that are not there (checked in parallel threads: stat is I/O bound)."""
+    if self._base is None:
+      self._zipfile()
+      return [p for p in paths if p not in self._names]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(4, num_workers * 4)) as pool:
+      present = list(pool.map(lambda p: (self._base / p).exists(), paths, chunksize=256))
+    return [p for p, ok in zip(paths, present) if not ok]
+
+
+def _hint(manual_dir: epath.Path, found: Sequence[str]) -> str:
+  """What a manual_dir without MURA most likely holds instead, and the fix, as a clause."""
+  root = manual_dir / ROOT
+  if root.exists() and not root.is_dir():
+    return f': {root} is a file, not the extracted folder; remove it and extract {ZIP_NAME} again'
+  if (root / ROOT / 'train_labeled_studies.csv').exists():
+    return (f': it was extracted one level too deep, use --manual_dir {root} (or move '
+            f'{root / ROOT} up one level)')
+  if root.is_dir():
+    inside = sorted(p.name for p in root.iterdir())
+    return (f': {root}/ lacks train_labeled_studies.csv (it holds: {inside[:10] or "nothing"}), '
+            f'an incomplete extraction? Extract {ZIP_NAME} again')
+  if (manual_dir / 'train_labeled_studies.csv').exists():
+    return (f': it holds the CSVs itself, in a folder not named {ROOT} (their paths start with '
+            f'{ROOT}/): rename it to {ROOT} and give its parent, --manual_dir '
+            f'{manual_dir.parent}')
+  if (manual_dir.parent / 'train_labeled_studies.csv').exists():
+    return f': it is inside {ROOT}/, use --manual_dir {manual_dir.parent.parent}'
+  zips = [name for name in found if name.lower().endswith('.zip')]
+  if zips:
+    return (f': if {zips[0]} is the MURA download (a browser may have renamed it), rename it to '
+            f'{ZIP_NAME}')
+  return ''
+
+
+# ------------------------------------------------------------------------------------------------
+# The CSVs: no header, study paths end in '/'. Redistributed copies add a header or CRLF endings.
+
+
+class _Unreadable(Exception):
+  """A CSV that cannot be read at all: its split is not checked further."""
+
+
+def read_csv_rows(source: Source, name: str, num_fields: int, warnings: list[str] | None = None
+                  ) -> tuple[list[tuple[int, list[str]]], list[str]]:
+  """((line number, fields) of each row, problems) of a MURA CSV. A first line that is no path
+  (a header) is skipped, and CRLF line ends are read as LF, each with a warning (logged, and
+  added to `warnings`). Raises `_Unreadable` when the file is missing or cannot be read."""
+  path = f'{ROOT}/{name}'
+  where = source.where(path)
+  if not source.exists(path):
+    top = source.top_level()
+    inside = ('' if ROOT in top else
+              f' ({source.description} holds {top[:10] or "nothing"}, not {ROOT}/: is it the MURA '
+              'download?)')
+    raise _Unreadable(f'{where} is missing{inside}: every MURA-v1.1 release has it; download '
+                      f'{ZIP_NAME} again from {HOMEPAGE}.')
+  try:
+    data = source.read_bytes(path)
+  except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+    raise _Unreadable(f'{where} cannot be read ({type(e).__name__}: {e}): a damaged copy? '
+                      f'Download {ZIP_NAME} again from {HOMEPAGE}.') from None
+  if data.startswith((b'\xff\xfe', b'\xfe\xff')):
+    raise _Unreadable(f'{where} is UTF-16 text, not the official plain ASCII (saved again by a '
+                      'spreadsheet program?): use the CSV of the download.')
+  try:
+    text = data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise _Unreadable(f'{where} is not text (byte {e.start} is {data[e.start:e.start + 1]!r}): '
+                      'the official CSVs are plain ASCII; use the CSV of the download.') from None
+  if b'\r\n' in data:
+    warn(warnings, f'{where} has CRLF (Windows) line ends, not the official LF: read correctly, '
+                    'each CRLF as one line end (a copy saved on Windows?).')
+  rows, problems, first = [], [], True
+  for number, line in enumerate(text.splitlines(), start=1):  # splitlines: LF and CRLF alike
+    if not line.strip():
+      continue
+    fields = [f.strip() for f in line.split(',')]
+    if first and '/' not in fields[0]:
+      warn(warnings, f'{where}: line {number} looks like a header row ({line!r}), not a path; '
+                      'skipped it. The official CSVs have no header.')
+      first = False
+      continue
+    first = False
+    if len(fields) != num_fields:
+      problems.append(f'{name} line {number}: expected {num_fields} comma-separated field(s), got '
+                      f'{line!r}')
+    rows.append((number, fields))  # a malformed row too: the caller skips it, problem listed
+  if first:
+    problems.append(f'{name} has no rows ({len(data)} bytes): an empty or cut-short copy? Use the '
+                    'CSV of the download.')
+  return rows, problems
+
+
+def warn(warnings: list[str] | None, message: str) -> None:
+  logging.warning('%s', message)
+  if warnings is not None:
+    warnings.append(message)
+
+
+def _raise_if(problems: Sequence[str], what: str):
+  if problems:
+    listed = '\n  '.join(problems[:_MAX_LISTED])
+    more = f'\n  ... and {len(problems) - _MAX_LISTED} more' if len(problems) > _MAX_LISTED else ''
+    raise MuraDataError(f'{what} ({len(problems)}):\n  {listed}{more}')
+
+
+def read_split(source: Source, split: str, num_workers: int = 1) -> list[View]:
+  """Every view of a MURA split (`train` or `valid`), cross-checked; raises listing all problems."""
+  views, problems = check_split(source, split, num_workers)
+  _raise_if(problems, f'The {split} split of {source.description} is inconsistent')
+  return views
+
+
+def check_split(source: Source, split: str, num_workers: int = 1,
+                warnings: list[str] | None = None) -> tuple[list[View], list[str]]:
+  """(views, problems) of a MURA split: every problem of its two CSVs and their files. A study
+  whose row is wrong is reported once, not again for each of its images."""
+  labels_csv = f'{split}_labeled_studies.csv'
+  images_csv = f'{split}_image_paths.csv'
+  study_labels: dict[str, int] = {}
+  rejected: set[str] = set()  # studies with a reported problem: their images are not reported
+  try:
+    label_rows, problems = read_csv_rows(source, labels_csv, 2, warnings)
+  except _Unreadable as e:
+    return [], [str(e)]  # without labels nothing of the split can be checked
+  for line, fields in label_rows:
+    where = f'{labels_csv} line {line}'
+    study_path = fields[0] if fields[0].endswith('/') else fields[0] + '/'
+    if len(fields) != 2:  # listed by read_csv_rows
+      rejected.add(study_path)
+      continue
+    label = fields[1]
+    match = _IMAGE_PATH.match(study_path + 'image1.png')
+    if study_path in study_labels:
+      problems.append(f'{where}: study {study_path} is listed twice')
+      continue
+    rejected.add(study_path)  # until it passes every check
+    if label not in ('0', '1'):
+      problems.append(f'{where}: label {label!r} is not 0 or 1')
+    elif match is None or match['split'] != split:
+      problems.append(f'{where}: {study_path!r} is not a {ROOT}/{split}/XR_<PART>/patientN/studyK_'
+                      '{positive,negative}/ study path')
+    elif match['part'].lower() not in BODY_PARTS:
+      problems.append(f'{where}: unknown body part XR_{match["part"]} (expected one of '
+                      f'{", ".join("XR_" + p.upper() for p in BODY_PARTS)})')
+    elif (match['folder_label'] == 'positive') != (label == '1'):
+      problems.append(f'{where}: label {label} contradicts the folder name {study_path!r}')
+    else:
+      rejected.discard(study_path)
+      study_labels[study_path] = int(label)
+
+  try:
+    image_rows, image_problems = read_csv_rows(source, images_csv, 1, warnings)
+  except _Unreadable as e:
+    return [], problems + [str(e)]
+  problems += image_problems
+  views, seen, studies_with_views = [], set(), set()
+  for line, fields in image_rows:
+    if len(fields) != 1:  # listed by read_csv_rows
+      continue
+    image_path = fields[0]
+    where = f'{images_csv} line {line}'
+    match = _IMAGE_PATH.match(image_path)
+    study_path = image_path.rsplit('/', 1)[0] + '/'
+    if study_path in rejected:
+      continue  # its study's row is reported
+    if match is None or match['split'] != split:
+      problems.append(f'{where}: {image_path!r} is not a {ROOT}/{split}/XR_<PART>/patientN/'
+                      'studyK_{positive,negative}/imageN.png path')
+    elif image_path in seen:
+      problems.append(f'{where}: image {image_path} is listed twice')
+    elif study_path not in study_labels:
+      problems.append(f'{where}: image {image_path} belongs to a study with no row in {labels_csv}')
+    else:
+      seen.add(image_path)
+      studies_with_views.add(study_path)
+      views.append(View(
+          image_path=image_path, study_id=study_path[len(ROOT) + 1:-1],
+          body_part=match['part'].lower(), patient_id=int(match['patient']),
+          view=int(match['view']), label=study_labels[study_path]))
+  problems += [f'{labels_csv}: study {s} has no image in {images_csv}'
+               for s in study_labels if s not in studies_with_views]
+  missing = set(source.missing([v.image_path for v in views], num_workers))
+  problems += [f'{images_csv}: {v} is listed but the file is not in {source.description}'
+               for v in sorted(missing)]
+  return [v for v in views if v.image_path not in missing], problems
+
+
+def count_images(views: Sequence[View]) -> dict[str, dict[str, int]]:
+  """{body_part: {'normal': N_T, 'abnormal': A_T}}: the counts of the paper's weighted loss."""
+  counts = {part: {label: 0 for label in LABELS} for part in BODY_PARTS}
+  for v in views:
+    counts[v.body_part][LABELS[v.label]] += 1
+  return counts
+
+
+def count_studies(views: Sequence[View]) -> dict[str, dict[str, int]]:
+  counts = {part: {label: 0 for label in LABELS} for part in BODY_PARTS}
+  for study_id, body_part, label in {(v.study_id, v.body_part, v.label) for v in views}:
+    counts[body_part][LABELS[label]] += 1
+  return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Images: decode every file (a corrupt or truncated PNG fails here), store 8-bit grayscale PNG
+# (the rule: `tfds_mura.grayscale`).
+
+
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source):
+  global _WORKER_SOURCE
+  _WORKER_SOURCE = source
+
+
+def _encode_view(image_path: str) -> tuple[bytes | None, list[str], str | None]:
+  try:
+    png, notes = grayscale_png(_WORKER_SOURCE.read_bytes(image_path))
+    return png, notes, None
+  except Exception as e:  # pylint: disable=broad-except  (reported, with the file, by the caller)
+    return None, [], f'{_WORKER_SOURCE.where(image_path)}: {type(e).__name__}: {e}'
+
+
+@dataclasses.dataclass
+class ImageReport:
+  """What decoding found, over every split of a build: unreadable files and conversion notes."""
+  bad: list[str] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def encode_views(source: Source, views: Sequence[View], num_workers: int,
+                 report: ImageReport) -> Iterator[tuple[View, bytes]]:
+  """(view, grayscale PNG) in order, decoded on all cores. Unreadable files go to `report.bad`
+  (the caller raises once every split is decoded), notes (`grayscale_notes`) to `report.notes`."""
+  paths = [v.image_path for v in views]
+  if num_workers > 1:
+    pool = multiprocessing.get_context('spawn').Pool(num_workers, _init_worker, (source,))
+    results = pool.imap(_encode_view, paths, chunksize=16)
+  else:
+    pool = None
+    _init_worker(source)
+    results = map(_encode_view, paths)
+  try:
+    for v, (png, notes, error) in zip(views, results):
+      report.notes += [f'{source.where(v.image_path)}: {note}' for note in notes]
+      if error is not None:
+        report.bad.append(error)  # keep going: the error lists every bad file, not the first
+      else:
+        yield v, png  # TFDS keeps nothing of a build that raises in the end
+  finally:
+    if pool is not None:
+      pool.terminate()
+
+
+def raise_for_images(report: ImageReport, csv_problems: Sequence[str] = ()) -> None:
+  """One error for everything a build found: the CSVs' problems and every unreadable image."""
+  problems = [*csv_problems, *report.bad]
+  kinds = [f'{len(csv_problems)} in the CSVs and their files'] * bool(csv_problems) + [
+      f'{len(report.bad)} corrupt, truncated or unsupported image(s)'] * bool(report.bad)
+  _raise_if(problems, f'The build stopped and wrote nothing: {" and ".join(kinds)}; fix or '
+                      're-download them. Every problem')
+
+
+def warn_for_notes(report: ImageReport, warnings: list[str] | None = None) -> None:
+  if report.notes:
+    listed = '\n  '.join(report.notes[:_MAX_LISTED])
+    more = (f'\n  ... and {len(report.notes) - _MAX_LISTED} more' if len(report.notes) >
+            _MAX_LISTED else '')
+    warn(warnings, f'{len(report.notes)} image(s) were not plain radiographs; stored converted '
+                    f'as said:\n  {listed}{more}')
