@@ -138,7 +138,7 @@ def run(config, workdir):
 def user_errors() -> tuple[type[Exception], ...]:
   """What the user can fix: the project's errors (mura_jax.errors) and the dataset builder's."""
   from mura_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from tfds_mura.mura.mura_dataset_builder import MuraDataError  # pylint: disable=g-import-not-at-top
+  from tfds_mura.mura.manual_download import MuraDataError  # pylint: disable=g-import-not-at-top
   return (UserError, MuraDataError)
 
 
