@@ -43,9 +43,18 @@ class SplitIndex:
 def data_source(data_dir: str, split: str):
   """The `mura` split as a random-access source; a clear error when the dataset is not built."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tfds_mura import build  # pylint: disable=g-import-not-at-top
   try:
-    return tfds.data_source('mura', data_dir=data_dir, split=split)
+    # download=False: reading never builds (TFDS would start a build inside data_dir, leaving
+    # folders behind, and fail on the missing manual download with another message).
+    return tfds.data_source('mura', data_dir=data_dir, split=split, download=False)
   except Exception as e:  # pylint: disable=broad-except  (TFDS raises several kinds)
+    misplaced = build.data_dir_of_built(data_dir)
+    if misplaced is not None:
+      folder, meant = misplaced
+      raise DatasetNotFoundError(
+          f'The data_dir {data_dir} is the {folder} folder of a built `mura` dataset, not the '
+          f'data_dir that holds it: use --config.data.data_dir={meant}') from None
     raise DatasetNotFoundError(
         f'No built `mura` dataset with split {split!r} in {data_dir} ({type(e).__name__}: {e}).\n'
         'Build it first: python -m tfds_mura.build --manual_dir DIR --data_dir '

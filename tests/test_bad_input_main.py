@@ -12,6 +12,8 @@ the traceback only with --verbose. The README's "When something is wrong" sectio
     a finished run continued with another config  error: DIR holds a run trained with another config
     evaluate/cam/export with another image size   error: The checkpoints in DIR were trained with ...
     a data_dir without a built dataset            error: No built `mura` dataset with split ...
+    a data_dir that is the dataset's mura/ folder error: The data_dir D/mura is the mura/ folder ...
+                                                    use --config.data.data_dir=D
     --config.evaluation.readers=MISSING (also     error: --config.evaluation.readers=MISSING: no
       threshold_from, compare, cam.annotations)     such file or folder. It should be ...
     --config.model.init=torchvision:MISSING       error: No weights file at MISSING. (where to get it)
@@ -30,6 +32,7 @@ import pytest
 
 from mura_jax import checkpoints
 from mura_jax import evaluation
+from mura_jax import input_pipeline
 from mura_jax import loss as loss_lib
 from mura_jax import train
 from mura_jax.errors import ConfigError, UserError
@@ -206,6 +209,19 @@ def test_missing_dataset_says_how_to_build_it(tmp_path):
   out = run_main('--workdir', str(tmp_path / 'run'), '--config.data.synthetic=False',
                  f'--config.data.data_dir={tmp_path / "empty"}')
   assert_user_error(out, 'error: No built `mura` dataset with split', 'python -m tfds_mura.build')
+  assert not (tmp_path / 'empty').exists(), 'reading must not start a build in the data_dir'
+
+
+@pytest.mark.parametrize('inside', ['mura', 'mura/1.1.0'])
+def test_data_dir_given_as_the_datasets_own_folder_names_the_right_one(mura_data_dir, inside):
+  folder = mura_data_dir / inside
+  before = sorted(p.name for p in folder.iterdir())
+  with pytest.raises(UserError) as e:
+    input_pipeline.data_source(str(folder), 'train')
+  assert str(e.value) == (f'The data_dir {folder} is the {inside}/ folder of a built `mura` '
+                          f'dataset, not the data_dir that holds it: use '
+                          f'--config.data.data_dir={mura_data_dir}')
+  assert sorted(p.name for p in folder.iterdir()) == before
 
 
 # ------------------------------------------------------------------------------------------------

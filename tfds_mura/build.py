@@ -53,7 +53,7 @@ def build(manual_dir: str | None, data_dir: str, file_format: str | None = None,
       builder.check_reuse(None)
       return builder
   elif not manual_dir:
-    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset{_misplaced(data_dir)}, and '
+    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset{misplaced_hint(data_dir)}, and '
                              'no manual_dir was given to build one.\n'
                              f'{mura.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   elif file_format:
@@ -78,17 +78,26 @@ def _under(path, folder: str) -> bool:
   return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _misplaced(data_dir: str) -> str:
-  """' (...: give --data_dir X)' when data_dir is a built dataset's own folder, not its data_dir."""
+def data_dir_of_built(path_given: str) -> tuple[str, str] | None:
+  """(which folder it is, the data_dir meant) when `path_given` is a built dataset's own mura/ or
+  mura/<version>/ folder rather than the data_dir holding it; None otherwise."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  path, version = epath.Path(data_dir).expanduser(), str(mura.Builder.VERSION)
+  path, version = epath.Path(path_given).expanduser(), str(mura.Builder.VERSION)
   if path.name == 'mura' and (path / version / 'dataset_info.json').exists():
-    return f' ({data_dir} is the mura/ folder of a built dataset: give --data_dir {path.parent})'
+    return 'mura/', str(path.parent)
   if (path.name == version and path.parent.name == 'mura' and
       (path / 'dataset_info.json').exists()):
-    return (f' ({data_dir} is the mura/{version}/ folder of a built dataset: give --data_dir '
-            f'{path.parent.parent})')
-  return ''
+    return f'mura/{version}/', str(path.parent.parent)
+  return None
+
+
+def misplaced_hint(data_dir: str) -> str:
+  """' (...: give --data_dir X)' when data_dir is a built dataset's own folder, not its data_dir."""
+  found = data_dir_of_built(data_dir)
+  if found is None:
+    return ''
+  folder, meant = found
+  return f' ({data_dir} is the {folder} folder of a built dataset: give --data_dir {meant})'
 
 
 def _positive(text: str) -> int:
