@@ -83,35 +83,36 @@ def jit(fn: Callable, description: str, *, in_shardings: Sequence[Any],
 class CachedJit:
   """A jitted function whose traced program comes from, or goes to, a file (see `jit`).
 
-  Called like the jitted `fn`, and `lower(*args).compile()` as with jax.jit. Inside, the
-  arguments travel as lists of leaves (jax.export serialises lists, not the state's own classes)
-  and the outputs' tree structures are stored beside the program.
+  It is a jax.jit of a small function that, while JAX traces it (once per argument shapes), finds
+  the traced program in the file, or exports `fn` and writes it, and calls it: every call after
+  that is jax.jit's own, with no Python of this class on the way. In the file, arguments and
+  outputs are lists of leaves (jax.export serialises lists, not the state's own classes); the
+  outputs' tree structures are stored beside the program.
   """
 
   def __init__(self, fn, description, in_shardings, out_shardings, donate_argnums, directory):
     self._fn, self._description = fn, description
     self._in_shardings, self._out_shardings = in_shardings, out_shardings
     self._donate_argnums, self._directory = donate_argnums, directory
-    self._programs = {}  # (tree structures, shapes, dtypes) -> (jitted exported call, out trees)
+    self._stored = {}  # file -> (exported, out trees), for jax.jit's retraces in this process
+    self._jitted = jax.jit(self._call_stored, in_shardings=in_shardings,
+                           out_shardings=out_shardings, donate_argnums=donate_argnums)
 
   def __call__(self, *args):
-    call, out_trees = self._program(args)
-    outputs = call(*_leaves(args))
-    return tuple(jax.tree.unflatten(t, leaves) for t, leaves in zip(out_trees, outputs))
+    return self._jitted(*args)
 
-  def lower(self, *args) -> _Lowered:
-    call, out_trees = self._program(args)
-    return _Lowered(call.lower(*_leaves(args)), out_trees)
+  def lower(self, *args):
+    return self._jitted.lower(*args)
 
-  # -- the program: from this process, the file, or traced --------------------------------------
-
-  def _program(self, args):
+  def _call_stored(self, *args):
+    """Runs while JAX traces: the stored (or just exported) program, called on the leaves."""
     trees = tuple(jax.tree.structure(a) for a in args)
-    avals = tuple((tuple(x.shape), str(x.dtype)) for a in args for x in jax.tree.leaves(a))
-    found = self._programs.get((trees, avals))
-    if found is None:
-      found = self._programs[(trees, avals)] = self._load_or_trace(args, trees)
-    return found
+    stored = self._load_or_export(args, trees)
+    if stored is None:  # not exportable: trace the function itself, as jax.jit would
+      return self._fn(*args)
+    exported, out_trees = stored
+    outputs = exported.call(*(jax.tree.leaves(a) for a in args))
+    return tuple(jax.tree.unflatten(t, leaves) for t, leaves in zip(out_trees, outputs))
 
   def key(self, args, trees) -> str:
     """A digest of everything that defines the traced program."""
@@ -125,75 +126,40 @@ class CachedJit:
       parts.extend(f'{x.shape}:{x.dtype}' for x in jax.tree.leaves(arg))
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
 
-  def _load_or_trace(self, args, trees):
+  def _load_or_export(self, args, trees):
     name = getattr(self._fn, '__name__', None) or getattr(
         getattr(self._fn, 'func', None), '__name__', 'step')
     path = self._directory / f'{name}-{self.key(args, trees)}.exported'
-    stored = _read(path)
-    if stored is not None:
-      logging.info('%s: traced program from %s (tracing skipped).', name, path)
-    else:
-      stored = self._trace(args, trees)
+    if path not in self._stored:
+      stored = _read(path)
       if stored is not None:
-        _write(path, stored)
-    if stored is None:  # not exportable: plain jit on the flat arguments
-      out_trees = []  # filled when it is traced
-      return self._jit(self._flat_fn(trees, out_trees)), out_trees
-    exported, out_trees = stored
-    return self._jit(exported.call), out_trees
+        logging.info('%s: traced program from %s (tracing skipped).', name, path)
+      else:
+        stored = self._export(args, trees)
+        if stored is not None:
+          _write(path, stored)
+      self._stored[path] = stored
+    return self._stored[path]
 
-  def _jit(self, flat_fn):
-    return jax.jit(flat_fn, in_shardings=self._in_shardings, out_shardings=self._out_shardings,
-                   donate_argnums=self._donate_argnums)
+  def _export(self, args, trees):
+    out_trees = []
 
-  def _flat_fn(self, trees, out_trees: list):
     def flat(*leaf_lists):
       outputs = self._fn(*(jax.tree.unflatten(t, leaves) for t, leaves in zip(trees, leaf_lists)))
       flat_outputs = [jax.tree.flatten(o) for o in outputs]
       out_trees[:] = [tree for _, tree in flat_outputs]
       return tuple(leaves for leaves, _ in flat_outputs)
-    return flat
 
-  def _trace(self, args, trees):
-    out_trees = []
-    jitted = self._jit(self._flat_fn(trees, out_trees))
+    jitted = jax.jit(flat, in_shardings=self._in_shardings, out_shardings=self._out_shardings,
+                     donate_argnums=self._donate_argnums)
     specs = [[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(a)] for a in args]
     try:
       exported = jax.export.export(jitted)(*specs)
-    except Exception as e:  # pylint: disable=broad-except  (any: the plain jit still works)
+    except Exception as e:  # pylint: disable=broad-except  (any: the plain trace still works)
       logging.warning('The traced-step cache cannot keep this step (%s: %s); it is traced at '
                       'every start.', type(e).__name__, e)
       return None
     return exported, out_trees
-
-
-class _Lowered:
-  def __init__(self, lowered, out_trees):
-    self._lowered, self._out_trees = lowered, out_trees
-
-  def compile(self) -> _Compiled:
-    return _Compiled(self._lowered.compile(), self._out_trees)
-
-  def as_text(self) -> str:
-    return self._lowered.as_text()
-
-
-class _Compiled:
-  """Takes and returns pytrees like the jitted function; the compiled program sees leaves."""
-
-  def __init__(self, compiled, out_trees):
-    self._compiled, self._out_trees = compiled, out_trees
-
-  def __call__(self, *args):
-    outputs = self._compiled(*_leaves(args))
-    return tuple(jax.tree.unflatten(t, leaves) for t, leaves in zip(self._out_trees, outputs))
-
-  def as_text(self) -> str:
-    return self._compiled.as_text()
-
-
-def _leaves(args) -> list[list]:
-  return [jax.tree.leaves(a) for a in args]
 
 
 def _read(path: epath.Path):
