@@ -117,6 +117,7 @@ def create_plateau(config) -> optax.GradientTransformationExtraArgs:
 def initial_state(config, model) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
+  # Under state_template's eval_shape (a resume) only the shapes matter: no traced-init file.
   if config.model.init == 'random' and not isinstance(init_rng, jax.core.Tracer):
     variables = random_variables(model, init_rng, config.model.in_channels)
   else:
