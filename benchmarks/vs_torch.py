@@ -287,6 +287,8 @@ def jax_config_for(spec: dict):
 def jax_worker(spec: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
 
   if spec.get('cache_dir'):
     jax.config.update('jax_compilation_cache_dir', os.path.join(spec['cache_dir'], 'jax'))

@@ -118,6 +118,31 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+# XLA:CPU's convolutions. jaxlib 0.10 sends convolutions, matmuls and reductions to YNNPACK; its
+# own (Eigen) convolutions run densenet169 faster on the project's CPU (2-core Sapphire Rapids,
+# batch 8, BENCHMARKS.md "XLA:CPU's convolutions"): the train step at 3.5-3.6 against 3.0-3.1
+# img/s, the forward pass at 22 against 18-19 (26 with inference's unrolled network). The flag is
+# experimental and XLA stops at one it does not know, so it is set only for the jaxlib it was
+# measured on; XLA_FLAGS that name it are the user's choice.
+CPU_CONVOLUTION_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+CPU_CONVOLUTION_JAXLIB = '0.10.'
+
+
+def use_xla_cpu_convolutions(env=None) -> bool:
+  """Adds CPU_CONVOLUTION_FLAG to XLA_FLAGS, which XLA reads when JAX starts its backends: call
+  it before anything asks for a device. True when it did (accelerators ignore the flag)."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  env = os.environ if env is None else env
+  flags = env.get('XLA_FLAGS', '')
+  if ('xla_cpu_experimental_ynn_fusion_type' in flags
+      or not jaxlib.version.__version__.startswith(CPU_CONVOLUTION_JAXLIB)
+      or xla_bridge.backends_are_initialized()):
+    return False
+  env['XLA_FLAGS'] = f'{flags} {CPU_CONVOLUTION_FLAG}'.strip()
+  return True
+
+
 def log_topology(mesh: Mesh) -> None:
   import flax, optax  # noqa: E401  pylint: disable=g-import-not-at-top,multiple-import
   logging.info('JAX %s, Flax %s, Optax %s; process %d of %d; %d local / %d global devices (%s); '

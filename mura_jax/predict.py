@@ -393,6 +393,8 @@ def predict_paths(args) -> int:
   from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from mura_jax import export  # pylint: disable=g-import-not-at-top
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.use_xla_cpu_convolutions()  # before the model's first device
   try:
     if args.model:
       predictor = export.load(args.model)

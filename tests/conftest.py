@@ -18,7 +18,10 @@ except ImportError:
 
 import pytest  # noqa: E402
 
+from mura_jax import parallel  # noqa: E402
 from mura_jax import synthetic  # noqa: E402
+
+parallel.use_xla_cpu_convolutions()  # XLA:CPU's own convolutions, as main.py and mura-predict set
 
 STUDIES_PER_PART = 6
 VALID_STUDIES_PER_PART = 4

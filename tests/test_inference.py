@@ -2,7 +2,10 @@
 mode reproducing the training run's own validation exactly."""
 
 import csv
+import functools
 import json
+import os
+import re
 import shutil
 
 import numpy as np
@@ -124,3 +127,94 @@ def test_checkpoint_errors(recorded_run, tmp_path):
   metadata.write_text(json.dumps({**json.loads(metadata.read_text()), 'spec_version': 99}))
   with pytest.raises(checkpoints.CheckpointMismatchError, match='newer than this mura-jax'):
     inference.Predictor.from_workdir(copy, summary['best_step'])
+
+
+# ------------------------------------------------------------------------------------------------
+# How the inference steps are compiled: the unrolled network, XLA:CPU's own convolutions.
+
+SCANNED = dict(growth_rate=4, block_config=(3, 2), num_init_features=8, bn_size=2, num_classes=1,
+               scan_segment=2)
+
+
+def _computations_calling_convolutions(hlo: str) -> dict[str, list[str]]:
+  """Compiled HLO text -> {computation holding a convolution: the instructions that call it}."""
+  holders, calls, current = set(), {}, None
+  for line in hlo.splitlines():
+    header = re.match(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
+    if header:
+      current = header.group(1)
+    elif ' convolution(' in line:
+      holders.add(current)
+    for callee in re.findall(r'calls=%?([\w.\-]+)', line):
+      calls.setdefault(callee, []).append(line.strip().split(' = ')[0])
+  return {h: calls.get(h, []) for h in holders}
+
+
+def test_inference_compiles_the_unrolled_network_with_the_same_results():
+  import jax  # pylint: disable=g-import-not-at-top
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
+  model = densenet.DenseNet(**SCANNED)
+  assert inference.inference_network(model).scan_segment == 0
+  assert inference.inference_network(model).clone(scan_segment=2) == model
+  variables = densenet.init_variables(model, jax.random.key(0), 32, in_channels=1)
+  mesh = parallel.make_mesh()
+  rs = np.random.RandomState(0)
+  n = mesh.devices.size * 2
+  batch = parallel.global_batch(
+      {'image': rs.randint(0, 256, (n, 32, 32, 1)).astype(np.uint8),
+       'index': np.arange(n, dtype=np.int32), 'mask': np.ones(n, np.float32)}, mesh)
+  step = inference.compile_predict_step(model, 1, mesh)
+  assert 'while' not in step.lower(variables, batch).compile().as_text()  # no scan's loop
+  scanned = jax.jit(functools.partial(inference.predict_step, model=model, in_channels=1))
+  np.testing.assert_allclose(np.asarray(step(variables, batch)['probability']),
+                             np.asarray(scanned(variables, batch)['probability']), atol=1e-6)
+  maps = inference.compile_map_step(model, 1, mesh)(variables, batch)
+  np.testing.assert_allclose(np.asarray(maps['probability']),
+                             np.asarray(scanned(variables, batch)['probability']), atol=1e-6)
+
+
+def _ynn_convolutions(hlo: str) -> list[str]:
+  """The instructions of compiled HLO that run a convolution inside a YNNPACK fusion."""
+  return [c for callers in _computations_calling_convolutions(hlo).values() for c in callers
+          if 'ynn' in c]
+
+
+def test_cpu_runs_convolutions_on_xlas_own_kernels(monkeypatch):
+  """parallel.use_xla_cpu_convolutions (main.py, mura-predict and this suite call it): no
+  convolution of the compiled steps goes to YNNPACK, where this jaxlib sends them by default."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
+  if not jaxlib.version.__version__.startswith(parallel.CPU_CONVOLUTION_JAXLIB):
+    pytest.skip(f'the flag is set for jaxlib {parallel.CPU_CONVOLUTION_JAXLIB}x only')
+  assert parallel.CPU_CONVOLUTION_FLAG in os.environ['XLA_FLAGS']
+  mesh = parallel.make_mesh()
+  model = densenet.DenseNet(**SCANNED)
+  variables = densenet.init_variables(model, jax.random.key(0), 32, in_channels=1)
+  n = mesh.devices.size
+  batch = parallel.global_batch(
+      {'image': np.full((n, 32, 32, 1), 7, np.uint8), 'index': np.arange(n, dtype=np.int32),
+       'mask': np.ones(n, np.float32)}, mesh)
+  hlo = inference.compile_predict_step(model, 1, mesh).lower(variables, batch).compile().as_text()
+  assert _computations_calling_convolutions(hlo), 'the compiled step has no convolution'
+  assert not _ynn_convolutions(hlo)
+  # The check sees YNNPACK's convolutions where they are asked for.
+  ynn = jax.jit(functools.partial(inference.predict_step, model=model, in_channels=1),
+                compiler_options={'xla_cpu_experimental_ynn_fusion_type':
+                                  'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'})
+  assert _ynn_convolutions(ynn.lower(variables, batch).compile().as_text())
+
+  # When it adds the flag: not over the user's XLA_FLAGS naming it, not once JAX has started.
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  assert parallel.use_xla_cpu_convolutions(env)
+  assert env['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=2 ' +
+                              parallel.CPU_CONVOLUTION_FLAG)
+  assert not parallel.use_xla_cpu_convolutions(env)  # already there
+  mine = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type='}
+  assert not parallel.use_xla_cpu_convolutions(mine) and mine['XLA_FLAGS'].endswith('=')
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
+  assert not parallel.use_xla_cpu_convolutions({})
