@@ -62,11 +62,14 @@ def model_signature(config: ml_collections.ConfigDict) -> dict:
 
 
 def create_model(signature: dict, *, dtype: Any = 'float32', drop_rate: float = 0.0,
-                 remat: bool = False, scan_segment: int = 8) -> densenet.DenseNet:
+                 remat: bool = False, scan_segment: int = 8,
+                 unrolled_blocks: int = 2) -> densenet.DenseNet:
   """The network a signature describes; dtype, dropout, remat and scanning are run-time choices
-  (scan_segment: configs/base.py's default; the variables are the same either way)."""
+  (scan_segment, unrolled_blocks: configs/base.py's defaults; the variables are the same either
+  way)."""
   kwargs = dict(num_classes=signature['num_classes'], drop_rate=drop_rate, remat=remat,
-                scan_segment=scan_segment, dtype=jax.numpy.dtype(dtype))
+                scan_segment=scan_segment, unrolled_blocks=unrolled_blocks,
+                dtype=jax.numpy.dtype(dtype))
   if signature['arch'] == 'custom':  # small DenseNets for the demo and the tests
     return densenet.DenseNet(growth_rate=signature['growth_rate'],
                              block_config=tuple(signature['block_config']),
@@ -96,7 +99,7 @@ def check_model(found: dict | None, expected: dict, where: str) -> None:
 # checkpoints it keeps, and the options of the modes after training (their reports record them).
 _FREE_KEYS = ('mode', 'distributed', 'compilation_cache_dir', 'allow_config_change',
               'data.num_workers', 'data.build_workers', 'data.manual_dir',
-              'model.scan_segment', 'train.per_device_batch_size', 'train.log_every_steps',
+              'model.scan_segment', 'model.unrolled_blocks', 'train.per_device_batch_size', 'train.log_every_steps',
               'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.keep_best',
               'evaluation.', 'cam.', 'export.')
 # What evaluate, cam and export take from the checkpoints themselves (their spec), not the config.

@@ -83,6 +83,7 @@ def _sha256(path) -> str:
 def serving_function(model, variables, spec: preprocessing_lib.Preprocessing):
   """images uint8 (b, S, S, 1) -> (probability (b,), cam (b, h, w)); the weights are closed over."""
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  model = inference.inference_network(model)  # unrolled, as every inference step compiles it
 
   def serve(images):
     logits, maps = inference.view_maps(variables, images, model=model,

@@ -72,7 +72,8 @@ def create_model(config: ml_collections.ConfigDict) -> densenet.DenseNet:
   m = config.model
   return checkpoints.create_model(checkpoints.model_signature(config), dtype=m.dtype,
                                   drop_rate=m.drop_rate, remat=m.remat,
-                                  scan_segment=0 if m.drop_rate else m.scan_segment)
+                                  scan_segment=0 if m.drop_rate else m.scan_segment,
+                                  unrolled_blocks=m.unrolled_blocks)
 
 
 # ------------------------------------------------------------------------------------------------

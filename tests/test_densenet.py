@@ -237,11 +237,15 @@ def _loss_and_grads(model, variables, x):
   return value, updates, grads
 
 
-# Blocks of 3 and 5 layers: segments of 2 leave a last segment of 1; 3 scans block 1 whole.
-@pytest.mark.parametrize('segment, remat', [(2, False), (3, True)])
-def test_scanned_dense_blocks_equal_the_unrolled_ones(unrolled_reference, segment, remat):
+# Blocks of 3 and 5 layers: segments of 2 leave a last segment of 1; 3 scans block 1 whole;
+# unrolled_blocks 1 scans block 2 only.
+@pytest.mark.parametrize('segment, remat, unrolled_blocks', [(2, False, 0), (3, True, 0),
+                                                             (2, False, 1)])
+def test_scanned_dense_blocks_equal_the_unrolled_ones(unrolled_reference, segment, remat,
+                                                      unrolled_blocks):
   variables, x, logits, trained = unrolled_reference
-  scanned = DenseNet(**SCAN_TEST, scan_segment=segment, remat=remat)
+  scanned = DenseNet(**SCAN_TEST, scan_segment=segment, remat=remat,
+                     unrolled_blocks=unrolled_blocks)
   # Same names, shapes and initial values: checkpoints and weight files serve both.
   jax.tree.map(np.testing.assert_array_equal,
                init_variables(DenseNet(**SCAN_TEST), jax.random.key(0), image_size=32),
@@ -255,7 +259,8 @@ def test_scanned_dense_blocks_equal_the_unrolled_ones(unrolled_reference, segmen
                scanned_trained[1]['batch_stats'], variables['batch_stats'])
   # The dense layers really run in scans: one per segment.
   jaxpr = str(jax.make_jaxpr(functools.partial(scanned.apply, train=False))(variables, x))
-  assert jaxpr.count('scan[') == sum(-(-n // segment) for n in SCAN_TEST['block_config'])
+  assert jaxpr.count('scan[') == sum(-(-n // segment)
+                                     for n in SCAN_TEST['block_config'][unrolled_blocks:])
 
 
 def test_scanned_dense_blocks_refuse_dropout():

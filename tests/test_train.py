@@ -28,6 +28,7 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
   config.model.arch = 'custom'
   config.model.growth_rate = 4
   config.model.block_config = (1, 1)
+  config.model.unrolled_blocks = 1  # the second block scanned, as densenet169's last two are
   config.model.num_init_features = 8
   config.model.bn_size = 2
   config.optimizer.learning_rate = 1e-3
@@ -64,6 +65,7 @@ def test_loss_weights_are_the_papers():
 def test_dense_blocks_are_scanned_unless_there_is_dropout():
   config = base.base_config()
   assert train.create_model(config).scan_segment == config.model.scan_segment > 0
+  assert train.create_model(config).unrolled_blocks == config.model.unrolled_blocks == 2
   config.model.drop_rate = 0.2  # the scanned block has no dropout: the unrolled one runs
   model = train.create_model(config)
   assert (model.scan_segment, model.drop_rate) == (0, 0.2)

@@ -22,6 +22,7 @@ def get_config():
   config.model.init = 'random'
   config.model.growth_rate = 12
   config.model.block_config = (2, 4)
+  config.model.unrolled_blocks = 1  # the second block scanned, as densenet169's last two are
   config.model.num_init_features = 24
   config.optimizer.learning_rate = 1e-3
   config.train.global_batch_size = 32

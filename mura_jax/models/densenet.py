@@ -354,7 +354,7 @@ class Features(nn.Module):
   bn_size: int
   conv: ModuleDef
   norm: ModuleDef
-  block: ModuleDef    # DenseBlock or ScannedDenseBlock, all but its sizes given
+  blocks: Sequence[ModuleDef]  # per block: DenseBlock or ScannedDenseBlock, all but its sizes given
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -365,7 +365,7 @@ class Features(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     num_features = self.num_init_features
     for i, num_layers in enumerate(self.block_config):
-      x = self.block(num_layers, self.growth_rate, self.bn_size, name=f'denseblock{i + 1}')(x)
+      x = self.blocks[i](num_layers, self.growth_rate, self.bn_size, name=f'denseblock{i + 1}')(x)
       num_features += num_layers * self.growth_rate
       if i != len(self.block_config) - 1:
         num_features //= 2
@@ -385,9 +385,15 @@ class DenseNet(nn.Module):
     drop_rate: dropout after each dense layer, in training only (needs a 'dropout' rng).
     remat: recompute the dense layers in the backward pass (the memory-efficient DenseNet).
     scan_segment: 0 compiles every dense layer on its own (unrolled); n > 0 runs n layers at a
-      time in a jax.lax.scan (ScannedDenseBlock): the same results and variables, a shorter
-      compile (densenet169's train step on 2 CPU cores: 27 s with 8, 49 s unrolled), at the cost
-      of zero-padded input channels. Needs drop_rate 0.
+      time in a jax.lax.scan (ScannedDenseBlock) in the blocks after the first `unrolled_blocks`:
+      the same results and variables, a shorter compile (densenet169's train step on 2 CPU
+      cores: 21-27 s with 8, 40-49 s unrolled), at the cost of zero-padded input channels.
+      Needs drop_rate 0.
+    unrolled_blocks: with scan_segment > 0, how many dense blocks, from the first, stay
+      unrolled. At 56 x 56 and 28 x 28 the scan's zero-padded channels cost more time than the
+      blocks' few layers (6 and 12 in every torchvision DenseNet) cost compile: densenet169's
+      train step on 2 CPU cores runs at 4.3 img/s with 2 against 3.9 with none, and compiles in
+      21 s either way (BENCHMARKS.md).
     dtype: compute dtype; parameters and batch statistics stay float32.
     bn_momentum: Flax convention: 0.9 is torch's momentum 0.1.
     bn_epsilon: torch's 1e-5. Keras' DenseNets use 1.001e-5; `weights.load_keras` folds that
@@ -406,6 +412,7 @@ class DenseNet(nn.Module):
   drop_rate: float = 0.0
   remat: bool = False
   scan_segment: int = 0
+  unrolled_blocks: int = 0
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
@@ -424,19 +431,19 @@ class DenseNet(nn.Module):
     if self.scan_segment < 0:
       raise ConfigError(f'scan_segment is {self.scan_segment}: give the dense layers per scan '
                         '(8 is the default), or 0 to unroll them.')
-    if self.scan_segment:
-      if self.drop_rate:
-        raise ConfigError('scan_segment needs drop_rate 0 (the scanned dense block has no '
-                          'dropout); set one of them to 0.')
-      block = functools.partial(ScannedDenseBlock, remat=self.remat, segment=self.scan_segment,
+    if self.scan_segment and self.drop_rate:
+      raise ConfigError('scan_segment needs drop_rate 0 (the scanned dense block has no '
+                        'dropout); set one of them to 0.')
+    dropout = functools.partial(nn.Dropout, rate=self.drop_rate, deterministic=not train)
+    unrolled = functools.partial(DenseBlock, conv=conv, norm=norm, dropout=dropout,
+                                 remat=self.remat)
+    scanned = functools.partial(ScannedDenseBlock, remat=self.remat, segment=self.scan_segment,
                                 train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                 dtype=self.dtype)
-    else:
-      dropout = functools.partial(nn.Dropout, rate=self.drop_rate, deterministic=not train)
-      block = functools.partial(DenseBlock, conv=conv, norm=norm, dropout=dropout,
-                                remat=self.remat)
+    blocks = tuple(scanned if self.scan_segment and i >= self.unrolled_blocks else unrolled
+                   for i in range(len(self.block_config)))
     x = Features(self.growth_rate, tuple(self.block_config), self.num_init_features, self.bn_size,
-                 conv, norm, block, name='features')(jnp.asarray(x, self.dtype))
+                 conv, norm, blocks, name='features')(jnp.asarray(x, self.dtype))
     feature_map = nn.relu(x)
     pooled = jnp.mean(feature_map, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=classifier_kernel_init,
