@@ -35,7 +35,6 @@ def main():
   train, _ = vs_torch.import_train()
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
                                         dtype='float32',
                                         model_options=json.loads(args.model_options)))

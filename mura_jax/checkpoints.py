@@ -99,8 +99,9 @@ def check_model(found: dict | None, expected: dict, where: str) -> None:
 # checkpoints it keeps, and the options of the modes after training (their reports record them).
 _FREE_KEYS = ('mode', 'distributed', 'compilation_cache_dir', 'allow_config_change',
               'data.num_workers', 'data.build_workers', 'data.manual_dir',
-              'model.scan_segment', 'model.unrolled_blocks', 'train.per_device_batch_size', 'train.log_every_steps',
-              'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.keep_best',
+              'model.scan_segment', 'model.unrolled_blocks', 'train.per_device_batch_size',
+              'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
+              'train.keep_best',
               'evaluation.', 'cam.', 'export.')
 # What evaluate, cam and export take from the checkpoints themselves (their spec), not the config.
 _INFERENCE_KEYS = ('data.image_size', 'data.resize', 'model.arch', 'model.in_channels',

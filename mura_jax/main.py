@@ -129,7 +129,8 @@ def run(config, workdir):
   if config.mode in ('evaluate', 'cam', 'export'):
     checkpoints.check_inference_config(workdir, config)
   if parallel.use_xla_cpu_convolutions():
-    logging.info('XLA:CPU runs convolutions on its own kernels (%s).', parallel.CPU_CONVOLUTION_FLAG)
+    logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
+                 parallel.CPU_CONVOLUTION_FLAG)
   parallel.initialize_distributed(config.get('distributed', 'auto'))
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')

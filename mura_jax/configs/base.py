@@ -42,12 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.drop_rate = 0.0
   config.model.remat = False         # memory-efficient DenseNet
   # Dense layers per jax.lax.scan (models/densenet.py ScannedDenseBlock): the same results,
-  # densenet169's train step compiled in 27 s instead of 49 (2 CPU cores); 0 compiles every
+  # densenet169's train step compiled in 21 s instead of 40-44 (2 CPU cores); 0 compiles every
   # layer on its own, as does a drop_rate > 0 (the scanned block has no dropout).
   config.model.scan_segment = 8
   # With the scan, the first blocks stay unrolled (DenseNet.unrolled_blocks): at 56 x 56 and
-  # 28 x 28 the scan's padded channels cost more than their 18 layers' compile (4.3 against 3.9
-  # img/s on 2 CPU cores, the same 21 s of compile).
+  # 28 x 28 the scan's padded channels cost more than their 18 layers' compile (4.3-4.4 against
+  # 3.6-3.9 img/s on 2 CPU cores, the same 21 s of compile).
   config.model.unrolled_blocks = 2
   config.model.growth_rate = 32
   config.model.block_config = (6, 12, 32, 32)

@@ -392,8 +392,8 @@ class DenseNet(nn.Module):
     unrolled_blocks: with scan_segment > 0, how many dense blocks, from the first, stay
       unrolled. At 56 x 56 and 28 x 28 the scan's zero-padded channels cost more time than the
       blocks' few layers (6 and 12 in every torchvision DenseNet) cost compile: densenet169's
-      train step on 2 CPU cores runs at 4.3 img/s with 2 against 3.9 with none, and compiles in
-      21 s either way (BENCHMARKS.md).
+      train step on 2 CPU cores runs at 4.3-4.4 img/s with 2 against 3.6-3.9 with none, and
+      compiles in 21 s either way (BENCHMARKS.md).
     dtype: compute dtype; parameters and batch statistics stay float32.
     bn_momentum: Flax convention: 0.9 is torch's momentum 0.1.
     bn_epsilon: torch's 1e-5. Keras' DenseNets use 1.001e-5; `weights.load_keras` folds that
