@@ -269,6 +269,9 @@ def test_scanned_dense_blocks_refuse_dropout():
   # A negative segment would skip every dense layer; it is refused instead.
   with pytest.raises(ValueError, match='scan_segment is -1'):
     init_variables(DenseNet(**TINY, scan_segment=-1), jax.random.key(0), 32)
+  # A negative count of unrolled blocks would quietly scan them all; it is refused too.
+  with pytest.raises(ValueError, match='unrolled_blocks is -1'):
+    init_variables(DenseNet(**TINY, scan_segment=2, unrolled_blocks=-1), jax.random.key(0), 32)
 
 
 def test_scanned_dense_blocks_in_bfloat16(tiny_variables):

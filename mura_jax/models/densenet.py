@@ -431,6 +431,10 @@ class DenseNet(nn.Module):
     if self.scan_segment < 0:
       raise ConfigError(f'scan_segment is {self.scan_segment}: give the dense layers per scan '
                         '(8 is the default), or 0 to unroll them.')
+    if self.unrolled_blocks < 0:
+      raise ConfigError(f'unrolled_blocks is {self.unrolled_blocks}: give how many dense blocks, '
+                        'from the first, stay unrolled with the scan (2 is the default; 0 scans '
+                        'them all).')
     if self.scan_segment and self.drop_rate:
       raise ConfigError('scan_segment needs drop_rate 0 (the scanned dense block has no '
                         'dropout); set one of them to 0.')
