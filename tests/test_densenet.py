@@ -287,3 +287,33 @@ def test_scanned_dense_blocks_in_bfloat16(tiny_variables):
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
   jaxpr = jax.make_jaxpr(functools.partial(scanned.apply, train=False))(tiny_variables, x)
   assert 'bf16[' in str(jaxpr) and 'scan[' in str(jaxpr)
+
+
+def test_training_gradients_equal_torchvisions():
+  """Every parameter's gradient of a training step equals torch autograd's through torchvision's
+  DenseNet with the same weights: train-mode batch norm, unrolled and scanned dense blocks (the
+  scanned segments' own backward pass)."""
+  torch = pytest.importorskip('torch', reason='no torch (pip install mura-jax[torch])')
+  torchvision = pytest.importorskip('torchvision')
+  from mura_jax.models.weights import load_torchvision  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  reference = torchvision.models.DenseNet(**TINY, num_classes=3).train()
+  x = _images(size=40)
+  loss = torch.sin(reference(torch.from_numpy(x.transpose(0, 3, 1, 2)))).sum()
+  loss.backward()
+  # The gradients in torchvision's names and layouts, read as variables are.
+  torch_grads = {k: (p.grad if p.grad is not None else p).detach().numpy()
+                 for k, p in [*reference.named_parameters(), *reference.named_buffers()]}
+  expected = load_torchvision(torch_grads, arch=_tiny(num_classes=3))['params']
+  variables = load_torchvision(reference.state_dict(), arch=_tiny(num_classes=3))
+  for scan_segment in (0, 2):
+    model = _tiny(num_classes=3, scan_segment=scan_segment, unrolled_blocks=1)
+
+    def jax_loss(params, model=model):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits))
+    np.testing.assert_allclose(jax_loss(variables['params']), loss.item(), rtol=1e-5)
+    grads = jax.jit(jax.grad(jax_loss))(variables['params'])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-3, atol=1e-5),
+                 grads, expected)
