@@ -1,0 +1,90 @@
+"""Paired A/B of densenet169 train-step variants in one process, steps interleaved.
+
+    python benchmarks/ab_train_step.py 'scanned={}' 'unrolled={"scan_segment": 0}' [--steps 40]
+
+Each variant is `label=JSON` of config.model overrides (the first is the baseline). All are
+compiled first, then timed one step at a time in turn (A, B, A, B, ...), so that the drift of
+this shared VM (20% over minutes, measured) hits every variant alike. The table gives each
+variant's median and mean throughput and the median over pairs of its step time divided by the
+baseline's step time in the same turn: below 1 is faster. XLA_FLAGS apply to every variant (they
+are read once per process); compare flags with separate runs of vs_torch.py instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  label, sep, options = text.partition('=')
+  if not sep or not label:
+    raise SystemExit(f'{text!r}: give a variant as label=JSON, for example '
+                     '\'unrolled={"scan_segment": 0}\'.')
+  try:
+    return label, json.loads(options or '{}')
+  except json.JSONDecodeError as e:
+    raise SystemExit(f'{text!r}: the model options are not JSON ({e}).') from None
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('variants', nargs='+', help='label=JSON of config.model overrides')
+  parser.add_argument('--arch', default='densenet169')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=40, help='timed steps per variant')
+  args = parser.parse_args()
+  variants = [parse_variant(v) for v in args.variants]
+  train, _ = vs_torch.import_train()
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
+  mesh = parallel.make_mesh()
+  rs = np.random.RandomState(1)
+  batch = parallel.global_batch(
+      {'image': rs.randint(0, 256, (args.batch, 224, 224, 1)).astype(np.uint8),
+       'label': rs.randint(0, 2, args.batch).astype(np.int32),
+       'body_part': rs.randint(0, 7, args.batch).astype(np.int32)}, mesh)
+  runs = []
+  for label, options in variants:
+    config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
+                                          dtype='float32', model_options=options))
+    model = train.create_model(config)
+    state = train.initial_state(config, model)
+    steps = train.compile_steps(config, model, np.full((7, 2), 0.5, np.float32), mesh,
+                                traced_cache=None)
+    t = time.perf_counter()
+    compiled = steps.train.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    state, _ = compiled(state, batch)  # warm-up
+    jax.block_until_ready(state)
+    runs.append(dict(label=label, step=compiled, state=state, compile_s=compile_s, times=[]))
+    print(f'{label}: compiled in {compile_s:.1f} s', flush=True)
+  for _ in range(args.steps):
+    for run in runs:
+      t = time.perf_counter()
+      run['state'], _ = run['step'](run['state'], batch)
+      jax.block_until_ready(run['state'])
+      run['times'].append(time.perf_counter() - t)
+  base = runs[0]['times']
+  print(f'\n{args.arch}, batch {args.batch}, {args.steps} interleaved steps each; load '
+        f'{os.getloadavg()[0]:.2f}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print(f'| variant | median img/s | mean img/s | step time / {runs[0]["label"]}\'s (median of '
+        'pairs) | compile s |\n|---|---:|---:|---:|---:|')
+  for run in runs:
+    ts = run['times']
+    ratio = statistics.median(a / b for a, b in zip(ts, base))
+    print(f'| {run["label"]} | {args.batch / statistics.median(ts):.2f} | '
+          f'{args.batch * len(ts) / sum(ts):.2f} | {ratio:.3f} | {run["compile_s"]:.1f} |')
+
+
+if __name__ == '__main__':
+  main()
