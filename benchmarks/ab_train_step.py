@@ -48,11 +48,7 @@ def main():
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
   mesh = parallel.make_mesh()
-  rs = np.random.RandomState(1)
-  batch = parallel.global_batch(
-      {'image': rs.randint(0, 256, (args.batch, 224, 224, 1)).astype(np.uint8),
-       'label': rs.randint(0, 2, args.batch).astype(np.int32),
-       'body_part': rs.randint(0, 7, args.batch).astype(np.int32)}, mesh)
+  batch = parallel.global_batch(vs_torch.random_views(args.batch, 224), mesh)
   runs = []
   for label, options in variants:
     config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,

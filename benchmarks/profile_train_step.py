@@ -42,11 +42,7 @@ def main():
   mesh = parallel.make_mesh()
   state = train.initial_state(config, model)
   steps = train.compile_steps(config, model, np.full((7, 2), 0.5, np.float32), mesh)
-  rs = np.random.RandomState(1)
-  batch = parallel.global_batch(
-      {'image': rs.randint(0, 256, (args.batch, 224, 224, 1)).astype(np.uint8),
-       'label': rs.randint(0, 2, args.batch).astype(np.int32),
-       'body_part': rs.randint(0, 7, args.batch).astype(np.int32)}, mesh)
+  batch = parallel.global_batch(vs_torch.random_views(args.batch, 224), mesh)
   t = time.perf_counter()
   compiled = steps.train.lower(state, batch).compile()
   print(f'compile {time.perf_counter() - t:.1f} s')

@@ -284,6 +284,15 @@ def jax_config_for(spec: dict):
   return config
 
 
+def random_views(batch_size: int, size: int) -> dict:
+  """A training batch as the input pipeline gives it: uint8 gray views, labels, body parts."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(1)
+  return {'image': rs.randint(0, 256, (batch_size, size, size, 1)).astype(np.uint8),
+          'label': rs.randint(0, 2, batch_size).astype(np.int32),
+          'body_part': rs.randint(0, 7, batch_size).astype(np.int32)}
+
+
 def jax_worker(spec: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -295,7 +304,6 @@ def jax_worker(spec: dict) -> dict:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   train, stubbed = import_train()
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
 
   config = jax_config_for(spec)
@@ -314,10 +322,7 @@ def jax_worker(spec: dict) -> dict:
   loss_weights = np.stack([counts[:, 1], counts[:, 0]], 1) / counts.sum(1, keepdims=True)
   # The 4th argument positionally: its keyword name is being renamed.
   steps = train.compile_steps(config, model, loss_weights, mesh)
-  rs = np.random.RandomState(1)
-  local = {'image': rs.randint(0, 256, (batch_size, size, size, 1)).astype(np.uint8),
-           'label': rs.randint(0, 2, batch_size).astype(np.int32),
-           'body_part': rs.randint(0, 7, batch_size).astype(np.int32)}
+  local = random_views(batch_size, size)
   batch = parallel.global_batch(local, mesh)
   eval_batch = parallel.global_batch(
       {**local, 'index': np.arange(batch_size, dtype=np.int32),
