@@ -2,12 +2,15 @@
 
     python benchmarks/ab_train_step.py 'scanned={}' 'unrolled={"scan_segment": 0}' [--steps 40]
 
-Each variant is `label=JSON` of config.model overrides (the first is the baseline). All are
+Each variant is `label=JSON` of config.model overrides (the first is the baseline); a key
+"compiler_options" in it holds XLA options for that variant's compilation instead, e.g.
+'fast={"compiler_options": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"}}'. All are
 compiled first, then timed one step at a time in turn (A, B, A, B, ...), so that the drift of
 this shared VM (20% over minutes, measured) hits every variant alike. The table gives each
 variant's median and mean throughput and the median over pairs of its step time divided by the
 baseline's step time in the same turn: below 1 is faster. XLA_FLAGS apply to every variant (they
-are read once per process); compare flags with separate runs of vs_torch.py instead.
+are read once per process); compiler_options take one value per option (a repeated one such as
+xla_cpu_experimental_ynn_fusion_type is replaced, not added to).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def main():
   batch = parallel.global_batch(vs_torch.random_views(args.batch, 224), mesh)
   runs = []
   for label, options in variants:
+    options = dict(options)
+    compiler_options = options.pop('compiler_options', None)
     config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
                                           dtype='float32', model_options=options))
     model = train.create_model(config)
@@ -58,7 +63,7 @@ def main():
     steps = train.compile_steps(config, model, np.full((7, 2), 0.5, np.float32), mesh,
                                 traced_cache=None)
     t = time.perf_counter()
-    compiled = steps.train.lower(state, batch).compile()
+    compiled = steps.train.lower(state, batch).compile(compiler_options)
     compile_s = time.perf_counter() - t
     state, _ = compiled(state, batch)  # warm-up
     jax.block_until_ready(state)

@@ -118,14 +118,16 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-# XLA:CPU's convolutions. jaxlib 0.10 sends convolutions, matmuls and reductions to YNNPACK; its
-# own (Eigen) convolutions run densenet169 faster on the project's CPU (2-core Sapphire Rapids,
-# batch 8, BENCHMARKS.md "XLA:CPU's convolutions"): the train step at 3.5-3.6 against 3.0-3.1
-# img/s, the forward pass at 22 against 18-19 (26 with inference's unrolled network). The flag is
-# experimental and XLA stops at one it does not know, so it is set only for the jaxlib it was
-# measured on; XLA_FLAGS that name it are the user's choice.
+# XLA:CPU's convolutions. jaxlib 0.10 to 0.12 send convolutions, matmuls and reductions to
+# YNNPACK; its own (Eigen) convolutions run densenet169 faster on the project's CPU (2-core
+# Sapphire Rapids, batch 8, BENCHMARKS.md "XLA:CPU's convolutions" and "Newer jaxlibs"): jaxlib
+# 0.10's train step at 3.5-3.6 against 3.0-3.1 img/s, its forward pass at 22 against 18-19 (26
+# with inference's unrolled network); jaxlib 0.11's and 0.12's train step in 0.77x the time
+# (paired steps in one process; 0.12's forward pass in 0.94x). Python >= 3.12 installs those.
+# The flag is experimental and XLA stops at one it does not know, so it is set only for the
+# jaxlibs it was measured on; XLA_FLAGS that name it are the user's choice.
 CPU_CONVOLUTION_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
-CPU_CONVOLUTION_JAXLIB = '0.10.'
+CPU_CONVOLUTION_JAXLIBS = ('0.10.', '0.11.', '0.12.')
 
 
 def use_xla_cpu_convolutions(env=None) -> bool:
@@ -136,7 +138,7 @@ def use_xla_cpu_convolutions(env=None) -> bool:
   env = os.environ if env is None else env
   flags = env.get('XLA_FLAGS', '')
   if ('xla_cpu_experimental_ynn_fusion_type' in flags
-      or not jaxlib.version.__version__.startswith(CPU_CONVOLUTION_JAXLIB)
+      or not jaxlib.version.__version__.startswith(CPU_CONVOLUTION_JAXLIBS)
       or xla_bridge.backends_are_initialized()):
     return False
   env['XLA_FLAGS'] = f'{flags} {CPU_CONVOLUTION_FLAG}'.strip()

@@ -188,8 +188,8 @@ def test_cpu_runs_convolutions_on_xlas_own_kernels(monkeypatch):
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
-  if not jaxlib.version.__version__.startswith(parallel.CPU_CONVOLUTION_JAXLIB):
-    pytest.skip(f'the flag is set for jaxlib {parallel.CPU_CONVOLUTION_JAXLIB}x only')
+  if not jaxlib.version.__version__.startswith(parallel.CPU_CONVOLUTION_JAXLIBS):
+    pytest.skip(f'the flag is set for jaxlib {parallel.CPU_CONVOLUTION_JAXLIBS} only')
   assert parallel.CPU_CONVOLUTION_FLAG in os.environ['XLA_FLAGS']
   mesh = parallel.make_mesh()
   model = densenet.DenseNet(**SCANNED)
