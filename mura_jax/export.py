@@ -21,7 +21,8 @@ writes WORKDIR/export/ (`config.export.dir` to choose another folder):
                          export.json (`torchvision`).
   saved_model/           (where TensorFlow is installed) a TF SavedModel through jax2tf's native
                          serialization: weights as tf.Variables, polymorphic batch, no gradient;
-                         signature `serving_default(images) -> {probability, cam}`.
+                         signature `serving_default(images) -> {probability, cam}`. It is run
+                         in TensorFlow before it is kept; export.json says why when it is not.
   model_card.md/.json    intended use, preprocessing, architecture, training config and data,
                          validation metrics with CIs, reference figures, limitations, licence terms.
   export.json            format version, files with sha256, checkpoint, spec.
@@ -33,6 +34,7 @@ complete, so a partial export never looks like one. `load(EXPORT_DIR)` reads one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -157,38 +159,98 @@ def export_torchvision(variables, model, folder: epath.Path) -> None:
   weights.save_safetensors(jax.device_get(variables), folder / 'model.safetensors', arch=model)
 
 
-def export_saved_model(model, variables, spec: preprocessing_lib.Preprocessing,
-                       folder: epath.Path) -> dict | None:
-  """A TF SavedModel (jax2tf native serialization), or None where TensorFlow is not installed."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
+def saved_model_serve(model, spec: preprocessing_lib.Preprocessing):
+  """(variables, images uint8 (b, S, S, 1)) -> (probability, cam): the SavedModel's function,
+  with the weights as an argument (they become tf.Variables)."""
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
 
   def serve(params, images):
     logits, maps = inference.view_maps(params, images, model=model, in_channels=spec.in_channels)
     return jax.nn.sigmoid(logits), maps
+  return serve
 
+
+@contextlib.contextmanager
+def _stablehlo_for_tensorflow():
+  """jax.export writes the StableHLO version of about four weeks before its own; TensorFlow's
+  XlaCallModule reads up to its own version only (TF 2.21: 1.13.7; jax 0.12 writes 1.18, whose
+  custom_call_v2 TF 2.21 cannot read). Within this block jax writes the older of the two. jax has
+  no public option for it, so this replaces jax's choice for the block only; where either side
+  lacks the functions, jax's own choice stands and the check after saving decides."""
+  try:
+    from jax._src.lib.mlir.dialects import hlo  # pylint: disable=g-import-not-at-top
+    from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=g-import-not-at-top
+    readable = stablehlo.get_current_version()
+    jax_choice = hlo.get_version_from_compatibility_requirement
+    smaller = hlo.get_smaller_version
+  except (ImportError, AttributeError):
+    yield None
+    return
+  hlo.get_version_from_compatibility_requirement = (
+      lambda requirement: smaller(jax_choice(requirement), readable))
+  try:
+    yield readable
+  finally:
+    hlo.get_version_from_compatibility_requirement = jax_choice
+
+
+def _saved_model_problem(tf, path: str, serve, variables, size: int) -> str | None:
+  """Loads the SavedModel back and runs it on two views: None when it gives JAX's outputs, else
+  what went wrong (TensorFlow unable to read jax's StableHLO, or different results)."""
+  images = np.random.default_rng(0).integers(0, 256, (2, size, size, 1), dtype=np.uint8)
+  expected = jax.device_get(jax.jit(serve)(variables, images))
+  try:
+    out = tf.saved_model.load(path).signatures['serving_default'](images=tf.constant(images))
+    got = (out['probability'].numpy(), out['cam'].numpy())
+  except tf.errors.OpError as e:
+    first = str(e).strip().splitlines()
+    return (f'TensorFlow {tf.__version__} cannot run what jax {jax.__version__} wrote '
+            f'({first[-1] if first else type(e).__name__})')
+  for name, a, b in zip(('probability', 'cam'), expected, got):
+    if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
+      return (f'TensorFlow {tf.__version__} computes another {name} than jax {jax.__version__} '
+              f'(largest difference {np.max(np.abs(np.asarray(a) - b)):.3g})')
+  return None
+
+
+def export_saved_model(model, variables, spec: preprocessing_lib.Preprocessing,
+                       folder: epath.Path) -> dict:
+  """A TF SavedModel (jax2tf native serialization), checked by running it in TensorFlow. Returns
+  its description, or {'written': False, 'reason': ...} where TensorFlow is not installed or
+  cannot run it (then no saved_model/ is left)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {'written': False, 'reason': 'TensorFlow is not installed (pip install "mura-jax[tf]")'}
+  serve = saved_model_serve(model, spec)
   size = spec.image_size
-  converted = jax2tf.convert(serve, polymorphic_shapes=[None, f'(b, {size}, {size}, 1)'],
-                             with_gradient=False, native_serialization_platforms=PLATFORMS)
-  module = tf.Module()
-  module.params = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
+  path = os.fspath(folder / 'saved_model')
+  with _stablehlo_for_tensorflow() as stablehlo_version:
+    converted = jax2tf.convert(serve, polymorphic_shapes=[None, f'(b, {size}, {size}, 1)'],
+                               with_gradient=False, native_serialization_platforms=PLATFORMS)
+    module = tf.Module()
+    module.params = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
 
-  @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8, name='images')],
-               autograph=False)
-  def serving_default(images):
-    probability, cam = converted(module.params, images)
-    return {'probability': probability, 'cam': cam}
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8, name='images')],
+                 autograph=False)
+    def serving_default(images):
+      probability, cam = converted(module.params, images)
+      return {'probability': probability, 'cam': cam}
 
-  module.serving_default = serving_default
-  tf.saved_model.save(module, os.fspath(folder / 'saved_model'),
-                      signatures={'serving_default': serving_default})
-  return {'tensorflow_version': tf.__version__, 'jax2tf': 'native serialization',
-          'requires': f'TensorFlow able to run XlaCallModule of this jax ({jax.__version__}) '
-                      'version; written and tested with TensorFlow ' + tf.__version__,
+    module.serving_default = serving_default
+    tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
+  problem = _saved_model_problem(tf, path, serve, variables, size)
+  if problem:
+    (folder / 'saved_model').rmtree()
+    return {'written': False, 'reason': problem + '; the other files are complete. For a '
+            'SavedModel, export with a jax and TensorFlow that work together (tested: jax 0.10 '
+            'to 0.12 with TensorFlow 2.21).'}
+  return {'written': True, 'tensorflow_version': tf.__version__,
+          'jax2tf': 'native serialization', 'stablehlo_version': stablehlo_version,
+          'requires': f'TensorFlow whose XlaCallModule reads StableHLO {stablehlo_version or ""} '
+                      f'(written by jax {jax.__version__}, checked with TensorFlow '
+                      f'{tf.__version__})',
           'usage': "tf.saved_model.load('saved_model').signatures['serving_default']("
                    "images=tf.constant(views))"}
 
@@ -426,6 +488,6 @@ def run(config, workdir: str) -> dict:
     folder = config.export.dir or os.fspath(epath.Path(workdir) / 'export')
     print(f'Exported the {manifest["checkpoint"]["which"]} checkpoint (step '
           f'{manifest["checkpoint"]["step"]}) to {folder}: ' + ', '.join(manifest['files']) +
-          (', saved_model/' if manifest['saved_model'] else ' (no saved_model/: TensorFlow is '
-           'not installed, pip install "mura-jax[tf]")'))
+          (', saved_model/' if manifest['saved_model']['written'] else
+           f' (no saved_model/: {manifest["saved_model"]["reason"]})'))
   return manifest

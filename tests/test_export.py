@@ -97,10 +97,71 @@ def test_safetensors_load_back_into_flax(exported):
 def test_saved_model_matches(exported):
   folder, manifest, predictor, views, fitted = exported
   tf = pytest.importorskip('tensorflow')
+  assert manifest['saved_model']['written'], manifest['saved_model']
   assert manifest['saved_model']['tensorflow_version'] == tf.__version__
   serve = tf.saved_model.load(str(folder / 'saved_model')).signatures['serving_default']
   out = serve(images=tf.constant(fitted))
   np.testing.assert_allclose(out['probability'].numpy(), predictor.predict_views(views), atol=1e-5)
+
+
+def test_saved_model_is_written_in_stablehlo_tensorflow_reads():
+  """jax 0.12 writes StableHLO 1.18 by default, which TensorFlow 2.21 (1.13.7) cannot read: the
+  SavedModel is serialized for the older of the two versions, and jax's choice comes back after."""
+  pytest.importorskip('tensorflow')
+  from jax._src.lib.mlir.dialects import hlo  # pylint: disable=g-import-not-at-top
+  from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=g-import-not-at-top
+  week_4 = hlo.StablehloCompatibilityRequirement.WEEK_4
+  jax_choice = hlo.get_version_from_compatibility_requirement(week_4)
+  with export._stablehlo_for_tensorflow() as version:  # pylint: disable=protected-access
+    assert version == stablehlo.get_current_version()
+    chosen = hlo.get_version_from_compatibility_requirement(week_4)
+    assert chosen == hlo.get_smaller_version(jax_choice, version)
+    assert hlo.get_smaller_version(chosen, version) == chosen  # never newer than TF reads
+  assert hlo.get_version_from_compatibility_requirement(week_4) == jax_choice
+
+
+def test_saved_model_tensorflow_cannot_run_is_left_out_and_said(trained_workdir, tmp_path,
+                                                                monkeypatch, capsys):
+  """A SavedModel that this TensorFlow cannot run (as jax 0.12's was for TF 2.21 before the
+  StableHLO version was chosen) is not kept; export.json and the printed line say why, and the
+  other files are complete."""
+  tf = pytest.importorskip('tensorflow')
+  workdir, config = trained_workdir
+  message = ("Graph execution error:\nCannot deserialize computation: unregistered operation "
+             "'vhlo.custom_call_v2' found in dialect ('vhlo')")
+
+  def load(path):
+    raise tf.errors.InvalidArgumentError(None, None, message)
+  monkeypatch.setattr(tf.saved_model, 'load', load)
+  config = config.copy_and_resolve_references()  # the session's config stays as it is
+  config.export.dir = str(tmp_path / 'out')
+  manifest = export.run(config, workdir)
+  saved = manifest['saved_model']
+  assert not saved['written'] and 'custom_call_v2' in saved['reason']
+  assert f'TensorFlow {tf.__version__} cannot run' in saved['reason']
+  assert not (tmp_path / 'out' / 'saved_model').exists()
+  assert 'model.jax_export' in manifest['files'] and 'model.safetensors' in manifest['files']
+  printed = capsys.readouterr().out
+  assert 'no saved_model/' in printed and 'custom_call_v2' in printed
+
+
+def test_saved_model_check_compares_with_jax(exported):
+  """The check after saving: None for the SavedModel as written; a sentence naming the output
+  when TensorFlow's results differ from jax's (here jax's probability moved by 0.01)."""
+  tf = pytest.importorskip('tensorflow')
+  folder, _, predictor, _, _ = exported
+  serve = export.saved_model_serve(predictor.model, predictor.preprocessing)
+  size = predictor.preprocessing.image_size
+  path = str(folder / 'saved_model')
+  variables = predictor.variables
+  check = export._saved_model_problem  # pylint: disable=protected-access
+  assert check(tf, path, serve, variables, size) is None
+
+  def moved(params, images):
+    probability, cam = serve(params, images)
+    return probability + 0.01, cam
+  problem = check(tf, path, moved, variables, size)
+  assert problem.startswith(f'TensorFlow {tf.__version__} computes another probability')
 
 
 def test_model_card_says_what_a_user_needs(exported):
