@@ -54,7 +54,6 @@ def main():
   batch = parallel.global_batch(vs_torch.random_views(args.batch, 224), mesh)
   runs = []
   for label, options in variants:
-    options = dict(options)
     compiler_options = options.pop('compiler_options', None)
     config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
                                           dtype='float32', model_options=options))

@@ -35,6 +35,7 @@ complete, so a partial export never looks like one. `load(EXPORT_DIR)` reads one
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -82,12 +83,14 @@ def _sha256(path) -> str:
 # The artifacts.
 
 
-def serving_function(model, variables, spec: preprocessing_lib.Preprocessing):
-  """images uint8 (b, S, S, 1) -> (probability (b,), cam (b, h, w)); the weights are closed over."""
+def serving_function(model, spec: preprocessing_lib.Preprocessing):
+  """(variables, images uint8 (b, S, S, 1)) -> (probability (b,), cam (b, h, w)): what both
+  serialized forms run (jax.export with the weights closed over, the SavedModel with them as
+  tf.Variables)."""
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
   model = inference.inference_network(model)  # unrolled, as every inference step compiles it
 
-  def serve(images):
+  def serve(variables, images):
     logits, maps = inference.view_maps(variables, images, model=model,
                                        in_channels=spec.in_channels)
     return jax.nn.sigmoid(logits), maps
@@ -159,17 +162,6 @@ def export_torchvision(variables, model, folder: epath.Path) -> None:
   weights.save_safetensors(jax.device_get(variables), folder / 'model.safetensors', arch=model)
 
 
-def saved_model_serve(model, spec: preprocessing_lib.Preprocessing):
-  """(variables, images uint8 (b, S, S, 1)) -> (probability, cam): the SavedModel's function,
-  with the weights as an argument (they become tf.Variables)."""
-  from mura_jax import inference  # pylint: disable=g-import-not-at-top
-
-  def serve(params, images):
-    logits, maps = inference.view_maps(params, images, model=model, in_channels=spec.in_channels)
-    return jax.nn.sigmoid(logits), maps
-  return serve
-
-
 @contextlib.contextmanager
 def _stablehlo_for_tensorflow():
   """jax.export writes the StableHLO version of about four weeks before its own; TensorFlow's
@@ -203,9 +195,9 @@ def _saved_model_problem(tf, path: str, serve, variables, size: int) -> str | No
     out = tf.saved_model.load(path).signatures['serving_default'](images=tf.constant(images))
     got = (out['probability'].numpy(), out['cam'].numpy())
   except tf.errors.OpError as e:
-    first = str(e).strip().splitlines()
+    lines = str(e).strip().splitlines()
     return (f'TensorFlow {tf.__version__} cannot run what jax {jax.__version__} wrote '
-            f'({first[-1] if first else type(e).__name__})')
+            f'({lines[-1] if lines else type(e).__name__})')
   for name, a, b in zip(('probability', 'cam'), expected, got):
     if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
       return (f'TensorFlow {tf.__version__} computes another {name} than jax {jax.__version__} '
@@ -213,17 +205,16 @@ def _saved_model_problem(tf, path: str, serve, variables, size: int) -> str | No
   return None
 
 
-def export_saved_model(model, variables, spec: preprocessing_lib.Preprocessing,
+def export_saved_model(serve, variables, spec: preprocessing_lib.Preprocessing,
                        folder: epath.Path) -> dict:
-  """A TF SavedModel (jax2tf native serialization), checked by running it in TensorFlow. Returns
-  its description, or {'written': False, 'reason': ...} where TensorFlow is not installed or
+  """A TF SavedModel (jax2tf native serialization) of `serve` (serving_function's), checked by
+  running it in TensorFlow. Returns its description, or {'written': False, 'reason': ...} where TensorFlow is not installed or
   cannot run it (then no saved_model/ is left)."""
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   except ImportError:
     return {'written': False, 'reason': 'TensorFlow is not installed (pip install "mura-jax[tf]")'}
-  serve = saved_model_serve(model, spec)
   size = spec.image_size
   path = os.fspath(folder / 'saved_model')
   with _stablehlo_for_tensorflow() as stablehlo_version:
@@ -400,10 +391,11 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
   try:
     variables = jax.device_get(predictor.variables)
     bias = predictor.classifier_bias
-    sidecar = export_jax(serving_function(predictor.model, variables, predictor.preprocessing),
-                         predictor.preprocessing, staging, bias)
+    serve = serving_function(predictor.model, predictor.preprocessing)
+    sidecar = export_jax(functools.partial(serve, variables), predictor.preprocessing, staging,
+                         bias)
     export_torchvision(variables, predictor.model, staging)
-    saved_model = export_saved_model(predictor.model, variables, predictor.preprocessing, staging)
+    saved_model = export_saved_model(serve, variables, predictor.preprocessing, staging)
     parameters = int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
     card = model_card(predictor.checkpoint, spec_, parameters, written,
                       _validation_metrics(workdir, predictor.checkpoint['step']),

@@ -150,7 +150,7 @@ def test_saved_model_check_compares_with_jax(exported):
   when TensorFlow's results differ from jax's (here jax's probability moved by 0.01)."""
   tf = pytest.importorskip('tensorflow')
   folder, _, predictor, _, _ = exported
-  serve = export.saved_model_serve(predictor.model, predictor.preprocessing)
+  serve = export.serving_function(predictor.model, predictor.preprocessing)
   size = predictor.preprocessing.image_size
   path = str(folder / 'saved_model')
   variables = predictor.variables
