@@ -87,4 +87,6 @@ def main():
 
 
 if __name__ == '__main__':
+  from mura_jax import host  # pylint: disable=g-import-not-at-top
+  host.restart_with_huge_pages()  # as main.py starts (this process again, before any step)
   main()

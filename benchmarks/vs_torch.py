@@ -294,6 +294,8 @@ def random_views(batch_size: int, size: int) -> dict:
 
 
 def jax_worker(spec: dict) -> dict:
+  from mura_jax import host  # pylint: disable=g-import-not-at-top
+  host.restart_with_huge_pages()  # as main.py starts; before JAX (it starts this worker again)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -314,7 +316,7 @@ def jax_worker(spec: dict) -> dict:
             'flax': flax.__version__, 'device_name': device.device_kind,
             'platform': device.platform, 'devices': jax.device_count(), 'stubbed': stubbed,
             'model_options': spec.get('model_options', {}),
-            'xla_flags': os.environ.get('XLA_FLAGS', '')}
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'huge_pages': host.huge_pages_on()}
   model = train.create_model(config)
   mesh = parallel.make_mesh()
   state = train.initial_state(config, model)

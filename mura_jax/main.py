@@ -120,7 +120,7 @@ def main(argv):
 
 def run(config, workdir):
   """Checks what can be checked before any computation, then runs config.mode."""
-  from mura_jax import checkpoints, parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax import checkpoints, host, parallel  # pylint: disable=g-import-not-at-top
   from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if config.mode not in MODES:
     raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
@@ -131,6 +131,9 @@ def run(config, workdir):
   if parallel.use_xla_cpu_convolutions():
     logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
                  parallel.CPU_CONVOLUTION_FLAG)
+  if host.huge_pages_on():
+    logging.info('Large buffers on transparent huge pages (GLIBC_TUNABLES=%s).',
+                 os.environ['GLIBC_TUNABLES'])
   parallel.initialize_distributed(config.get('distributed', 'auto'))
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')
@@ -259,6 +262,8 @@ def _base_comments() -> dict[str, str]:
 
 
 def entry_point():
+  from mura_jax import host  # pylint: disable=g-import-not-at-top
+  host.restart_with_huge_pages()  # first: it starts this process again
   app.run(main, flags_parser=parse_flags)
 
 

@@ -424,5 +424,12 @@ def predict_paths(args) -> int:
   return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-if __name__ == '__main__':
+def cli():
+  """The `mura-predict` command."""
+  from mura_jax import host  # pylint: disable=g-import-not-at-top
+  host.restart_with_huge_pages()  # first: it starts this process again
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  cli()
