@@ -71,12 +71,16 @@ def restart_with_huge_pages() -> None:
   Call it first in a command's entry point: nothing that ran before is kept.
   """
   env = environment_with_huge_pages()
-  if env is None:
+  if env is None or not sys.executable:  # (an embedded Python has no executable to start)
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  # sys.executable, not the original argv[0]: a bare `python` could resolve to another Python.
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    # sys.executable, not the original argv[0]: a bare `python` could resolve to another Python.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # nothing was replaced: this process goes on, on 4 KiB pages
+    print(f'note: could not start again with GLIBC_TUNABLES={env["GLIBC_TUNABLES"]} ({e}); '
+          'running without huge pages', file=sys.stderr)
 
 
 def huge_pages_on() -> bool:

@@ -83,3 +83,15 @@ def test_restart_once_same_process_same_arguments_huge_pages_given():
   assert sum(line.startswith('start') for line in lines) == 1
   running = [json.loads(line[len('running '):]) for line in lines if line.startswith('running')]
   assert [r[2:] for r in running] == [[None, 0]]
+
+
+def test_a_failed_restart_goes_on_without_and_says_so(monkeypatch, capsys):
+  monkeypatch.setattr(host, 'environment_with_huge_pages',
+                      lambda: {'GLIBC_TUNABLES': host.HUGE_PAGE_TUNABLE})
+  def execve(*args):
+    raise PermissionError(13, 'Permission denied', args[0])
+  monkeypatch.setattr(host.os, 'execve', execve)
+  host.restart_with_huge_pages()  # returns: the process is the same one
+  err = capsys.readouterr().err
+  assert 'could not start again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in err
+  assert 'Permission denied' in err and 'running without huge pages' in err
