@@ -25,17 +25,21 @@ import re
 import sys
 
 HUGE_PAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
-THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 _DETECT = object()
 
 
-def transparent_huge_page_mode(path: str = THP_MODE_FILE) -> str | None:
-  """The kernel's mode, the bracketed word of e.g. 'always [madvise] never'; None if unknown."""
+def transparent_huge_page_mode() -> str | None:
+  """This kernel's transparent huge page mode ('always', 'madvise', 'never'); None if unknown."""
   try:
-    with open(path, encoding='ascii') as f:
-      found = re.search(r'\[(\w+)\]', f.read())
+    with open('/sys/kernel/mm/transparent_hugepage/enabled', encoding='ascii') as f:
+      return bracketed_word(f.read())
   except OSError:
     return None
+
+
+def bracketed_word(text: str) -> str | None:
+  """'madvise' from 'always [madvise] never', the kernel's way of marking the mode in use."""
+  found = re.search(r'\[(\w+)\]', text)
   return found[1] if found else None
 
 

@@ -36,11 +36,11 @@ def test_no_restart_where_it_would_change_nothing(env, thp_mode, glibc):
   assert host.environment_with_huge_pages(env, thp_mode, glibc) is None
 
 
-def test_kernel_mode_is_the_bracketed_word(tmp_path):
-  path = tmp_path / 'enabled'
-  path.write_text('always [madvise] never\n')
-  assert host.transparent_huge_page_mode(str(path)) == 'madvise'
-  assert host.transparent_huge_page_mode(str(tmp_path / 'missing')) is None
+def test_kernel_mode_is_the_bracketed_word():
+  assert host.bracketed_word('always [madvise] never\n') == 'madvise'
+  assert host.bracketed_word('[always] madvise never') == 'always'
+  assert host.bracketed_word('') is None
+  assert host.transparent_huge_page_mode() in ('always', 'madvise', 'never', None)
 
 
 # Prints its process id and arguments before the restart and after; then allocates 64 MiB as

@@ -122,7 +122,8 @@ def test_scorer_reads_and_writes_gs(bucket, tmp_path):
 
 
 # Reads of the machine's own files, not of a workdir or data_dir.
-_LOCAL_ONLY = {('train.py', '/proc/self/stat'), ('train.py', '/proc/uptime')}
+_LOCAL_ONLY = {('train.py', '/proc/self/stat'), ('train.py', '/proc/uptime'),
+               ('host.py', '/sys/kernel/mm/transparent_hugepage/enabled')}
 
 
 def test_the_package_opens_no_workdir_file_with_the_builtins():
