@@ -208,8 +208,8 @@ def _saved_model_problem(tf, path: str, serve, variables, size: int) -> str | No
 def export_saved_model(serve, variables, spec: preprocessing_lib.Preprocessing,
                        folder: epath.Path) -> dict:
   """A TF SavedModel (jax2tf native serialization) of `serve` (serving_function's), checked by
-  running it in TensorFlow. Returns its description, or {'written': False, 'reason': ...} where TensorFlow is not installed or
-  cannot run it (then no saved_model/ is left)."""
+  running it in TensorFlow. Returns its description, or {'written': False, 'reason': ...} where
+  TensorFlow is not installed or cannot run it (then no saved_model/ is left)."""
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
