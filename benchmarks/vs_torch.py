@@ -521,8 +521,11 @@ def main():
   parser.add_argument('--cache-dir', default='')
   parser.add_argument('--job-timeout', type=float, default=900)
   parser.add_argument('--budget', type=float, default=0,
-                      help='seconds: start no timed job after this much of the run (0: none)')
+                      help='seconds for the whole run: no job runs past it (0: no limit)')
   parser.add_argument('--json', default='', help='write all results here')
+  parser.add_argument('--append', action='store_true',
+                      help='keep the results already in --json: the table covers them too '
+                      '(several runs, one file: gpu_run.sh)')
   parser.add_argument('--order', default='batch', choices=('batch', 'priority'),
                       help="'priority': batch 256 and 8 before 64")
   args = parser.parse_args()
@@ -551,7 +554,8 @@ def main():
   log(f'vs_torch: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, python '
       f'{platform.python_version()}, load {loadavg()}; arch {args.arch} {args.image_size} px, '
       f'batches {batches}')
-  results, compile_times = [], {}
+  results = _earlier(args.json)['results'] if args.append else []
+  compile_times = {}
 
   if args.precompile:
     jobs = [dict(s, compile_only=True) for group in jax_specs for s in group]
@@ -573,10 +577,13 @@ def main():
       groups = (torch_specs[i], jax_specs[i]) if round_ % 2 == 0 else (jax_specs[i], torch_specs[i])
       for spec in [s for pair in zip(*groups) for s in pair] + \
           [s for g in groups for s in g[min(len(groups[0]), len(groups[1])):]]:
-        if args.budget and time.perf_counter() - started > args.budget:
-          log(f'  budget of {args.budget:.0f} s spent: skipping {_key(spec)}')
-          continue
-        r = run_job(spec, args.job_timeout, log)
+        timeout = args.job_timeout
+        if args.budget:  # a job started inside the budget ends inside it too
+          timeout = min(timeout, args.budget - (time.perf_counter() - started))
+          if timeout <= 0:
+            log(f'  budget of {args.budget:.0f} s spent: skipping {_key(spec)}')
+            continue
+        r = run_job(spec, timeout, log)
         r['round'] = round_ + 1
         results.append(r)
         log(f'  round {round_ + 1} {r["side"]:5s} {r["mode"]:8s} b{b}: train '
@@ -594,9 +601,22 @@ def main():
   log(f'total {time.perf_counter() - started:.0f} s')
 
 
+def _earlier(path: str) -> dict:
+  """What an earlier run wrote to `path` (--append), or nothing yet."""
+  if not path:
+    raise SystemExit('--append keeps the results of a --json file: name one with --json.')
+  if not os.path.exists(path):
+    return {'runs': [], 'results': []}
+  with open(path) as f:
+    return json.load(f)
+
+
 def _write_json(path, results, args, text=''):
+  runs = _earlier(path)['runs'] if args.append else []
+  if not runs or runs[-1] != vars(args):
+    runs.append(vars(args))
   with open(path, 'w') as f:
-    json.dump({'args': vars(args), 'host': platform.node(), 'cpus': os.cpu_count(),
+    json.dump({'runs': runs, 'host': platform.node(), 'cpus': os.cpu_count(),
                'results': results, 'table': text}, f, indent=1)
 
 
