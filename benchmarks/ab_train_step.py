@@ -21,9 +21,6 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -47,24 +44,17 @@ def main():
   parser.add_argument('--steps', type=int, default=40, help='timed steps per variant')
   args = parser.parse_args()
   variants = [parse_variant(v) for v in args.variants]
-  train, _ = vs_torch.import_train()
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
-  mesh = parallel.make_mesh()
-  batch = parallel.global_batch(vs_torch.random_views(args.batch, 224), mesh)
+  import jax  # pylint: disable=g-import-not-at-top  (after start_jax_process)
   runs = []
   for label, options in variants:
     compiler_options = options.pop('compiler_options', None)
-    config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
-                                          dtype='float32', model_options=options))
-    model = train.create_model(config)
-    state = train.initial_state(config, model)
-    steps = train.compile_steps(config, model, np.full((7, 2), 0.5, np.float32), mesh,
-                                traced_cache=None)
+    setup = vs_torch.jax_setup(dict(arch=args.arch, image_size=224, batch=args.batch,
+                                    dtype='float32', model_options=options), traced_cache=None)
+    batch = setup.batch
     t = time.perf_counter()
-    compiled = steps.train.lower(state, batch).compile(compiler_options)
+    compiled = setup.steps.train.lower(setup.state, batch).compile(compiler_options)
     compile_s = time.perf_counter() - t
-    state, _ = compiled(state, batch)  # warm-up
+    state, _ = compiled(setup.state, batch)  # warm-up
     jax.block_until_ready(state)
     runs.append(dict(label=label, step=compiled, state=state, compile_s=compile_s, times=[]))
     print(f'{label}: compiled in {compile_s:.1f} s', flush=True)
@@ -87,6 +77,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_huge_pages()  # as main.py starts (this process again, before any step)
+  vs_torch.start_jax_process()  # as main.py starts
   main()

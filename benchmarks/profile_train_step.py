@@ -16,9 +16,6 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -32,19 +29,12 @@ def main():
   parser.add_argument('--hlo', default='', help='write the compiled HLO text here')
   parser.add_argument('--model-options', default='{}', help='config.model overrides, JSON')
   args = parser.parse_args()
-  train, _ = vs_torch.import_train()
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
-  config = vs_torch.jax_config_for(dict(arch=args.arch, image_size=224, batch=args.batch,
-                                        dtype='float32',
-                                        model_options=json.loads(args.model_options)))
-  model = train.create_model(config)
-  mesh = parallel.make_mesh()
-  state = train.initial_state(config, model)
-  steps = train.compile_steps(config, model, np.full((7, 2), 0.5, np.float32), mesh)
-  batch = parallel.global_batch(vs_torch.random_views(args.batch, 224), mesh)
+  import jax  # pylint: disable=g-import-not-at-top  (after start_jax_process)
+  setup = vs_torch.jax_setup(dict(arch=args.arch, image_size=224, batch=args.batch,
+                                  dtype='float32', model_options=json.loads(args.model_options)))
+  state, batch = setup.state, setup.batch
   t = time.perf_counter()
-  compiled = steps.train.lower(state, batch).compile()
+  compiled = setup.steps.train.lower(state, batch).compile()
   print(f'compile {time.perf_counter() - t:.1f} s')
   if args.hlo:
     with open(args.hlo, 'w') as f:
@@ -86,6 +76,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_huge_pages()  # as main.py starts (this process again, before any step)
+  vs_torch.start_jax_process()  # as main.py starts
   main()

@@ -133,26 +133,29 @@ def torch_worker(spec: dict) -> dict:
             'threads': torch.get_num_threads(),
             'flush_denormal': bool(not cuda and spec.get('flush_denormal'))}
 
+  def measure(what, call):  # first call (autotuning, compilation), then timed chunks
+    try:
+      t = time.perf_counter()
+      call()
+      sync()
+      result[f'{what}_first_s'] = time.perf_counter() - t
+      result[what] = timed_chunks(call, sync, spec['min_seconds'], spec['warmup'],
+                                  spec['max_steps'])
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_oom(e):
+        raise
+      result[what] = 'OOM'
+    if cuda:
+      result[f'{what}_peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
+      torch.cuda.reset_peak_memory_stats()
+
   if 'forward' in spec['what']:
     net.eval()
 
     def forward():
       with torch.inference_mode(), autocast():
         return model(x)
-    try:
-      t = time.perf_counter()
-      forward()
-      sync()
-      result['forward_first_s'] = time.perf_counter() - t
-      result['forward'] = timed_chunks(forward, sync, spec['min_seconds'], spec['warmup'],
-                                       spec['max_steps'])
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_oom(e):
-        raise
-      result['forward'] = 'OOM'
-    if cuda:
-      result['forward_peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
-      torch.cuda.reset_peak_memory_stats()
+    measure('forward', forward)
 
   if 'train' in spec['what']:
     net.train()
@@ -167,19 +170,7 @@ def torch_worker(spec: dict) -> dict:
       loss.backward()
       optimizer.step()
       return loss
-    try:
-      t = time.perf_counter()
-      train_step()
-      sync()
-      result['train_first_s'] = time.perf_counter() - t
-      result['train'] = timed_chunks(train_step, sync, spec['min_seconds'], spec['warmup'],
-                                     spec['max_steps'])
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_oom(e):
-        raise
-      result['train'] = 'OOM'
-    if cuda:
-      result['train_peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
+    measure('train', train_step)
   return result
 
 
@@ -293,42 +284,60 @@ def random_views(batch_size: int, size: int) -> dict:
           'body_part': rs.randint(0, 7, batch_size).astype(np.int32)}
 
 
-def jax_worker(spec: dict) -> dict:
+def start_jax_process():
+  """As main.py starts: this process again on transparent huge pages where that helps (host.py),
+  then XLA:CPU's convolutions chosen (parallel.py), before JAX starts its backends."""
   from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_huge_pages()  # as main.py starts; before JAX (it starts this worker again)
-  import jax  # pylint: disable=g-import-not-at-top
+  host.restart_with_huge_pages()
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.use_xla_cpu_convolutions()
+
+
+def jax_setup(spec: dict, **compile_options) -> types.SimpleNamespace:
+  """mura-jax's real steps for `spec` as train.py builds them (`create_model`, `initial_state`,
+  `compile_steps` with MURA-v1.1's loss weights; `compile_options` go to compile_steps), and a
+  random batch placed on the mesh as the epoch loop places it (`batch`; `eval_batch` for the
+  predict step). After start_jax_process."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convolutions()  # as main.py sets XLA:CPU up
-
-  if spec.get('cache_dir'):
-    jax.config.update('jax_compilation_cache_dir', os.path.join(spec['cache_dir'], 'jax'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   train, stubbed = import_train()
-  import flax  # pylint: disable=g-import-not-at-top
-
   config = jax_config_for(spec)
-  batch_size, size = spec['batch'], spec['image_size']
-  device = jax.devices()[0]
-  result = {'side': 'jax', 'mode': spec['dtype'], 'batch': batch_size, 'jax': jax.__version__,
-            'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
-            'flax': flax.__version__, 'device_name': device.device_kind,
-            'platform': device.platform, 'devices': jax.device_count(), 'stubbed': stubbed,
-            'model_options': spec.get('model_options', {}),
-            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'huge_pages': host.huge_pages_on()}
   model = train.create_model(config)
   mesh = parallel.make_mesh()
   state = train.initial_state(config, model)
   counts = np.asarray(MURA_TRAIN_COUNTS, np.float32)
   loss_weights = np.stack([counts[:, 1], counts[:, 0]], 1) / counts.sum(1, keepdims=True)
   # The 4th argument positionally: its keyword name is being renamed.
-  steps = train.compile_steps(config, model, loss_weights, mesh)
-  local = random_views(batch_size, size)
-  batch = parallel.global_batch(local, mesh)
-  eval_batch = parallel.global_batch(
-      {**local, 'index': np.arange(batch_size, dtype=np.int32),
-       'mask': np.ones(batch_size, np.float32)}, mesh)
+  steps = train.compile_steps(config, model, loss_weights, mesh, **compile_options)
+  local = random_views(spec['batch'], spec['image_size'])
+  eval_local = {**local, 'index': np.arange(spec['batch'], dtype=np.int32),
+                'mask': np.ones(spec['batch'], np.float32)}
+  return types.SimpleNamespace(
+      train=train, stubbed=stubbed, config=config, model=model, mesh=mesh, state=state,
+      steps=steps, batch=parallel.global_batch(local, mesh),
+      eval_batch=parallel.global_batch(eval_local, mesh))
+
+
+def jax_worker(spec: dict) -> dict:
+  start_jax_process()  # restarts this worker once, before JAX is imported
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  from mura_jax import host  # pylint: disable=g-import-not-at-top
+
+  if spec.get('cache_dir'):
+    jax.config.update('jax_compilation_cache_dir', os.path.join(spec['cache_dir'], 'jax'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  setup = jax_setup(spec)
+  train, state, steps = setup.train, setup.state, setup.steps
+  batch, eval_batch = setup.batch, setup.eval_batch
+  device = jax.devices()[0]
+  result = {'side': 'jax', 'mode': spec['dtype'], 'batch': spec['batch'], 'jax': jax.__version__,
+            'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
+            'flax': flax.__version__, 'device_name': device.device_kind,
+            'platform': device.platform, 'devices': jax.device_count(),
+            'stubbed': setup.stubbed, 'model_options': spec.get('model_options', {}),
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'huge_pages': host.huge_pages_on()}
 
   def compile_(jitted, *args):
     t = time.perf_counter()
