@@ -187,8 +187,9 @@ class Predictor:
     options = {}
     if config is not None:
       signature = checkpoints.model_signature(config)
-      options = dict(dtype=config.model.dtype, scan_segment=config.model.scan_segment)
-    model = checkpoints.create_model(signature, **options)
+      options = dict(dtype=config.model.dtype)
+    # Every use of a predictor's model is inference (CAM's checks jit it directly): unrolled.
+    model = inference_network(checkpoints.create_model(signature, **options))
     variables, found = checkpoints.restore_variables(
         workdir, name, step, model, parallel.replicated(mesh), signature)
     preprocessing = preprocessing_lib.Preprocessing(**found['preprocessing'])

@@ -97,6 +97,10 @@ def test_predictor_from_the_checkpoint_alone_and_from_files(recorded_run, synthe
   # Without a config: model and preprocessing from the checkpoint's spec.
   predictor = inference.Predictor.from_workdir(workdir, 'best', global_batch=8)
   assert predictor.preprocessing == preprocessing.Preprocessing(32, 'squash', 3)
+  # The inference network, whoever jits it (CAM's checks do): dense blocks unrolled.
+  assert predictor.model.scan_segment == 0
+  assert inference.Predictor.from_workdir(workdir, 'best', config=config,
+                                          global_batch=8).model.scan_segment == 0
   index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
   views = [preprocessing.read_image(synthetic_dir / p) for p in index.image_path[:13]]
   from_files = predictor.predict_views(views)
