@@ -285,10 +285,10 @@ def random_views(batch_size: int, size: int) -> dict:
 
 
 def start_jax_process():
-  """As main.py starts: this process again on transparent huge pages where that helps (host.py),
+  """As main.py starts: this process again with the malloc that keeps XLA:CPU's buffers (host.py),
   then XLA:CPU's convolutions chosen (parallel.py), before JAX starts its backends."""
   from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_huge_pages()
+  host.restart_with_allocator()
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.use_xla_cpu_convolutions()
 
@@ -337,7 +337,7 @@ def jax_worker(spec: dict) -> dict:
             'flax': flax.__version__, 'device_name': device.device_kind,
             'platform': device.platform, 'devices': jax.device_count(),
             'stubbed': setup.stubbed, 'model_options': spec.get('model_options', {}),
-            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'huge_pages': host.huge_pages_on()}
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator': host.allocator_in_use()}
 
   def compile_(jitted, *args):
     t = time.perf_counter()

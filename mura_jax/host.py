@@ -1,30 +1,42 @@
-"""The host process, set up before JAX starts: transparent huge pages for XLA:CPU's buffers.
+"""The host process, set up before JAX starts: a malloc that keeps XLA:CPU's buffers.
 
 XLA:CPU allocates the temporary buffer of every call of a compiled step with malloc: 1.3 GB for
-densenet169's train step at batch 8, and buffers of 58 MB during it (strace). glibc maps
-allocations that large from the kernel each time and unmaps them when they are freed, so every
-step faults in and zeroes at least 325,000 fresh 4 KiB pages. On the project's 2-core VM that
-was 16% of the train step's CPU time, in the kernel (perf; BENCHMARKS.md "Page faults"); with
-the tunable below, 7%, and the step takes 0.95 of the time.
+densenet169's train step at batch 8, and buffers of 58 MB during it (strace). glibc's malloc maps
+allocations that large from the kernel each time and unmaps them when they are freed (its
+threads' heaps, 64 MB at most, come and go with them), so every step faults in and zeroes fresh
+pages: 16% of the train step's CPU time went to the kernel on the project's 2-core VM (perf;
+BENCHMARKS.md, "Page faults").
 
-glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) asks for transparent huge pages on
-those mappings: 2 MiB pages, 512 times fewer faults. It matters where the kernel lends huge pages
-only on request (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise, the Debian and Ubuntu
-default); `always` gives them anyway and `never` not at all. glibc reads tunables once, when a
-process starts, so `python -m mura_jax.main` and `mura-predict` start themselves again with it
-(os.execve: same process id, same arguments), before anything heavy is imported.
-MURA_JAX_HUGE_PAGES=0 turns that off; a GLIBC_TUNABLES that already names the tunable is the
-user's choice and is kept as it is.
+mimalloc keeps freed memory for the next allocation. So `python -m mura_jax.main` and
+`mura-predict` start themselves again, once (os.execve: same process id, same arguments), with
+mimalloc preloaded (LD_PRELOAD; the library comes with the `cmeel-mimalloc` wheel, a dependency
+on Linux), told not to hand memory back to the kernel (MIMALLOC_PURGE_DELAY=-1: each step needs
+the same peak again) and to put large blocks on 2 MiB pages (MIMALLOC_ALLOW_LARGE_OS_PAGES=1).
+Kernel time per train step fell from 550-650 ms to 20-30 ms, the peak memory did not grow, and
+the step took 0.81 of the time (BENCHMARKS.md, "A malloc that keeps the buffers").
+
+Where mimalloc is missing, glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) asks for
+transparent huge pages on those mappings instead: 512 times fewer faults, 0.95 of the step time.
+It matters where the kernel lends huge pages only on request
+(`/sys/kernel/mm/transparent_hugepage/enabled` = madvise, the Debian and Ubuntu default).
+
+MURA_JAX_MALLOC chooses: `mimalloc` (the default; glibc's tunable where mimalloc is missing),
+`glibc` (the tunable only) or `system` (no restart). What the user set is kept as set: an
+LD_PRELOAD that already names mimalloc, MIMALLOC_* options, a GLIBC_TUNABLES naming the tunable.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
 import platform
 import re
 import sys
 
 HUGE_PAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
+MIMALLOC_OPTIONS = {'MIMALLOC_PURGE_DELAY': '-1', 'MIMALLOC_ALLOW_LARGE_OS_PAGES': '1'}
+CHOICES = ('mimalloc', 'glibc', 'system')
 _DETECT = object()
 
 
@@ -53,28 +65,68 @@ def glibc_version() -> tuple[int, ...] | None:
   return tuple(int(v) for v in version.split('.'))
 
 
+def mimalloc_library() -> str | None:
+  """The path of the cmeel-mimalloc wheel's libmimalloc.so; None where it is not installed (or
+  not on Linux, where LD_PRELOAD is how a library replaces malloc)."""
+  if sys.platform != 'linux':
+    return None
+  try:
+    files = importlib.metadata.distribution('cmeel-mimalloc').files or []
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for file in files:
+    if file.name == 'libmimalloc.so':  # cmeel.prefix/lib/libmimalloc.so
+      path = os.fspath(file.locate())
+      return path if os.path.exists(path) else None
+  return None
+
+
 def environment_with_huge_pages(env=None, thp_mode=_DETECT,
                                  glibc=_DETECT) -> dict[str, str] | None:
   """The environment to start this process again in, HUGE_PAGE_TUNABLE added to GLIBC_TUNABLES;
-  None where that would change nothing or the user said otherwise (see the module's doc).
-  thp_mode and glibc are this machine's unless given (tests)."""
+  None where that would change nothing or the user set the tunable. thp_mode and glibc are this
+  machine's unless given (tests)."""
   env = dict(os.environ if env is None else env)
   thp_mode = transparent_huge_page_mode() if thp_mode is _DETECT else thp_mode
   glibc = glibc_version() if glibc is _DETECT else glibc
   tunables = env.get('GLIBC_TUNABLES', '')
-  if (env.get('MURA_JAX_HUGE_PAGES', '1') == '0' or 'glibc.malloc.hugetlb' in tunables
-      or thp_mode != 'madvise' or glibc is None or glibc < (2, 35)):
+  if ('glibc.malloc.hugetlb' in tunables or thp_mode != 'madvise' or glibc is None
+      or glibc < (2, 35)):
     return None
   env['GLIBC_TUNABLES'] = f'{tunables}:{HUGE_PAGE_TUNABLE}' if tunables else HUGE_PAGE_TUNABLE
   return env
 
 
-def restart_with_huge_pages() -> None:
-  """Replaces this process by itself with HUGE_PAGE_TUNABLE set, once; returns where it does not.
+def environment_with_mimalloc(env: dict[str, str], library: str) -> dict[str, str]:
+  """`env` with `library` first in LD_PRELOAD and MIMALLOC_OPTIONS where the user set none."""
+  preload = env.get('LD_PRELOAD', '')
+  return {**MIMALLOC_OPTIONS, **env, 'LD_PRELOAD': f'{library}:{preload}' if preload else library}
 
-  Call it first in a command's entry point: nothing that ran before is kept.
-  """
-  env = environment_with_huge_pages()
+
+def allocator_environment(env=None, mimalloc=_DETECT, thp_mode=_DETECT,
+                          glibc=_DETECT) -> dict[str, str] | None:
+  """The environment to start this process again in (see the module's doc); None where that
+  would change nothing, is done already, or MURA_JAX_MALLOC says `system`. mimalloc (the
+  library's path), thp_mode and glibc are this machine's unless given (tests)."""
+  env = dict(os.environ if env is None else env)
+  choice = env.get('MURA_JAX_MALLOC', 'mimalloc')
+  if choice not in CHOICES:
+    print(f'note: MURA_JAX_MALLOC={choice!r} is not one of {", ".join(CHOICES)}; running with '
+          "the system's malloc", file=sys.stderr)
+    return None
+  if choice == 'system' or 'libmimalloc' in env.get('LD_PRELOAD', ''):
+    return None
+  if choice == 'mimalloc':
+    library = mimalloc_library() if mimalloc is _DETECT else mimalloc
+    if library:
+      return environment_with_mimalloc(env, library)
+  return environment_with_huge_pages(env, thp_mode, glibc)
+
+
+def restart_with_allocator() -> None:
+  """Replaces this process by itself in `allocator_environment()`, once; returns where it does
+  not. Call it first in a command's entry point: nothing that ran before is kept."""
+  env = allocator_environment()
   if env is None or not sys.executable:  # (an embedded Python has no executable to start)
     return
   sys.stdout.flush()
@@ -82,11 +134,21 @@ def restart_with_huge_pages() -> None:
   try:
     # sys.executable, not the original argv[0]: a bare `python` could resolve to another Python.
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-  except OSError as e:  # nothing was replaced: this process goes on, on 4 KiB pages
-    print(f'note: could not start again with GLIBC_TUNABLES={env["GLIBC_TUNABLES"]} ({e}); '
-          'running without huge pages', file=sys.stderr)
+  except OSError as e:  # nothing was replaced: this process goes on with the system's malloc
+    print(f'note: could not start again with a faster malloc ({e}); running with the '
+          "system's", file=sys.stderr)
 
 
-def huge_pages_on() -> bool:
-  """Whether this process runs with the tunable (for the run's log)."""
-  return HUGE_PAGE_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':')
+def allocator_in_use() -> str | None:
+  """What this process allocates with, for the run's log: 'mimalloc 3.4.3' where mimalloc is
+  loaded, 'glibc with transparent huge pages' under the tunable, None otherwise."""
+  try:
+    mi_version = ctypes.CDLL(None).mi_version  # mimalloc's symbols, where it was preloaded
+    mi_version.restype = ctypes.c_int
+    number = mi_version()  # 30403: 3.4.3
+    return f'mimalloc {number // 10000}.{number // 100 % 100}.{number % 100}'
+  except (AttributeError, OSError):
+    pass
+  if HUGE_PAGE_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':'):
+    return 'glibc with transparent huge pages'
+  return None

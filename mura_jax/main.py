@@ -131,9 +131,9 @@ def run(config, workdir):
   if parallel.use_xla_cpu_convolutions():
     logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
                  parallel.CPU_CONVOLUTION_FLAG)
-  if host.huge_pages_on():
-    logging.info('Large buffers on transparent huge pages (GLIBC_TUNABLES=%s).',
-                 os.environ['GLIBC_TUNABLES'])
+  if host.allocator_in_use():
+    logging.info('malloc: %s, for XLA:CPU\'s step buffers (host.py; MURA_JAX_MALLOC=system '
+                 'turns it off).', host.allocator_in_use())
   parallel.initialize_distributed(config.get('distributed', 'auto'))
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')
@@ -263,7 +263,7 @@ def _base_comments() -> dict[str, str]:
 
 def entry_point():
   from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_huge_pages()  # first: it starts this process again
+  host.restart_with_allocator()  # first: it starts this process again
   app.run(main, flags_parser=parse_flags)
 
 

@@ -427,7 +427,7 @@ def predict_paths(args) -> int:
 def cli():
   """The `mura-predict` command."""
   from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_huge_pages()  # first: it starts this process again
+  host.restart_with_allocator()  # first: it starts this process again
   sys.exit(main())
 
 

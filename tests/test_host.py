@@ -1,5 +1,6 @@
-"""mura_jax.host: the entry points start themselves again with transparent huge pages for
-malloc's large mappings (XLA:CPU's per-step buffers), once, where that changes something."""
+"""mura_jax.host: the entry points start themselves again, once, with a malloc that keeps XLA:CPU's
+per-step buffers (mimalloc preloaded; else glibc's huge-page tunable), where that changes
+something."""
 
 import json
 import os
@@ -11,29 +12,51 @@ from mura_jax import host
 
 MADVISE = 'madvise'
 GLIBC = (2, 36)
+LIBRARY = '/site-packages/cmeel.prefix/lib/libmimalloc.so'
 
 
-def test_tunable_added_where_the_kernel_lends_huge_pages_on_request():
-  env = host.environment_with_huge_pages({'PATH': '/bin'}, MADVISE, GLIBC)
-  assert env == {'PATH': '/bin', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+def test_mimalloc_preloaded_with_its_options_where_installed():
+  env = host.allocator_environment({'PATH': '/bin'}, LIBRARY, MADVISE, GLIBC)
+  assert env == {'PATH': '/bin', 'LD_PRELOAD': LIBRARY, 'MIMALLOC_PURGE_DELAY': '-1',
+                 'MIMALLOC_ALLOW_LARGE_OS_PAGES': '1'}
+  # The user's preloads and mimalloc options are kept.
+  env = host.allocator_environment({'LD_PRELOAD': '/x/libfoo.so', 'MIMALLOC_PURGE_DELAY': '100'},
+                                   LIBRARY, MADVISE, GLIBC)
+  assert env['LD_PRELOAD'] == f'{LIBRARY}:/x/libfoo.so' and env['MIMALLOC_PURGE_DELAY'] == '100'
+
+
+def test_glibc_tunable_where_mimalloc_is_missing_or_not_chosen():
+  for env, library in (({'PATH': '/bin'}, None), ({'MURA_JAX_MALLOC': 'glibc'}, LIBRARY)):
+    assert host.allocator_environment(env, library, MADVISE, GLIBC) == {
+        **env, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   # The user's other tunables are kept, in their order.
-  env = host.environment_with_huge_pages({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
-                                         MADVISE, GLIBC)
+  env = host.allocator_environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None,
+                                   MADVISE, GLIBC)
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
 
 
-@pytest.mark.parametrize('env, thp_mode, glibc', [
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, MADVISE, GLIBC),  # the user's choice
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, MADVISE, GLIBC),  # already restarted
-    ({'MURA_JAX_HUGE_PAGES': '0'}, MADVISE, GLIBC),  # turned off
-    ({}, 'always', GLIBC),  # huge pages anyway
-    ({}, 'never', GLIBC),  # none to have
-    ({}, None, GLIBC),  # no such kernel setting (not Linux, or no THP)
-    ({}, MADVISE, (2, 34)),  # a glibc without the tunable
-    ({}, MADVISE, None),  # another C library
+@pytest.mark.parametrize('env, library, thp_mode, glibc', [
+    ({'LD_PRELOAD': LIBRARY}, LIBRARY, MADVISE, GLIBC),  # already restarted (or the user's)
+    ({'MURA_JAX_MALLOC': 'system'}, LIBRARY, MADVISE, GLIBC),  # turned off
+    ({'MURA_JAX_MALLOC': 'tcmalloc'}, LIBRARY, MADVISE, GLIBC),  # unknown: a note, no restart
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, None, MADVISE, GLIBC),  # the user's choice
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, None, MADVISE, GLIBC),  # already restarted
+    ({}, None, 'always', GLIBC),  # huge pages anyway
+    ({}, None, 'never', GLIBC),  # none to have
+    ({}, None, None, GLIBC),  # no such kernel setting (not Linux, or no THP)
+    ({}, None, MADVISE, (2, 34)),  # a glibc without the tunable
+    ({}, None, MADVISE, None),  # another C library
 ])
-def test_no_restart_where_it_would_change_nothing(env, thp_mode, glibc):
-  assert host.environment_with_huge_pages(env, thp_mode, glibc) is None
+def test_no_restart_where_it_would_change_nothing(env, library, thp_mode, glibc):
+  assert host.allocator_environment(env, library, thp_mode, glibc) is None
+
+
+def test_unknown_choice_is_named():
+  text = subprocess.run(
+      [sys.executable, '-c', 'from mura_jax import host; host.allocator_environment()'],
+      capture_output=True, text=True, env={**os.environ, 'MURA_JAX_MALLOC': 'tcmalloc'},
+      check=True).stderr
+  assert "MURA_JAX_MALLOC='tcmalloc' is not one of mimalloc, glibc, system" in text
 
 
 def test_kernel_mode_is_the_bracketed_word():
@@ -44,54 +67,63 @@ def test_kernel_mode_is_the_bracketed_word():
 
 
 # Prints its process id and arguments before the restart and after; then allocates 64 MiB as
-# XLA:CPU does (malloc, mapped by glibc; not numpy, which asks for huge pages itself), touches it,
-# and reports the huge pages the kernel gave.
+# XLA:CPU does (malloc; not numpy, which asks for huge pages itself), touches it, frees it, and
+# allocates and touches it again, as the next step does: the page faults of that second time
+# say whether the memory was kept.
 CHILD = """
-import json, os, sys
+import ctypes, json, os, resource, sys
 print('start', os.getpid(), sys.argv[1:], flush=True)
 from mura_jax import host
-host.restart_with_huge_pages()
-import ctypes
+host.restart_with_allocator()
 libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-buffer = libc.malloc(64 << 20)
-ctypes.memset(buffer, 1, 64 << 20)
-with open('/proc/self/smaps_rollup') as f:
-  huge = [int(l.split()[1]) for l in f if l.startswith('AnonHugePages:')][0]
-print('running', json.dumps([os.getpid(), sys.argv[1:], os.environ.get('GLIBC_TUNABLES'), huge]))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():
+  before = faults()
+  buffer = libc.malloc(64 << 20)
+  ctypes.memset(buffer, 1, 64 << 20)
+  return buffer, faults() - before
+buffer, _ = step()
+libc.free(buffer)
+_, again = step()
+print('running', json.dumps([os.getpid(), sys.argv[1:], host.allocator_in_use(), again]))
 """
 
 
-@pytest.mark.skipif(host.environment_with_huge_pages() is None,
-                    reason='this machine or environment gets nothing from the restart')
-def test_restart_once_same_process_same_arguments_huge_pages_given():
-  out = subprocess.run([sys.executable, '-c', CHILD, 'an', 'argument'], capture_output=True,
-                       text=True, timeout=120, check=True).stdout.split('\n')
+def _child(*args, **env):
+  out = subprocess.run([sys.executable, '-c', CHILD, *args], capture_output=True, text=True,
+                       timeout=120, check=True, env={**os.environ, **env}).stdout.split('\n')
   starts = [line for line in out if line.startswith('start')]
-  running = [json.loads(line[len('running '):]) for line in out if line.startswith('running')]
-  assert len(starts) == 2 and starts[0] == starts[1]  # restarted once, as the same process
-  assert len(running) == 1
-  pid, arguments, tunables, huge_kib = running[0]
-  assert starts[0] == f"start {pid} ['an', 'argument']"
-  assert arguments == ['an', 'argument'] and tunables == 'glibc.malloc.hugetlb=1'
-  assert huge_kib >= 2048  # at least one 2 MiB page under the 64 MiB array
+  (running,) = [json.loads(line[len('running '):]) for line in out if line.startswith('running')]
+  return starts, running
 
-  # Turned off: started once, no tunable, no huge page under the same array.
-  off = subprocess.run([sys.executable, '-c', CHILD], capture_output=True, text=True,
-                       timeout=120, check=True, env={**os.environ, 'MURA_JAX_HUGE_PAGES': '0'})
-  lines = off.stdout.split('\n')
-  assert sum(line.startswith('start') for line in lines) == 1
-  running = [json.loads(line[len('running '):]) for line in lines if line.startswith('running')]
-  assert [r[2:] for r in running] == [[None, 0]]
+
+@pytest.mark.skipif(host.mimalloc_library() is None, reason='cmeel-mimalloc is not installed')
+def test_restart_once_as_the_same_process_and_the_buffer_is_kept():
+  starts, (pid, arguments, allocator, faults_again) = _child('an', 'argument')
+  assert len(starts) == 2 and starts[0] == starts[1]  # restarted once, as the same process
+  assert starts[0] == f"start {pid} ['an', 'argument']" and arguments == ['an', 'argument']
+  assert allocator.startswith('mimalloc 3.')
+  assert faults_again < 64  # the freed 64 MiB served the second allocation (16,384 4 KiB pages)
+
+  # glibc: mapped afresh, faulted in again (on 2 MiB pages where the tunable applies).
+  starts, (_, _, allocator, faults_again) = _child(MURA_JAX_MALLOC='glibc')
+  if host.environment_with_huge_pages() is not None:
+    assert len(starts) == 2 and allocator == 'glibc with transparent huge pages'
+    assert faults_again >= 32  # 64 MiB of 2 MiB pages
+  starts, (_, _, allocator, faults_again) = _child(MURA_JAX_MALLOC='system')
+  assert len(starts) == 1 and allocator is None
+  assert faults_again >= 32
 
 
 def test_a_failed_restart_goes_on_without_and_says_so(monkeypatch, capsys):
-  monkeypatch.setattr(host, 'environment_with_huge_pages',
-                      lambda: {'GLIBC_TUNABLES': host.HUGE_PAGE_TUNABLE})
+  monkeypatch.setattr(host, 'allocator_environment', lambda: {'LD_PRELOAD': LIBRARY})
   def execve(*args):
     raise PermissionError(13, 'Permission denied', args[0])
   monkeypatch.setattr(host.os, 'execve', execve)
-  host.restart_with_huge_pages()  # returns: the process is the same one
+  host.restart_with_allocator()  # returns: the process is the same one
   err = capsys.readouterr().err
-  assert 'could not start again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in err
-  assert 'Permission denied' in err and 'running without huge pages' in err
+  assert 'could not start again with a faster malloc' in err
+  assert 'Permission denied' in err and "running with the system's" in err
