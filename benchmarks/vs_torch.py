@@ -72,7 +72,7 @@ def timed_chunks(step, sync, min_seconds: float, warmup: int, max_steps: int) ->
   for _ in range(warmup):
     step()
   sync()
-  per_call, calls, start = [], 0, time.perf_counter()
+  per_call, calls, start, cpu = [], 0, time.perf_counter(), os.times()
   chunk = 1
   while calls < max_steps:
     t = time.perf_counter()
@@ -86,8 +86,11 @@ def timed_chunks(step, sync, min_seconds: float, warmup: int, max_steps: int) ->
       chunk *= 2
     if time.perf_counter() - start >= min_seconds and len(per_call) >= 3:
       break
+  end = os.times()  # this process's CPU: every thread's, and the kernel's part of it
   return {'seconds_per_call': statistics.median(per_call), 'calls': calls,
-          'chunks': [round(x, 6) for x in per_call]}
+          'chunks': [round(x, 6) for x in per_call],
+          'cpu_s_per_call': round((end.user + end.system - cpu.user - cpu.system) / calls, 4),
+          'kernel_s_per_call': round((end.system - cpu.system) / calls, 4)}
 
 
 def is_oom(e: BaseException) -> bool:

@@ -12,8 +12,9 @@ mimalloc keeps freed memory for the next allocation. So `python -m mura_jax.main
 mimalloc preloaded (LD_PRELOAD; the library comes with the `cmeel-mimalloc` wheel, a dependency
 on Linux), told not to hand memory back to the kernel (MIMALLOC_PURGE_DELAY=-1: each step needs
 the same peak again) and to put large blocks on 2 MiB pages (MIMALLOC_ALLOW_LARGE_OS_PAGES=1).
-Kernel time per train step fell from 550-650 ms to 20-30 ms, the peak memory did not grow, and
-the step took 0.81 of the time (BENCHMARKS.md, "A malloc that keeps the buffers").
+On the 2-core VM the kernel's time per densenet169 train step fell from about 740 ms to 30 ms,
+the step took 0.80 of the time and the peak memory did not grow (BENCHMARKS.md, "A malloc that
+keeps the buffers").
 
 Where mimalloc is missing, glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) asks for
 transparent huge pages on those mappings instead: 512 times fewer faults, 0.95 of the step time.
