@@ -21,15 +21,18 @@ transparent huge pages on those mappings instead: 512 times fewer faults, 0.95 o
 It matters where the kernel lends huge pages only on request
 (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise, the Debian and Ubuntu default).
 
-MURA_JAX_MALLOC chooses: `mimalloc` (the default; glibc's tunable where mimalloc is missing),
-`glibc` (the tunable only) or `system` (no restart). What the user set is kept as set: an
-LD_PRELOAD that already names mimalloc, MIMALLOC_* options, a GLIBC_TUNABLES naming the tunable.
+mimalloc is preloaded where JAX computes on the CPU, where it was measured: not where a TPU or
+GPU plugin of JAX is installed (unless JAX_PLATFORMS=cpu), whose steps keep their buffers on the
+device. MURA_JAX_MALLOC chooses otherwise: `glibc` (the tunable only) or `system` (no restart).
+What the user set is kept as set: an LD_PRELOAD naming a malloc (mimalloc, jemalloc, tcmalloc),
+MIMALLOC_* options, a GLIBC_TUNABLES naming the tunable.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
@@ -82,6 +85,16 @@ def mimalloc_library() -> str | None:
   return None
 
 
+def accelerator_plugin_installed(env) -> bool:
+  """Whether JAX will find a TPU or GPU here: libtpu, or a plugin (jax_cuda12_plugin, ...),
+  unless JAX_PLATFORMS names the CPU alone. Looked up without importing anything."""
+  platforms = [p for p in env.get('JAX_PLATFORMS', '').split(',') if p]
+  if platforms:
+    return platforms != ['cpu']
+  return bool(importlib.util.find_spec('libtpu') or importlib.util.find_spec('jax_plugins')
+              or importlib.metadata.entry_points(group='jax_plugins'))
+
+
 def environment_with_huge_pages(env=None, thp_mode=_DETECT,
                                  glibc=_DETECT) -> dict[str, str] | None:
   """The environment to start this process again in, HUGE_PAGE_TUNABLE added to GLIBC_TUNABLES;
@@ -104,22 +117,24 @@ def environment_with_mimalloc(env: dict[str, str], library: str) -> dict[str, st
   return {**MIMALLOC_OPTIONS, **env, 'LD_PRELOAD': f'{library}:{preload}' if preload else library}
 
 
-def allocator_environment(env=None, mimalloc=_DETECT, thp_mode=_DETECT,
+def allocator_environment(env=None, mimalloc=_DETECT, accelerator=_DETECT, thp_mode=_DETECT,
                           glibc=_DETECT) -> dict[str, str] | None:
   """The environment to start this process again in (see the module's doc); None where that
   would change nothing, is done already, or MURA_JAX_MALLOC says `system`. mimalloc (the
-  library's path), thp_mode and glibc are this machine's unless given (tests)."""
+  library's path), accelerator, thp_mode and glibc are this machine's unless given (tests)."""
   env = dict(os.environ if env is None else env)
   choice = env.get('MURA_JAX_MALLOC', 'mimalloc')
   if choice not in CHOICES:
     print(f'note: MURA_JAX_MALLOC={choice!r} is not one of {", ".join(CHOICES)}; running with '
           "the system's malloc", file=sys.stderr)
     return None
-  if choice == 'system' or 'libmimalloc' in env.get('LD_PRELOAD', ''):
-    return None
+  if choice == 'system' or re.search(r'(mi|je|tc)malloc', env.get('LD_PRELOAD', '')):
+    return None  # turned off, restarted already, or the user's own malloc
   if choice == 'mimalloc':
+    if accelerator is _DETECT:
+      accelerator = accelerator_plugin_installed(env)
     library = mimalloc_library() if mimalloc is _DETECT else mimalloc
-    if library:
+    if library and not accelerator:
       return environment_with_mimalloc(env, library)
   return environment_with_huge_pages(env, thp_mode, glibc)
 

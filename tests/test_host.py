@@ -16,27 +16,30 @@ LIBRARY = '/site-packages/cmeel.prefix/lib/libmimalloc.so'
 
 
 def test_mimalloc_preloaded_with_its_options_where_installed():
-  env = host.allocator_environment({'PATH': '/bin'}, LIBRARY, MADVISE, GLIBC)
+  env = host.allocator_environment({'PATH': '/bin'}, LIBRARY, False, MADVISE, GLIBC)
   assert env == {'PATH': '/bin', 'LD_PRELOAD': LIBRARY, 'MIMALLOC_PURGE_DELAY': '-1',
                  'MIMALLOC_ALLOW_LARGE_OS_PAGES': '1'}
   # The user's preloads and mimalloc options are kept.
   env = host.allocator_environment({'LD_PRELOAD': '/x/libfoo.so', 'MIMALLOC_PURGE_DELAY': '100'},
-                                   LIBRARY, MADVISE, GLIBC)
+                                   LIBRARY, False, MADVISE, GLIBC)
   assert env['LD_PRELOAD'] == f'{LIBRARY}:/x/libfoo.so' and env['MIMALLOC_PURGE_DELAY'] == '100'
 
 
-def test_glibc_tunable_where_mimalloc_is_missing_or_not_chosen():
-  for env, library in (({'PATH': '/bin'}, None), ({'MURA_JAX_MALLOC': 'glibc'}, LIBRARY)):
-    assert host.allocator_environment(env, library, MADVISE, GLIBC) == {
+def test_glibc_tunable_where_mimalloc_is_missing_not_chosen_or_not_measured():
+  for env, library, accelerator in (({'PATH': '/bin'}, None, False),
+                                    ({'MURA_JAX_MALLOC': 'glibc'}, LIBRARY, False),
+                                    ({'PATH': '/bin'}, LIBRARY, True)):  # a TPU or GPU host
+    assert host.allocator_environment(env, library, accelerator, MADVISE, GLIBC) == {
         **env, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   # The user's other tunables are kept, in their order.
-  env = host.allocator_environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None,
+  env = host.allocator_environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, None, False,
                                    MADVISE, GLIBC)
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
 
 
 @pytest.mark.parametrize('env, library, thp_mode, glibc', [
     ({'LD_PRELOAD': LIBRARY}, LIBRARY, MADVISE, GLIBC),  # already restarted (or the user's)
+    ({'LD_PRELOAD': '/usr/lib/libtcmalloc.so.4'}, LIBRARY, MADVISE, GLIBC),  # the user's malloc
     ({'MURA_JAX_MALLOC': 'system'}, LIBRARY, MADVISE, GLIBC),  # turned off
     ({'MURA_JAX_MALLOC': 'tcmalloc'}, LIBRARY, MADVISE, GLIBC),  # unknown: a note, no restart
     ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, None, MADVISE, GLIBC),  # the user's choice
@@ -48,7 +51,19 @@ def test_glibc_tunable_where_mimalloc_is_missing_or_not_chosen():
     ({}, None, MADVISE, None),  # another C library
 ])
 def test_no_restart_where_it_would_change_nothing(env, library, thp_mode, glibc):
-  assert host.allocator_environment(env, library, thp_mode, glibc) is None
+  assert host.allocator_environment(env, library, False, thp_mode, glibc) is None
+
+
+def test_accelerators_known_from_jax_platforms_or_the_installed_plugins(monkeypatch):
+  assert not host.accelerator_plugin_installed({'JAX_PLATFORMS': 'cpu'})
+  assert host.accelerator_plugin_installed({'JAX_PLATFORMS': 'cuda,cpu'})
+  assert host.accelerator_plugin_installed({'JAX_PLATFORMS': 'tpu'})
+  monkeypatch.setattr(host.importlib.metadata, 'entry_points', lambda group: [])
+  for installed in ('libtpu', 'jax_plugins', None):  # jax_plugins: jax_cuda12_plugin's package
+    monkeypatch.setattr(host.importlib.util, 'find_spec',
+                        lambda name, found=installed: object() if name == found else None)
+    assert host.accelerator_plugin_installed({}) == (installed is not None)
+  assert not host.accelerator_plugin_installed({'JAX_PLATFORMS': 'cpu'})
 
 
 def test_unknown_choice_is_named():
