@@ -131,9 +131,10 @@ def run(config, workdir):
   if parallel.use_xla_cpu_convolutions():
     logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
                  parallel.CPU_CONVOLUTION_FLAG)
-  if host.allocator_in_use():
+  allocator = host.allocator_in_use()
+  if allocator:
     logging.info('malloc: %s, for XLA:CPU\'s step buffers (host.py; MURA_JAX_MALLOC=system '
-                 'turns it off).', host.allocator_in_use())
+                 'turns it off).', allocator)
   parallel.initialize_distributed(config.get('distributed', 'auto'))
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')
