@@ -80,8 +80,8 @@ def mimalloc_library() -> str | None:
     return None
   for file in files:
     if file.name == 'libmimalloc.so':  # cmeel.prefix/lib/libmimalloc.so
-      path = os.fspath(file.locate())
-      return path if os.path.exists(path) else None
+      path = file.locate()  # in the installed package: a file of this machine
+      return os.fspath(path) if path.exists() else None
   return None
 
 
