@@ -163,7 +163,7 @@ def allocator_in_use() -> str | None:
     mi_version.restype = ctypes.c_int
     number = mi_version()  # 30403: 3.4.3
     return f'mimalloc {number // 10000}.{number // 100 % 100}.{number % 100}'
-  except (AttributeError, OSError):
+  except (AttributeError, OSError, TypeError):  # TypeError: Windows has no CDLL(None)
     pass
   if HUGE_PAGE_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':'):
     return 'glibc with transparent huge pages'
