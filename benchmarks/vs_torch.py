@@ -566,7 +566,8 @@ def main():
   log(f'vs_torch: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, python '
       f'{platform.python_version()}, load {loadavg()}; arch {args.arch} {args.image_size} px, '
       f'batches {batches}')
-  results = _earlier(args.json)['results'] if args.append else []
+  earlier = _earlier(args.json) if args.append else {'runs': [], 'results': []}
+  results, runs = earlier['results'], [*earlier['runs'], vars(args)]
   compile_times = {}
 
   if args.precompile:
@@ -604,12 +605,12 @@ def main():
             f'{r.get("load_before")}->{r.get("load_after")}' + (f' ERROR {r["error"]}'
                                                                   if 'error' in r else ''))
         if args.json:
-          _write_json(args.json, results, args)
+          _write_json(args.json, results, runs)
   text = (table(results, compile_times) + '\n\nRatios (mura-jax img/s over torchvision img/s, '
           'best of the rounds):\n\n' + ratios(results))
   log('\n' + text)
   if args.json:
-    _write_json(args.json, results, args, text)
+    _write_json(args.json, results, runs, text)
   log(f'total {time.perf_counter() - started:.0f} s')
 
 
@@ -623,10 +624,7 @@ def _earlier(path: str) -> dict:
     return json.load(f)
 
 
-def _write_json(path, results, args, text=''):
-  runs = _earlier(path)['runs'] if args.append else []
-  if not runs or runs[-1] != vars(args):
-    runs.append(vars(args))
+def _write_json(path, results, runs, text=''):
   with open(path, 'w') as f:
     json.dump({'runs': runs, 'host': platform.node(), 'cpus': os.cpu_count(),
                'results': results, 'table': text}, f, indent=1)
