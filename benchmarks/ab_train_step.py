@@ -36,15 +36,31 @@ def parse_variant(text: str) -> tuple[str, dict]:
     raise SystemExit(f'{text!r}: the model options are not JSON ({e}).') from None
 
 
+def check_compiler_options(label: str, compiler_options: dict | None):
+  """Fails before the first long compile on an option this jaxlib does not take (it accepts
+  only a subset of the xla_cpu_* names its XLA_FLAGS know)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  try:
+    jax.jit(jnp.negative).lower(jnp.zeros(4)).compile(compiler_options)
+  except jax.errors.JaxRuntimeError as e:
+    raise SystemExit(f'{label}: {e}') from None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('variants', nargs='+', help='label=JSON of config.model overrides')
   parser.add_argument('--arch', default='densenet169')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=40, help='timed steps per variant')
+  parser.add_argument('--warmup', type=int, default=8,
+                      help='untimed turns first: on a 2-core VM 1 process in 5 takes ~16 train '
+                      'steps to settle its memory (BENCHMARKS.md)')
   args = parser.parse_args()
   variants = [parse_variant(v) for v in args.variants]
   import jax  # pylint: disable=g-import-not-at-top  (after start_jax_process)
+  for label, options in variants:
+    check_compiler_options(label, options.get('compiler_options'))
   runs = []
   for label, options in variants:
     compiler_options = options.pop('compiler_options', None)
@@ -58,14 +74,16 @@ def main():
     jax.block_until_ready(state)
     runs.append(dict(label=label, step=compiled, state=state, compile_s=compile_s, times=[]))
     print(f'{label}: compiled in {compile_s:.1f} s', flush=True)
-  for _ in range(args.steps):
+  for turn in range(args.warmup + args.steps):
     for run in runs:
       t = time.perf_counter()
       run['state'], _ = run['step'](run['state'], batch)
       jax.block_until_ready(run['state'])
-      run['times'].append(time.perf_counter() - t)
+      if turn >= args.warmup:
+        run['times'].append(time.perf_counter() - t)
   base = runs[0]['times']
-  print(f'\n{args.arch}, batch {args.batch}, {args.steps} interleaved steps each; load '
+  print(f'\n{args.arch}, batch {args.batch}, {args.steps} interleaved steps each after '
+        f'{args.warmup} untimed; load '
         f'{os.getloadavg()[0]:.2f}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'| variant | median img/s | mean img/s | step time / {runs[0]["label"]}\'s (median of '
         'pairs) | compile s |\n|---|---:|---:|---:|---:|')

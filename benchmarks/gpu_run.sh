@@ -66,8 +66,8 @@ measure() {  # measure TITLE VS_TORCH_ARGS...: one vs_torch.py run in what is le
   fi
   echo "== $title (${left} s left)" | tee -a "$LOG"
   $PY benchmarks/vs_torch.py --arch "${VS_ARCH:-densenet169}" --image-size "${VS_IMAGE_SIZE:-224}" \
-      --rounds 1 --warmup 2 --min-seconds "${VS_MIN_SECONDS:-3}" --job-timeout "$left" \
-      --budget "$left" --jax-model-options "{\"scan_segment\": ${SCAN:-0}}" \
+      --rounds 1 --warmup 2 --warmup-seconds 0 --min-seconds "${VS_MIN_SECONDS:-3}" \
+      --job-timeout "$left" --budget "$left" --jax-model-options "{\"scan_segment\": ${SCAN:-0}}" \
       --append --json "$JSON" "$@" 2>&1 | tee -a "$LOG"
 }
 measure "1. batch 256 train, bf16 (target: mura-jax >= 1.5x torch's best)" \

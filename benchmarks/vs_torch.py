@@ -17,12 +17,12 @@ so that neither inherits the other's threads, allocator or compilation caches:
           statistics, uint8 gray batch normalised inside the step), and `.eval` (inference's
           predict_step) for the forward pass; config.model.dtype float32 or bfloat16.
 The forward pass is eval mode (torch: inference_mode). Throughput is images/s over timed chunks
-after warm-up calls (the median chunk); "first" is torch's first call (cudnn autotuning or
-torch.compile included) and jax's lower + compile. With --precompile N, the compilations run
-first, N processes at a time, into --cache-dir (JAX's persistent compilation cache, Inductor's
-caches), and the timed processes load them. Measured on an H200 host with 16 cores: 7 such
-compilations at once each took over 260 s where one alone takes 87 s (XLA's GPU compiler uses many
-threads), so benchmarks/gpu_run.sh runs everything one process at a time instead.
+after warm-up (the median chunk; --warmup calls and at least --warmup-seconds); "first" is
+torch's first call (cudnn autotuning or torch.compile included) and jax's lower + compile. With
+--precompile N, the compilations run first, N processes at a time, into --cache-dir (JAX's
+persistent compilation cache, Inductor's caches), and the timed processes load them. Measured
+on an H200 host with 16 cores: 7 such compilations at once each took over 260 s where one alone
+takes 87 s (XLA's GPU compiler uses many threads), so benchmarks/gpu_run.sh runs everything one process at a time instead.
 
 Results: a table on stdout and, with --json, every measurement with the machine, versions and
 the 1-minute load average before and after it.
@@ -66,12 +66,16 @@ def loadavg() -> float:
 # Timing.
 
 
-def timed_chunks(step, sync, min_seconds: float, warmup: int, max_steps: int) -> dict:
-  """Calls `step` `warmup` times, then in chunks until `min_seconds` have passed (at least 3
-  chunks, at most `max_steps` calls); seconds per call of each chunk, synchronised at its end."""
-  for _ in range(warmup):
+def timed_chunks(step, sync, spec: dict) -> dict:
+  """Calls `step` spec['warmup'] times and for at least spec['warmup_seconds'], then in chunks
+  until spec['min_seconds'] have passed (at least 3 chunks, at most spec['max_steps'] calls);
+  seconds per call of each chunk, synchronised at its end."""
+  min_seconds, max_steps = spec['min_seconds'], spec['max_steps']
+  start, calls = time.perf_counter(), 0
+  while calls < spec['warmup'] or time.perf_counter() - start < spec.get('warmup_seconds', 0):
     step()
-  sync()
+    sync()
+    calls += 1
   per_call, calls, start, cpu = [], 0, time.perf_counter(), os.times()
   chunk = 1
   while calls < max_steps:
@@ -142,8 +146,7 @@ def torch_worker(spec: dict) -> dict:
       call()
       sync()
       result[f'{what}_first_s'] = time.perf_counter() - t
-      result[what] = timed_chunks(call, sync, spec['min_seconds'], spec['warmup'],
-                                  spec['max_steps'])
+      result[what] = timed_chunks(call, sync, spec)
     except Exception as e:  # pylint: disable=broad-except
       if not is_oom(e):
         raise
@@ -358,8 +361,7 @@ def jax_worker(spec: dict) -> dict:
       if not spec.get('compile_only'):
         out = {}
         result['forward'] = timed_chunks(lambda: out.update(x=forward(variables, eval_batch)),
-                                         lambda: jax.block_until_ready(out), spec['min_seconds'],
-                                         spec['warmup'], spec['max_steps'])
+                                         lambda: jax.block_until_ready(out), spec)
       del variables
     if 'train' in spec['what']:
       train_step, result['train_lower_s'], result['train_compile_s'] = compile_(
@@ -370,8 +372,7 @@ def jax_worker(spec: dict) -> dict:
 
         def step():
           box['state'], box['metrics'] = train_step(box['state'], batch)
-        result['train'] = timed_chunks(step, lambda: jax.block_until_ready(box), spec['min_seconds'],
-                                       spec['warmup'], spec['max_steps'])
+        result['train'] = timed_chunks(step, lambda: jax.block_until_ready(box), spec)
         result['final_loss'] = float(box['metrics']['loss'])
   except Exception as e:  # pylint: disable=broad-except
     if not is_oom(e):
@@ -520,7 +521,10 @@ def main():
                       help='torch.compile only at these batches (default: all)')
   parser.add_argument('--rounds', type=int, default=2, help='alternating repetitions')
   parser.add_argument('--min-seconds', type=float, default=15.0, help='timed per measurement')
-  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--warmup', type=int, default=1, help='untimed calls before timing')
+  parser.add_argument('--warmup-seconds', type=float, default=30.0,
+                      help='and untimed calls for at least this long: on a 2-core VM, 1 process '
+                      'in 4-5 takes ~16 train steps (~30 s) to settle its memory (BENCHMARKS.md)')
   parser.add_argument('--max-steps', type=int, default=200)
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
   parser.add_argument('--torch-flush-denormal', action='store_true',
@@ -552,7 +556,8 @@ def main():
     batches.sort(key=lambda b: {256: 0, 8: 1}.get(b, 2))
   compile_batches = {int(b) for b in args.compile_batches.split(',') if b} or set(batches)
   common = dict(arch=args.arch, image_size=args.image_size, what=args.what.split(','),
-                min_seconds=args.min_seconds, warmup=args.warmup, max_steps=args.max_steps,
+                min_seconds=args.min_seconds, warmup=args.warmup,
+                warmup_seconds=args.warmup_seconds, max_steps=args.max_steps,
                 threads=args.threads, device=args.device, cache_dir=args.cache_dir,
                 flush_denormal=args.torch_flush_denormal)
   torch_specs, jax_specs = [], []
@@ -572,7 +577,7 @@ def main():
 
   if args.precompile:
     jobs = [dict(s, compile_only=True) for group in jax_specs for s in group]
-    jobs += [dict(s, compile_only=True, min_seconds=0, max_steps=1, warmup=0)
+    jobs += [dict(s, compile_only=True, min_seconds=0, max_steps=1, warmup=0, warmup_seconds=0)
              for group in torch_specs for s in group if s['mode'] == 'compile']
     log(f'precompile: {len(jobs)} jobs, {args.precompile} at a time, cache {args.cache_dir}')
     with ThreadPoolExecutor(args.precompile) as pool:
