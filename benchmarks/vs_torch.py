@@ -22,7 +22,8 @@ torch's first call (cudnn autotuning or torch.compile included) and jax's lower 
 --precompile N, the compilations run first, N processes at a time, into --cache-dir (JAX's
 persistent compilation cache, Inductor's caches), and the timed processes load them. Measured
 on an H200 host with 16 cores: 7 such compilations at once each took over 260 s where one alone
-takes 87 s (XLA's GPU compiler uses many threads), so benchmarks/gpu_run.sh runs everything one process at a time instead.
+takes 87 s (XLA's GPU compiler uses many threads), so benchmarks/gpu_run.sh runs everything one
+process at a time instead.
 
 Results: a table on stdout and, with --json, every measurement with the machine, versions and
 the 1-minute load average before and after it.
