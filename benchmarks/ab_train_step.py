@@ -53,9 +53,9 @@ def main():
   parser.add_argument('--arch', default='densenet169')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=40, help='timed steps per variant')
-  parser.add_argument('--warmup', type=int, default=8,
-                      help='untimed turns first: on a 2-core VM 1 process in 5 takes ~16 train '
-                      'steps to settle its memory (BENCHMARKS.md)')
+  parser.add_argument('--warmup', type=int, default=16,
+                      help='untimed turns first: on a 2-core VM 1 process in 4 takes up to 16 '
+                      'train steps to settle its memory (BENCHMARKS.md)')
   args = parser.parse_args()
   variants = [parse_variant(v) for v in args.variants]
   import jax  # pylint: disable=g-import-not-at-top  (after start_jax_process)

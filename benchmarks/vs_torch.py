@@ -524,8 +524,9 @@ def main():
   parser.add_argument('--min-seconds', type=float, default=15.0, help='timed per measurement')
   parser.add_argument('--warmup', type=int, default=1, help='untimed calls before timing')
   parser.add_argument('--warmup-seconds', type=float, default=30.0,
-                      help='and untimed calls for at least this long: on a 2-core VM, 1 process '
-                      'in 4-5 takes ~16 train steps (~30 s) to settle its memory (BENCHMARKS.md)')
+                      help='and untimed calls for at least this long: on a 2-core VM, 1 '
+                      'process in 4 takes up to 16 train steps (~30 s) to settle its memory '
+                      '(BENCHMARKS.md)')
   parser.add_argument('--max-steps', type=int, default=200)
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
   parser.add_argument('--torch-flush-denormal', action='store_true',
