@@ -7,14 +7,15 @@ threads' heaps, 64 MB at most, come and go with them), so every step faults in a
 pages: 16% of the train step's CPU time went to the kernel on the project's 2-core VM (perf;
 BENCHMARKS.md, "Page faults").
 
-mimalloc keeps freed memory for the next allocation. So `python -m mura_jax.main` and
-`mura-predict` start themselves again, once (os.execve: same process id, same arguments), with
+mimalloc keeps freed memory for the next allocation. So `python -m mura_jax.main` starts itself
+again, once (os.execve: same process id, same arguments), with
 mimalloc preloaded (LD_PRELOAD; the library comes with the `cmeel-mimalloc` wheel, a dependency
 on Linux), told not to hand memory back to the kernel (MIMALLOC_PURGE_DELAY=-1: each step needs
 the same peak again) and to put large blocks on 2 MiB pages (MIMALLOC_ALLOW_LARGE_OS_PAGES=1).
 On the 2-core VM the kernel's time per densenet169 train step fell from about 740 ms to 30 ms,
 the step took 0.80 of the time and the peak memory did not grow (BENCHMARKS.md, "A malloc that
-keeps the buffers").
+keeps the buffers"). `mura-predict` does not: its few forward passes ran faster with the
+system's malloc (BENCHMARKS.md, "`mura-predict` on one study").
 
 Where mimalloc is missing, glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) asks for
 transparent huge pages on those mappings instead: 512 times fewer faults, 0.95 of the step time.

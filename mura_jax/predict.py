@@ -360,7 +360,13 @@ def parse_args(argv):
   parser.add_argument('--body-part', choices=BODY_PARTS,
                       help='the body part of every study (else from XR_<PART> or DICOM)')
   parser.add_argument('--threshold', type=float, default=0.5, help='abnormal if > this')
-  parser.add_argument('--batch-size', type=int, default=32, help='views per batch')
+  parser.add_argument('--batch-size', type=int, default=32,
+                      help='views per batch at most (fewer views: the smallest batch that holds '
+                           'them)')
+  parser.add_argument('--compilation-cache', default='', metavar='DIR',
+                      help="JAX's persistent compilation cache, shared with training (default "
+                           "~/.cache/mura_jax/jax; 'none': off): later runs load the compiled "
+                           'network and its traced program instead of making them again')
   parser.add_argument('--verbose', action='store_true',
                       help='print the traceback of errors in the input or model too')
   return parser.parse_args(argv)
@@ -395,6 +401,7 @@ def predict_paths(args) -> int:
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.use_xla_cpu_convolutions()  # before the model's first device
+  parallel.enable_compilation_cache(args.compilation_cache)
   try:
     if args.model:
       predictor = export.load(args.model)
@@ -425,9 +432,10 @@ def predict_paths(args) -> int:
 
 
 def cli():
-  """The `mura-predict` command."""
-  from mura_jax import host  # pylint: disable=g-import-not-at-top
-  host.restart_with_allocator()  # first: it starts this process again
+  """The `mura-predict` command. Unlike training (host.py), it keeps the system's malloc: a few
+  forward passes ran faster with it than with mimalloc or glibc's huge-page tunable (one study
+  3.4-3.7 s against 4.5-4.9 and 3.9-4.2; 235 views 14.4-14.5 s against 15.4-16.0 and 15.3-15.9,
+  BENCHMARKS.md "`mura-predict` on one study")."""
   sys.exit(main())
 
 

@@ -33,8 +33,9 @@ _FORMAT = 1  # bump when the file's layout changes
 
 
 def default_directory() -> epath.Path | None:
-  """Where traced steps are kept: beside JAX's compilation cache when it is on (main.py turns it
-  on; `compilation_cache_dir='none'` turns both off), and only in a single-process run."""
+  """Where traced steps are kept: beside JAX's compilation cache when it is on (main.py and
+  mura-predict turn it on; `compilation_cache_dir='none'` or `--compilation-cache none` turn
+  both off), and only in a single-process run."""
   cache = jax.config.jax_compilation_cache_dir
   if not cache or jax.process_count() > 1:
     return None

@@ -139,13 +139,7 @@ def initial_state(config, model) -> TrainState:
 def random_variables(model, rng, in_channels: int) -> dict:
   """Flax's random initialisation (`weights.initial_variables('random', ...)`), its traced
   program kept like the train step's (step_cache.py): a restart does not trace the model's init."""
-  init = densenet.init_function(model, 32, in_channels)
-
-  def init_variables(rng):
-    return (init(rng),)
-  jitted = step_cache.jit(init_variables, f'init of {model!r}, in_channels {in_channels}',
-                          in_shardings=(None,), out_shardings=(None,))
-  return dict(jitted(rng)[0])
+  return dict(densenet.kept_init(model, in_channels)(rng)[0])
 
 
 def state_template(config, model) -> TrainState:

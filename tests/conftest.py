@@ -23,6 +23,14 @@ from mura_jax import synthetic  # noqa: E402
 
 parallel.use_xla_cpu_convolutions()  # XLA:CPU's own convolutions, as main.py and mura-predict set
 
+@pytest.fixture(autouse=True)
+def no_compilation_cache_in_the_test_process(monkeypatch):
+  """`mura-predict` turns JAX's persistent compilation cache on for its process (~/.cache); tests
+  that call its main() in-process keep the test process without one (test_step_cache.py relies
+  on it). test_predict.py runs the command itself to test the cache."""
+  monkeypatch.setattr(parallel, 'enable_compilation_cache', lambda directory: None)
+
+
 STUDIES_PER_PART = 6
 VALID_STUDIES_PER_PART = 4
 

@@ -112,6 +112,33 @@ def test_predictor_from_the_checkpoint_alone_and_from_files(recorded_run, synthe
   assert study[first] == pytest.approx(from_files[index.study_index[:13] == first].mean())
 
 
+def test_a_few_views_run_as_the_smallest_batch_that_holds_them(recorded_run, synthetic_dir,
+                                                               monkeypatch):
+  """mura-predict's one study: 3 views run as a batch of 4 (the tests' 4 devices), not of 32
+  mostly padding; the probabilities are the full batch's."""
+  assert [inference.fitted_batch(n, 32, 4) for n in (1, 3, 4, 5, 9, 17, 40)] == [
+      4, 4, 4, 8, 16, 32, 32]
+  assert [inference.fitted_batch(n, 6, 2) for n in (1, 3, 5, 7)] == [2, 4, 6, 6]
+  workdir, config, _, _ = recorded_run
+  predictor = inference.Predictor.from_workdir(workdir, 'best', global_batch=32)
+  index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
+  views = [preprocessing.read_image(synthetic_dir / p) for p in index.image_path[:3]]
+  real, batches = inference.predict_split, []
+
+  def spying(step, variables, source, **kwargs):
+    batches.append(kwargs['global_batch'])
+    return real(step, variables, source, **kwargs)
+  monkeypatch.setattr(inference, 'predict_split', spying)
+  fitted = predictor.predict_views(views)
+  with_maps, _ = predictor.predict_views_and_maps(views)
+  assert batches == [4, 4]
+  full = real(inference.compile_predict_step(predictor.model, 3, predictor.mesh),
+              predictor.variables, inference.ViewSource(views), mesh=predictor.mesh,
+              global_batch=32, preprocessing=predictor.preprocessing)['probability']
+  np.testing.assert_allclose(fitted, full, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(with_maps, full, rtol=0, atol=1e-6)
+
+
 def test_checkpoint_errors(recorded_run, tmp_path):
   workdir, config, summary, _ = recorded_run
   other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})

@@ -154,6 +154,26 @@ def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_pa
   assert out.splitlines()[0].startswith('rank')
 
 
+def test_a_second_run_loads_the_compiled_and_traced_network(trained_workdir, synthetic_dir,
+                                                             tmp_path):
+  """--compilation-cache: the first run keeps the traced programs (the predict step, the init
+  that gives the variables' shapes) beside the compiled network (this tiny one compiles faster
+  than the cache's 0.5 s threshold, so XLA keeps no executable of it); the second run loads them,
+  writes nothing again and prints the same table."""
+  workdir, _ = trained_workdir
+  cache = tmp_path / 'cache'
+  command = [sys.executable, '-m', 'mura_jax.predict', '--workdir', str(workdir),
+             '--compilation-cache', str(cache), str(_image(synthetic_dir).parent)]
+  first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  assert first.returncode == predict.EXIT_OK, first.stderr
+  traced = {p.name: p.stat().st_mtime_ns for p in (cache / 'mura_jax_traced').iterdir()}
+  assert sorted(name.split('-')[0] for name in traced) == ['init_variables', 'predict_step']
+  second = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  assert second.returncode == predict.EXIT_OK, second.stderr
+  assert second.stdout == first.stdout and 'wrist' in first.stdout
+  assert {p.name: p.stat().st_mtime_ns for p in (cache / 'mura_jax_traced').iterdir()} == traced
+
+
 def test_console_script_is_installed():
   script = os.path.join(os.path.dirname(sys.executable), 'mura-predict')
   out = subprocess.run([script, '--help'], capture_output=True, text=True, timeout=120)

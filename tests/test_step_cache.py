@@ -172,3 +172,41 @@ def test_random_init_is_flax_init_and_kept(tmp_path, monkeypatch):
   assert_same(train.random_variables(model, rng, 1), reference)
   assert_same(train.random_variables(model, rng, 1), reference)
   assert traces == [1] and len(list(tmp_path.glob('init_variables-*.exported'))) == 1
+
+
+def test_a_warm_predictor_traces_neither_its_steps_nor_the_init(trained_workdir, synthetic_dir,
+                                                               tmp_path, monkeypatch):
+  """mura-predict's warm start: the predict and map steps' traced programs, and the init program
+  that gives the checkpoint's variable shapes, come from the files; the same probabilities."""
+  from mura_jax import inference  # pylint: disable=g-import-not-at-top
+  from mura_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained_workdir
+  paths = sorted((synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_HAND').rglob('image*.png'))
+  views = [preprocessing.read_image(p) for p in paths if not p.name.startswith('._')][:3]
+  reference = inference.Predictor.from_workdir(workdir, global_batch=8)
+  expected = reference.predict_views(views), reference.predict_views_and_maps(views)
+
+  traces = []
+  for module, name in ((inference, 'view_logits'), (inference, 'view_maps'),
+                       (densenet, 'init_function')):
+    real = getattr(module, name)
+
+    def counting(*args, real=real, name=name, **kwargs):
+      if name == 'init_function':  # called outside the trace: count its function's trace
+        init = real(*args, **kwargs)
+        return lambda rng: traces.append(name) or init(rng)
+      traces.append(name)
+      return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, counting)
+  monkeypatch.setattr(step_cache, 'default_directory', lambda: tmp_path)
+  for _ in range(2):  # a cold start, then a warm one (new jitted steps, as a new process has)
+    predictor = inference.Predictor.from_workdir(workdir, global_batch=8)
+    probabilities = predictor.predict_views(views)
+    with_maps, maps = predictor.predict_views_and_maps(views)
+    np.testing.assert_allclose(probabilities, expected[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(with_maps, expected[1][0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(maps, expected[1][1], rtol=0, atol=1e-5)
+  assert sorted(traces) == ['init_function', 'view_logits', 'view_maps'], traces
+  kept = sorted(p.name.split('-')[0] for p in tmp_path.glob('*.exported'))
+  assert kept == ['init_variables', 'map_step', 'predict_step']

@@ -488,9 +488,23 @@ def init_variables(model: DenseNet | str, rng: jax.Array, image_size: int = 224,
   return dict(jax.jit(init_function(model, image_size, in_channels))(rng))
 
 
+def kept_init(model: DenseNet, in_channels: int):
+  """`model.init` (32 x 32 input) jitted as a function of the rng returning a 1-tuple, its traced
+  program kept like the train step's (step_cache.py): a restart traces the model neither to
+  initialise it (train.random_variables) nor to learn its variables' shapes (variable_shapes)."""
+  from mura_jax import step_cache  # pylint: disable=g-import-not-at-top  (jax only, no models)
+  init = init_function(model, 32, in_channels)
+
+  def init_variables(rng):
+    return (init(rng),)
+  return step_cache.jit(init_variables, f'init of {model!r}, in_channels {in_channels}',
+                        in_shardings=(None,), out_shardings=(None,))
+
+
 def variable_shapes(model: DenseNet | str, in_channels: int = 3) -> dict:
   """The shapes (jax.ShapeDtypeStruct) of `init_variables(model, ...)`, without computing them."""
   if isinstance(model, str):
     model = create_model(model)
-  # Variable shapes do not depend on the image size; 32 is the smallest a DenseNet takes.
-  return dict(jax.eval_shape(init_function(model, 32, in_channels), jax.random.key(0)))
+  # Variable shapes do not depend on the image size; 32 is the smallest a DenseNet takes. The
+  # rng as training's (jax.random.PRNGKey), so that both find the same kept init program.
+  return dict(jax.eval_shape(kept_init(model, in_channels), jax.random.PRNGKey(0))[0])
