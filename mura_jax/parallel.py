@@ -8,10 +8,12 @@ global batch by XLA, so N devices compute what one device would.
 from __future__ import annotations
 
 import os
+import uuid
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -77,17 +79,37 @@ def initialize_distributed(mode: str = 'auto', env=None) -> dict:
   return decided
 
 
-def enable_compilation_cache(directory: str) -> str | None:
+def enable_compilation_cache(directory: str, warn=logging.warning,
+                             flag: str = '--config.compilation_cache_dir') -> str | None:
   """JAX's persistent compilation cache in `directory` ('' = ~/.cache/mura_jax/jax, 'none' =
   off): a restart after preemption, an evaluation or a resume loads the compiled steps instead of
-  compiling them again."""
+  compiling them again. A folder that cannot be made or written (a read-only home, a file in the
+  way) leaves the cache off, with one `warn` saying why, instead of a warning at every compile."""
   if directory.lower() == 'none':
     return None
   directory = directory or os.path.join(os.path.expanduser('~'), '.cache', 'mura_jax', 'jax')
+  problem = cache_problem(directory)
+  if problem:
+    warn(f'no compilation cache: {problem}; running without it (every start compiles again). '
+         f'Pass {flag} a folder you can write to, or none.')
+    return None
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return directory
+
+
+def cache_problem(directory: str) -> str | None:
+  """Why `directory` cannot hold a cache (made if missing, a file written and removed), or None."""
+  folder = epath.Path(directory)
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f'.write-test-{uuid.uuid4().hex}'  # unique across processes and hosts
+    probe.write_text('')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (OSError locally, others from gs://)
+    return f'{directory} cannot be written ({type(e).__name__}: {e})'
+  return None
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -401,7 +401,9 @@ def predict_paths(args) -> int:
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
   from mura_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.use_xla_cpu_convolutions()  # before the model's first device
-  parallel.enable_compilation_cache(args.compilation_cache)
+  parallel.enable_compilation_cache(
+      args.compilation_cache, warn=lambda why: print(f'note: {why}', file=sys.stderr),
+      flag='--compilation-cache')
   try:
     if args.model:
       predictor = export.load(args.model)

@@ -28,7 +28,7 @@ def no_compilation_cache_in_the_test_process(monkeypatch):
   """`mura-predict` turns JAX's persistent compilation cache on for its process (~/.cache); tests
   that call its main() in-process keep the test process without one (test_step_cache.py relies
   on it). test_predict.py runs the command itself to test the cache."""
-  monkeypatch.setattr(parallel, 'enable_compilation_cache', lambda directory: None)
+  monkeypatch.setattr(parallel, 'enable_compilation_cache', lambda directory, **kwargs: None)
 
 
 STUDIES_PER_PART = 6

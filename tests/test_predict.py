@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mura_jax import parallel
 from mura_jax import predict
+from mura_jax.parallel import enable_compilation_cache  # the real one (conftest stubs the name)
 from mura_jax.errors import UserError
 
 from test_images import write_dicom
@@ -172,6 +174,20 @@ def test_a_second_run_loads_the_compiled_and_traced_network(trained_workdir, syn
   assert second.returncode == predict.EXIT_OK, second.stderr
   assert second.stdout == first.stdout and 'wrist' in first.stdout
   assert {p.name: p.stat().st_mtime_ns for p in (cache / 'mura_jax_traced').iterdir()} == traced
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_note(tmp_path):
+  """A read-only home or a file in the way: one note saying why, the cache left off (JAX would
+  otherwise warn at every compile); a folder that can be written is made, and the write test
+  leaves nothing in it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a_file').write_text('')
+  notes = []
+  assert enable_compilation_cache(str(tmp_path / 'a_file' / 'cache'), warn=notes.append) is None
+  assert len(notes) == 1 and str(tmp_path / 'a_file' / 'cache') in notes[0], notes
+  assert 'none' in notes[0] and jax.config.jax_compilation_cache_dir is None
+  assert parallel.cache_problem(str(tmp_path / 'new' / 'cache')) is None
+  assert list((tmp_path / 'new' / 'cache').iterdir()) == []
 
 
 def test_console_script_is_installed():
