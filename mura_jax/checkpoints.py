@@ -28,6 +28,7 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -369,11 +370,15 @@ def restore_variables(workdir, name: str, step: int, model: densenet.DenseNet, s
     check_model(checkpoint_spec['model'], signature,
                 f'at step {step} in {epath.Path(workdir) / name}')
   shapes = densenet.variable_shapes(model, checkpoint_spec['model']['in_channels'])
-  template = _onto({'params': shapes['params'], 'batch_stats': shapes['batch_stats']}, sharding)
+  shapes = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
+  template = _onto(shapes, sharding)
   manager = _manager(workdir, name, None, best=name == BEST)
   if name == BEST:
-    variables = manager.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(template)))['variables']
+    # Read into host arrays, then one transfer of the whole tree: orbax placing each of
+    # densenet169's 846 arrays on the devices itself took 1.0 s, this 0.6 s (2-core CPU).
+    on_host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    variables = jax.device_put(manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(on_host)))['variables'], sharding)
   else:
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), template)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
