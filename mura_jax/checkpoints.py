@@ -371,7 +371,6 @@ def restore_variables(workdir, name: str, step: int, model: densenet.DenseNet, s
                 f'at step {step} in {epath.Path(workdir) / name}')
   shapes = densenet.variable_shapes(model, checkpoint_spec['model']['in_channels'])
   shapes = {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
-  template = _onto(shapes, sharding)
   manager = _manager(workdir, name, None, best=name == BEST)
   if name == BEST:
     # Read into host arrays, then one transfer of the whole tree: orbax placing each of
@@ -380,6 +379,7 @@ def restore_variables(workdir, name: str, step: int, model: densenet.DenseNet, s
     variables = jax.device_put(manager.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(on_host)))['variables'], sharding)
   else:
+    template = _onto(shapes, sharding)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), template)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=template, restore_args=restore_args, partial_restore=True)))['state']

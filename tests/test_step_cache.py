@@ -188,17 +188,14 @@ def test_a_warm_predictor_traces_neither_its_steps_nor_the_init(trained_workdir,
   expected = reference.predict_views(views), reference.predict_views_and_maps(views)
 
   traces = []
-  for module, name in ((inference, 'view_logits'), (inference, 'view_maps'),
-                       (densenet, 'init_function')):
-    real = getattr(module, name)
 
-    def counting(*args, real=real, name=name, **kwargs):
-      if name == 'init_function':  # called outside the trace: count its function's trace
-        init = real(*args, **kwargs)
-        return lambda rng: traces.append(name) or init(rng)
-      traces.append(name)
-      return real(*args, **kwargs)
-    monkeypatch.setattr(module, name, counting)
+  def counted(name, fn):  # fn, noting each call: each trace, for what runs only while tracing
+    return lambda *args, **kwargs: traces.append(name) or fn(*args, **kwargs)
+  monkeypatch.setattr(inference, 'view_logits', counted('view_logits', inference.view_logits))
+  monkeypatch.setattr(inference, 'view_maps', counted('view_maps', inference.view_maps))
+  init_function = densenet.init_function  # called outside the trace; the function it returns, in
+  monkeypatch.setattr(densenet, 'init_function',
+                      lambda *args: counted('init_function', init_function(*args)))
   monkeypatch.setattr(step_cache, 'default_directory', lambda: tmp_path)
   for _ in range(2):  # a cold start, then a warm one (new jitted steps, as a new process has)
     predictor = inference.Predictor.from_workdir(workdir, global_batch=8)
