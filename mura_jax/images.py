@@ -11,13 +11,20 @@ composited onto black, with a warning (`tfds_mura.grayscale_notes`, the builder'
 
 DICOM (pydicom), in the standard's order (PS3.3 C.11: modality LUT, VOI LUT, presentation LUT):
   1. the modality LUT (Rescale Slope/Intercept, or a Modality LUT Sequence);
-  2. the VOI: a VOI LUT Sequence if present, else the first Window Center/Width with its VOI LUT
+  2. the VOI: a VOI LUT Sequence if present (its first item), else the first Window Center/Width with its VOI LUT
      Function (LINEAR, LINEAR_EXACT, SIGMOID), else the full range the pixel format can hold
      (Bits Stored, signed or not, through the modality LUT);
   3. MONOCHROME1 (minimum = white) inverted within the VOI's output range, so that bone is
      bright as in MURA; a Presentation LUT Shape of INVERSE is the same inversion (DX images carry
      both), so the image is inverted once when either says so, never twice;
   4. 8 bits from the VOI's output range: 0 is its minimum, 255 its maximum.
+A LUT (Modality or VOI, PS3.3 C.11.1.1.1 and C.11.2.1.1) is applied here, not by pydicom (whose
+8-bit tables index with 8-bit integers, so a table of more than 256 entries wraps, and which cannot
+read 8-bit entries packed two to a word): LUT Descriptor = (entries, 0 meaning 65536; first mapped
+input value, signed where the LUT's input can be negative; bits per entry, 8 or 16 (older files:
+up to 16)); inputs below the first mapped value take the first entry, above the last the last.
+8-bit entries come one to a 16-bit word, or two to a word (the word's low byte first, as PS3.5
+orders OW), told apart by how many words the LUT Data holds.
 Compressed transfer syntaxes decode through pydicom's plugins (RLE and deflate: pydicom itself;
 JPEG baseline: Pillow; JPEG Lossless, JPEG-LS and JPEG 2000: python-gdcm, `mura-jax[dicom]`); a
 missing decoder is an `ImageError` naming the transfer syntax and the package to install.
@@ -77,15 +84,22 @@ def is_dicom(path) -> bool:
 
 
 def read_view(path) -> View:
-  """A PNG, JPEG or DICOM file -> View; ImageError (naming the file) if it is no radiograph."""
+  """A PNG, JPEG or DICOM file -> View; ImageError (naming the file) if it is no radiograph.
+  Any failure inside one file (a decoder's or a malformed tag's exception too) is an ImageError,
+  so that one bad file is that file's error, never the end of a run over many."""
   try:
     if is_dicom(path):
       return _read_dicom(path)
     return _read_picture(path)
-  except ImageError:
-    raise
+  except ImageError as e:
+    if str(e).startswith(os.fspath(path)):
+      raise
+    raise ImageError(f'{path}: {e}') from e  # a LUT's or window's problem: name the file
   except OSError as e:
     raise ImageError(f'{path}: cannot be read ({type(e).__name__}: {e})') from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ImageError(f'{path}: cannot be read as a radiograph ({type(e).__name__}: '
+                     f'{str(e).splitlines()[0] if str(e) else "no message"})') from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,8 +166,11 @@ def _read_dicom(path) -> View:
       return View(os.fspath(path), np.asarray(gray, np.uint8)[..., None], warnings,
                   _text(ds, 'StudyInstanceUID'), _text(ds, 'BodyPartExamined'))
     raise ImageError(f'{path}: unsupported Photometric Interpretation {photometric!r}')
-  values = pixels.apply_modality_lut(arr, ds).astype(np.float64)
   low, high = _stored_range(ds)
+  if ds.get('ModalityLUTSequence'):
+    values, (low, high) = _apply_lut(arr, ds.ModalityLUTSequence[0], ds, low < 0, 'Modality')
+  else:
+    values = pixels.apply_modality_lut(arr, ds).astype(np.float64)
   values, (low, high) = _voi(values, ds, low, high)
   if photometric == 'MONOCHROME1' or str(ds.get('PresentationLUTShape', '')).strip() == 'INVERSE':
     values = high + low - values
@@ -173,15 +190,15 @@ def _text(ds, keyword: str) -> str | None:
 
 
 def _stored_range(ds) -> tuple[float, float]:
-  """The values the pixel format can hold, through the modality LUT."""
+  """The values the pixel format can hold, through the rescale (the stored range itself where
+  a Modality LUT Sequence replaces the rescale: `_apply_lut` gives that LUT's range)."""
   bits = int(ds.get('BitsStored', ds.get('BitsAllocated', 8)))
   if int(ds.get('PixelRepresentation', 0)) == 1:
     low, high = -2 ** (bits - 1), 2 ** (bits - 1) - 1
   else:
     low, high = 0, 2 ** bits - 1
   if ds.get('ModalityLUTSequence'):
-    depth = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
-    return 0.0, float(2 ** depth - 1)
+    return float(low), float(high)
   slope, intercept = float(ds.get('RescaleSlope', 1) or 1), float(ds.get('RescaleIntercept', 0) or 0)
   ends = sorted((low * slope + intercept, high * slope + intercept))
   return float(ends[0]), float(ends[1])
@@ -197,11 +214,8 @@ def _first(value) -> float:
 
 def _voi(values, ds, low, high):
   """(VOI output, its range (low, high)); see the module docstring."""
-  from pydicom import pixels  # pylint: disable=g-import-not-at-top
   if ds.get('VOILUTSequence'):
-    depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-    integral = np.round(values).astype(np.int64)
-    return pixels.apply_voi(integral, ds).astype(np.float64), (0.0, float(2 ** depth - 1))
+    return _apply_lut(values, ds.VOILUTSequence[0], ds, low < 0, 'VOI')
   if 'WindowCenter' in ds and 'WindowWidth' in ds:
     c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
     function = str(ds.get('VOILUTFunction', 'LINEAR')).strip().upper() or 'LINEAR'
@@ -214,3 +228,42 @@ def _voi(values, ds, low, high):
       raise ImageError(f'Window Width {w} < 1 is invalid for the LINEAR VOI LUT function')
     return np.clip((values - (c - 0.5)) / max(w - 1, 1e-12) + 0.5, 0.0, 1.0), (0.0, 1.0)
   return values, (low, high)
+
+
+def _apply_lut(values, item, ds, signed_input: bool, kind: str):
+  """(values through the LUT of a Modality or VOI LUT Sequence item, the LUT's output range);
+  see the module docstring."""
+  descriptor = item.get('LUTDescriptor')
+  if descriptor is None or 'LUTData' not in item or len(descriptor) != 3:
+    raise ImageError(f'its {kind} LUT Sequence has no LUT Descriptor of 3 values or no LUT Data')
+  entries, first, bits = (int(v) for v in descriptor)
+  entries = entries % 2 ** 16 or 2 ** 16  # 0 means 65536; an SS-read count is still unsigned
+  if first >= 2 ** 15 and signed_input:  # a negative first input written as US
+    first -= 2 ** 16
+  if not 8 <= bits <= 16:
+    raise ImageError(f'its {kind} LUT Descriptor gives {bits} bits per entry: the standard '
+                     'allows 8 or 16')
+  words = _lut_words(item['LUTData'].value, ds)
+  if bits == 8 and len(words) < entries <= 2 * len(words):  # two 8-bit entries to a word
+    table = np.frombuffer(words.astype('<u2').tobytes(), np.uint8)[:entries]
+  elif len(words) >= entries:
+    table = words[:entries]
+  else:
+    raise ImageError(f'its {kind} LUT Data holds {len(words)} 16-bit words, too few for the '
+                     f'{entries} entries of its LUT Descriptor')
+  if table.max(initial=0) >= 2 ** bits:
+    raise ImageError(f'its {kind} LUT Data has entries up to {int(table.max())}, more than the '
+                     f'{bits} bits per entry of its LUT Descriptor')
+  index = np.clip(np.round(np.asarray(values, np.float64)).astype(np.int64) - first, 0,
+                  entries - 1)
+  return table.astype(np.float64)[index], (0.0, float(2 ** bits - 1))
+
+
+def _lut_words(value, ds) -> np.ndarray:
+  """LUT Data as uint16 words: OW bytes in the dataset's byte order, or US values."""
+  if isinstance(value, (bytes, bytearray)):
+    little = getattr(ds, 'original_encoding', (None, True))[1]
+    data = bytes(value) + b'\0' * (len(value) % 2)
+    return np.frombuffer(data, '<u2' if little in (None, True) else '>u2').astype(np.uint16)
+  values = [value] if isinstance(value, int) else list(value)
+  return np.asarray(values, np.int64).astype(np.uint16)

@@ -19,8 +19,9 @@ from mura_jax import images  # noqa: E402
 
 def write_dicom(path, pixels, *, bits_stored=None, photometric='MONOCHROME2', window=None,
                 voi_lut=None, rescale=None, presentation_shape=None, body_part='WRIST',
-                study_uid=None, rle=False, with_pixels=True):
-  """A DX-like DICOM file of `pixels` (uint8/uint16/int16 2-D)."""
+                study_uid=None, rle=False, with_pixels=True, voi_lut_item=None,
+                modality_lut_item=None):
+  """A DX-like DICOM file of `pixels` (uint8/uint16/int16 2-D); `*_lut_item`: a `lut_item`."""
   pixels = np.asarray(pixels)
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.1.1'  # DX for presentation
@@ -50,6 +51,10 @@ def write_dicom(path, pixels, *, bits_stored=None, photometric='MONOCHROME2', wi
     item.LUTDescriptor = [len(voi_lut), 0, 8]
     item.add_new(0x00283006, 'US', [int(v) for v in voi_lut])  # LUT Data
     ds.VOILUTSequence = [item]
+  if voi_lut_item is not None:
+    ds.VOILUTSequence = [voi_lut_item]
+  if modality_lut_item is not None:
+    ds.ModalityLUTSequence = [modality_lut_item]
   if rescale is not None:
     ds.RescaleSlope, ds.RescaleIntercept = rescale
   if presentation_shape:
@@ -103,6 +108,95 @@ def test_voi_lut_sequence_wins_over_the_window(tmp_path):
   view = images.read_view(write_dicom(tmp_path / 'd.dcm', pixels, bits_stored=6, voi_lut=lut,
                                       window=(10, 5)))
   np.testing.assert_array_equal(view.pixels[..., 0], lut[pixels])
+
+
+def lut_item(descriptor, data, descriptor_vr='US', data_vr='US'):
+  """A LUT Sequence item: LUT Descriptor (entries, first mapped, bits) and LUT Data as written
+  (US: a list of 16-bit words; OW: bytes)."""
+  item = Dataset()
+  item.add_new(0x00283002, descriptor_vr, list(descriptor))
+  item.add_new(0x00283006, data_vr, data)
+  return item
+
+
+def test_8_bit_voi_lut_of_more_than_256_entries(tmp_path):
+  """4096 8-bit entries, one to a word: every entry is reachable (an 8-bit index would wrap
+  at 256 and squeeze the image into 16 grey levels)."""
+  pixels = np.linspace(0, 4095, 256).astype(np.uint16).reshape(16, 16)
+  lut = [i // 16 for i in range(4096)]
+  view = images.read_view(write_dicom(tmp_path / 'l.dcm', pixels, bits_stored=12,
+                                      voi_lut_item=lut_item((4096, 0, 8), lut)))
+  np.testing.assert_array_equal(view.pixels[..., 0], pixels // 16)
+  assert len(np.unique(view.pixels)) == 256
+
+
+@pytest.mark.parametrize('data_vr', ['OW', 'US'])
+def test_8_bit_lut_entries_packed_two_to_a_word(tmp_path, data_vr):
+  """61 8-bit entries in 31 words (low byte first, the last high byte padding), first mapped
+  value 2: inputs below it take entry 0, above the last input the last entry."""
+  entries = np.array([255 - 4 * i for i in range(61)], np.uint8)
+  packed = entries.tobytes() + b'\0'
+  data = packed if data_vr == 'OW' else [b | (a << 8) for b, a in zip(packed[::2], packed[1::2])]
+  pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  view = images.read_view(write_dicom(tmp_path / f'{data_vr}.dcm', pixels,
+                                      voi_lut_item=lut_item((61, 2, 8), data, data_vr=data_vr)))
+  expected = entries[np.clip(pixels.astype(int) - 2, 0, 60)]
+  np.testing.assert_array_equal(view.pixels[..., 0], expected)
+  assert view.pixels[0, 0, 0] == 255 and view.pixels[7, 7, 0] == 255 - 4 * 60
+
+
+@pytest.mark.parametrize('descriptor_vr', ['US', 'SS'])
+def test_lut_first_mapped_value_signed_by_pixel_representation(tmp_path, descriptor_vr):
+  """Signed pixels -100..155 and a first mapped value of -100, written as SS (-100) or as US
+  (65436, the same 16 bits): entry i is i * 257 of 16 bits, so pixel p shows as p + 100."""
+  pixels = np.arange(-100, 156, dtype=np.int16).reshape(16, 16)
+  first = -100 if descriptor_vr == 'SS' else 2 ** 16 - 100
+  lut = [i * 257 for i in range(256)]
+  view = images.read_view(write_dicom(
+      tmp_path / 's.dcm', pixels, voi_lut_item=lut_item((256, first, 16), lut, descriptor_vr)))
+  np.testing.assert_array_equal(view.pixels[..., 0], pixels + 100)
+
+
+def test_lut_of_65536_entries_written_as_0(tmp_path):
+  """Entries 0 means 65536; 16-bit OW entries (an inverting table) in little-endian words."""
+  pixels = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+  lut = (65535 - np.arange(65536)).astype('<u2').tobytes()
+  view = images.read_view(write_dicom(tmp_path / 'z.dcm', pixels,
+                                      voi_lut_item=lut_item((0, 0, 16), lut, data_vr='OW')))
+  expected = np.round((65535 - pixels.astype(np.float64)) / 65535 * 255).astype(np.uint8)
+  np.testing.assert_array_equal(view.pixels[..., 0], expected)
+
+
+def test_modality_lut_sequence(tmp_path):
+  """A Modality LUT of 16-bit entries i * 1000 and no VOI: 8 bits of its 16-bit range."""
+  pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  view = images.read_view(write_dicom(tmp_path / 'm.dcm', pixels, modality_lut_item=lut_item(
+      (64, 0, 16), [i * 1000 for i in range(64)])))
+  expected = np.round(pixels * 1000.0 / 65535 * 255).astype(np.uint8)
+  np.testing.assert_array_equal(view.pixels[..., 0], expected)
+
+
+def test_a_lut_that_cannot_be_used_names_the_file(tmp_path):
+  pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  short = write_dicom(tmp_path / 'short.dcm', pixels,
+                      voi_lut_item=lut_item((64, 0, 16), list(range(10))))
+  with pytest.raises(images.ImageError, match='short.dcm: its VOI LUT Data holds 10 16-bit words'):
+    images.read_view(short)
+  wide = write_dicom(tmp_path / 'wide.dcm', pixels,
+                     voi_lut_item=lut_item((64, 0, 8), [300] * 64))
+  with pytest.raises(images.ImageError, match='wide.dcm: .*entries up to 300, more than the 8'):
+    images.read_view(wide)
+
+
+def test_any_failure_inside_one_file_is_an_image_error(tmp_path, monkeypatch):
+  """A decoder's own exception (here struct.error) becomes the file's ImageError."""
+  import struct  # pylint: disable=g-import-not-at-top
+  path = write_dicom(tmp_path / 'x.dcm', RAMP)
+  def broken(_):
+    raise struct.error('unpack_from requires a buffer of 512 bytes')
+  monkeypatch.setattr(images, '_read_dicom', broken)
+  with pytest.raises(images.ImageError, match=r'x.dcm: cannot be read .*\(error: unpack_from'):
+    images.read_view(path)
 
 
 def test_rle_compressed_equals_uncompressed(tmp_path):
