@@ -7,9 +7,16 @@
 PATH is a study folder (its image files are the study's views), a folder of study folders (every
 folder that holds image files is one study), or image files (grouped by their folder). DICOM files
 are grouped by StudyInstanceUID instead of folder. macOS `._*` sidecars are skipped and counted.
+Folder links are followed once (a link back up, `loop -> .`, is a note, not a second copy); a file
+reached twice is read once. Folders that mura-predict wrote (its --out, its cam overlays: they hold
+a `.mura-predict-output` marker, or its studies.csv and views.csv) are skipped with a note.
 The body part of a study: --body-part if given, else an `XR_<PART>` folder in its path (MURA's
-layout), else DICOM's Body Part Examined. MURA's model knows 7 upper-extremity study types; any
-other part, or none found, is reported as out of scope and not predicted.
+layout), else DICOM's Body Part Examined, the part most of its views name (a tie: the first
+view's). MURA's model knows 7 upper-extremity study types; any other part, or none found, is
+reported as out of scope and not predicted. Where the views of one study name different body
+parts, those not of the study's part are left out (views.csv: status left_out) and the study
+gets a warning; views that all name one part other than --body-part or the folder's are kept
+(the user's word wins), with a warning.
 
 Every view goes through the checkpoint's own preprocessing (`images.read_view`, then
 `preprocessing`), so a study gets the probability evaluate mode gives it. The study probability is
@@ -22,15 +29,21 @@ probability, status, warnings); with --cam, class activation map overlays (DIR/c
 --worklist, studies are ranked by probability (rank 1 read first) and tiered at the operating
 points of the checkpoint's validation report (WORKDIR/eval/validation/report.json, or the copy in
 an export's model card): 'read first' above the threshold of specificity 0.95, 'deprioritise' at
-or below that of sensitivity 0.95 ('read first' wins where the two overlap).
+or below that of sensitivity 0.95 ('read first' wins where the two overlap). --out is checked
+before any work: an existing file, a folder that holds an input PATH or input image, or one with
+CSVs that mura-predict did not write is refused.
 
-A file that cannot be read (not an image, truncated, DICOM without pixels or without its decoder)
-gets a line on stderr naming it and why; the other files and studies are still predicted, and no
-study disappears from the outputs (status 'error' when none of its files could be read).
+A file that cannot be read (not an image, truncated, DICOM without pixels or without its decoder,
+any failure inside one file) gets a line on stderr naming it and why; the other files and studies
+are still predicted, and no study disappears from the outputs (status 'error' when none of its
+files could be read). What a view or study needs the user to know (transparency, colour,
+multi-frame DICOM, no body part, mixed body parts) is a `note:` on stderr as well as in the CSVs.
+File names that are not UTF-8 are shown and written with their bytes escaped (`\xe9`,
+Python's backslashreplace).
 
 Exit status: 0 every study found was predicted and every file read; 1 some files could not be read
-or some studies were not predicted (error, out of scope); 2 nothing to predict (no image file
-found) or a usage error (no checkpoint in --workdir, ...).
+or were left out, or some studies were not predicted (error, out of scope); 2 nothing to predict
+(no image file found) or a usage error (no checkpoint in --workdir, a refused --out or flag value).
 """
 
 from __future__ import annotations
@@ -53,6 +66,13 @@ from tfds_mura import BODY_PARTS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING = 0, 1, 2
 TIERS = ('read first', 'read', 'deprioritise')
+OUTPUT_MARKER = '.mura-predict-output'  # in --out and the cam folder: skipped as input
+OUTPUT_FILES = ('predictions.csv', 'studies.csv', 'views.csv')
+STUDIES_HEADER = 'study,body_part,views,probability,verdict,status'
+
+
+class OutputError(UserError, ValueError):
+  """An --out that would lose or mix up files: refused before any work."""
 
 
 @dataclasses.dataclass
@@ -63,6 +83,7 @@ class Study:
   body_part: str | None = None
   views: list[images.View] = dataclasses.field(default_factory=list)
   errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
+  left_out: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
   warnings: list[str] = dataclasses.field(default_factory=list)
   status: str = 'pending'   # predicted | error | out_of_scope
   probability: float | None = None
@@ -77,19 +98,66 @@ class Study:
 
 
 def _is_image_file(path: epath.Path) -> bool:
-  if path.name.startswith('.') or not path.is_file():
+  """By suffix (a broken link so named too: reading it reports it), or DICOM's marker."""
+  if path.name.startswith('.'):
     return False
   suffix = path.suffix.lower()
   if suffix in images.PICTURE_SUFFIXES + images.DICOM_SUFFIXES:
     return True
-  return suffix == '' and images.is_dicom(path)
+  try:
+    return suffix == '' and path.is_file() and images.is_dicom(path)
+  except OSError:
+    return False  # not readable and not named as an image: not taken for one
 
 
-def _walk(folder: epath.Path) -> list[epath.Path]:
-  """Every file under a folder (epath: local or gs://), in name order."""
+def shown(text: str) -> str:
+  """`text` safe to print and write as UTF-8: a file name's bytes that are not UTF-8 (which
+  Python holds as surrogates) become backslash escapes, b'caf\\xe9' -> 'caf\\xe9'."""
+  try:
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+  except UnicodeEncodeError:
+    return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def _real(path) -> str:
+  """The folder or file a local path leads to (links resolved); a gs:// path as it is."""
+  text = os.fspath(path)
+  return text if '://' in text else os.path.realpath(text)
+
+
+def is_output_folder(folder: epath.Path) -> bool:
+  """A folder that mura-predict wrote: its marker, or (before markers) its studies.csv header
+  beside a views.csv."""
+  if (folder / OUTPUT_MARKER).exists():
+    return True
+  studies = folder / 'studies.csv'
+  if not (studies.is_file() and (folder / 'views.csv').is_file()):
+    return False
+  with studies.open('rb') as f:
+    return f.readline().decode('utf-8', 'replace').startswith(STUDIES_HEADER)
+
+
+def _walk(folder: epath.Path, seen: set[str], notes: list[str], problems: list[str]
+          ) -> list[epath.Path]:
+  """Every file under a folder (epath: local or gs://), in name order; a folder is read once
+  however many links lead to it (`seen`: real paths), mura-predict's outputs are skipped."""
+  real = _real(folder)
+  if real in seen:
+    link = f'a link to {real}, ' if os.fspath(folder) != real else ''
+    notes.append(f'{folder}: {link}already read: skipped (each folder is read once)')
+    return []
+  seen.add(real)
+  if is_output_folder(folder):
+    notes.append(f'{folder}: skipped: mura-predict wrote it (its outputs are no radiographs)')
+    return []
+  try:
+    children = sorted(folder.iterdir())
+  except OSError as e:
+    problems.append(f'{folder}: cannot list the folder ({type(e).__name__}: {e.strerror or e})')
+    return []
   found = []
-  for path in sorted(folder.iterdir()):
-    found += _walk(path) if path.is_dir() else [path]
+  for path in children:
+    found += _walk(path, seen, notes, problems) if path.is_dir() else [path]
   return found
 
 
@@ -112,28 +180,67 @@ def body_part_of_path(path: str) -> str | None:
   return None
 
 
-def find_studies(paths: Sequence[str]) -> tuple[list[Study], list[str], int]:
-  """(studies, problems with the given paths, skipped sidecar files)."""
+def find_studies(paths: Sequence[str]) -> tuple[list[Study], list[str], int, list[str]]:
+  """(studies, problems with the given paths, skipped sidecar files, notes on what was skipped)."""
   by_folder: dict[str, list[str]] = {}
-  problems, sidecars = [], 0
+  problems, notes, sidecars, twice = [], [], 0, 0
+  seen_folders, seen_files = set(), set()
   for given in paths:
     path = epath.Path(given)
     if not path.exists():
       problems.append(f'{given}: no such file or folder')
       continue
-    files = [path] if path.is_file() else _walk(path)
+    if path.is_dir() and _real(path) in seen_folders:  # inside an earlier PATH: not a problem
+      notes.append(f'{given}: already read as part of an earlier PATH')
+      continue
+    files = [path] if path.is_file() else _walk(path, seen_folders, notes, problems)
     found = 0
     for f in files:
       if f.name.startswith('._'):
         sidecars += 1
       elif _is_image_file(f):
-        by_folder.setdefault(os.fspath(f.parent), []).append(os.fspath(f))
         found += 1
+        if _real(f) in seen_files:
+          twice += 1
+          continue
+        seen_files.add(_real(f))
+        by_folder.setdefault(os.fspath(f.parent), []).append(os.fspath(f))
     if not found:
       problems.append(f'{given}: no PNG, JPEG or DICOM file in it')
-  studies = [Study(_study_id(epath.Path(folder)), sorted(set(files), key=_view_order))
+  if twice:
+    notes.append(f'{twice} file(s) reached twice (links, or PATHs inside each other): read once')
+  studies = [Study(_study_id(epath.Path(folder)), sorted(files, key=_view_order))
              for folder, files in sorted(by_folder.items())]
-  return studies, problems, sidecars
+  return studies, problems, sidecars, notes
+
+
+def check_out(out, paths: Sequence[str], studies: list[Study]) -> None:
+  """Refuses (OutputError, one sentence) an --out that would replace or mix with files: an
+  existing file, a folder that holds an input PATH or image, CSVs that mura-predict did not
+  write. A new folder inside an input tree is fine: it gets the marker and is skipped later."""
+  folder = epath.Path(out)
+  if folder.exists() and not folder.is_dir():
+    raise OutputError(f'--out {out} is an existing file, and --out is a folder (predictions.csv, '
+                      'studies.csv and views.csv are written in it): pass a folder.')
+  if '://' not in os.fspath(out):
+    real = _real(out)
+    for given in paths:
+      if epath.Path(given).is_dir() and (_real(given) + os.sep).startswith(real.rstrip(os.sep)
+                                                                           + os.sep):
+        raise OutputError(
+            f'--out {out} holds the input {given}: its outputs would mix with the radiographs '
+            'and be read as views next time. Pass a folder outside it (or a new one inside it).')
+    for study in studies:
+      for f in study.files:
+        if os.path.dirname(_real(f)) == real:
+          raise OutputError(f'--out {out} is the folder of the input image {f}: pass a folder '
+                            'of its own (a new one beside it or inside it).')
+  if folder.is_dir() and not is_output_folder(folder):
+    for name in OUTPUT_FILES + ('cam',):
+      if (folder / name).exists():
+        raise OutputError(
+            f'--out {out} already holds {name}, which mura-predict did not write (no '
+            f'{OUTPUT_MARKER}): pass another folder, or move {name} away.')
 
 
 def _view_order(path: str):
@@ -151,8 +258,9 @@ def read_studies(studies: list[Study], body_part: str | None, progress: bool) ->
     for f in study.files:
       try:
         view = images.read_view(f)
-      except images.ImageError as e:
-        study.errors.append((f, str(e)))
+      except Exception as e:  # pylint: disable=broad-except  (one file never ends the run)
+        why = str(e) if isinstance(e, images.ImageError) else f'{f}: {type(e).__name__}: {e}'
+        study.errors.append((f, why))
         continue
       target = study
       if view.study_uid:  # DICOM: the study is its StudyInstanceUID, wherever the file lies
@@ -166,21 +274,41 @@ def read_studies(studies: list[Study], body_part: str | None, progress: bool) ->
                    or any(e[0] == f for e in study.errors)]
   all_studies = kept + list(regrouped.values())
   for study in all_studies:
-    study.body_part = _body_part(study, body_part)
+    _settle_body_part(study, body_part)
   return all_studies
 
 
-def _body_part(study: Study, override: str | None) -> str | None:
-  if override:
-    return override
+def _dicom_part(name: str) -> str:
+  """Body Part Examined -> a MURA body part ('UPPER ARM' -> 'humerus'), else lower-cased."""
+  return images.DICOM_BODY_PARTS.get(name.upper().replace(' ', '').replace('_', ''),
+                                     name.strip().lower())
+
+
+def _settle_body_part(study: Study, override: str | None) -> None:
+  """The study's body part (module docstring); views of other parts in a mixed study are moved to
+  `left_out`, never averaged in."""
+  named = [(view, _dicom_part(view.body_part)) for view in study.views if view.body_part]
   from_path = body_part_of_path(study.files[0] if study.files else study.id)
-  if from_path:
-    return from_path
-  for view in study.views:
-    if view.body_part:
-      name = view.body_part.upper().replace(' ', '').replace('_', '')
-      return images.DICOM_BODY_PARTS.get(name, view.body_part.lower())
-  return None
+  if override or from_path:
+    part, source = (override, '--body-part') if override else (from_path, 'its XR_ folder')
+  elif named:
+    counts = [p for _, p in named]
+    part = max(counts, key=lambda p: (counts.count(p), -counts.index(p)))
+    source = 'the part most of its views name'
+  else:
+    part, source = None, ''
+  study.body_part = part
+  parts = sorted({p for _, p in named})
+  if len(parts) > 1:
+    left = [(view, p) for view, p in named if p != part]
+    study.views = [v for v in study.views if all(v is not view for view, _ in left)]
+    study.left_out = [(view.path, f'Body Part Examined {view.body_part!r}: not the study\'s '
+                                  f'{part} ({source})') for view, _ in left]
+    study.warnings.append(
+        f'its views name different body parts ({", ".join(parts)}): {len(left)} not of {part} '
+        f'({source}) left out: {", ".join(os.path.basename(v.path) for v, _ in left)}')
+  elif parts and parts[0] != part:
+    study.warnings.append(f'its views name {parts[0]}, {source} says {part}: predicted as {part}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,11 +327,15 @@ def predict(predictor, studies: list[Study], threshold: float, cam_dir=None) -> 
           f'({", ".join(BODY_PARTS)})')
     elif not study.views:
       study.status = 'error'
+      if study.left_out and not study.errors:
+        study.warnings.append('no view of its body part left to predict')
     else:
       todo.append(study)
   views = [v.pixels for s in todo for v in s.views]
   if not views:
     return
+  if cam_dir is not None:
+    write_marker(cam_dir)
   maps = None
   if cam_dir is not None:
     probabilities, maps = predictor.predict_views_and_maps(views)
@@ -229,13 +361,17 @@ def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str
   folder = epath.Path(cam_dir) / study.id.strip('/').replace('/', '_').replace(':', '_')
   folder.mkdir(parents=True, exist_ok=True)
   bias = predictor.classifier_bias
-  pictures = []
+  pictures, used = [], {'study'}
   for view, raw, probability in zip(study.views, maps, study.view_probabilities):
     gray = view.pixels[..., 0]
     picture = cam.overlay(gray, cam.display_map(cam.upsample(raw, *gray.shape,
                                                              predictor.preprocessing), bias))
     name = os.path.basename(view.path)
-    cam.save_png(folder / (os.path.splitext(name)[0] + '.png'), picture)
+    stem = os.path.splitext(name)[0]  # views of one DICOM study from two folders may share it
+    stem = next(f'{stem}_{k}' if k else stem for k in range(len(used) + 1)
+                if (f'{stem}_{k}' if k else stem) not in used)
+    used.add(stem)
+    cam.save_png(folder / (stem + '.png'), picture)
     pictures.append((name, picture, probability))
   verdict = 'abnormal' if study.probability > threshold else 'normal'
   cam.save_png(folder / 'study.png', cam.study_figure(
@@ -297,7 +433,7 @@ def format_table(studies: list[Study], threshold: float, ranked: bool) -> str:
           ['tier'] * ranked + ['status']]
   order = sorted(studies, key=lambda s: (s.rank is None, s.rank or 0)) if ranked else studies
   for s in order:
-    study = s.id if len(s.id) <= 64 else '...' + s.id[-61:]
+    study = shown(s.id) if len(shown(s.id)) <= 64 else '...' + shown(s.id)[-61:]
     verdict = '' if s.probability is None else ('abnormal' if s.probability > threshold
                                                 else 'normal')
     rows.append([str(s.rank or '')] * ranked + [
@@ -312,13 +448,22 @@ def format_table(studies: list[Study], threshold: float, ranked: bool) -> str:
 
 def _csv(rows) -> str:
   buffer = io.StringIO()
-  csv.writer(buffer, lineterminator='\n').writerows(rows)
+  csv.writer(buffer, lineterminator='\n').writerows(
+      [shown(c) if isinstance(c, str) else c for c in row] for row in rows)
   return buffer.getvalue()
+
+
+def write_marker(folder) -> None:
+  """Marks a folder as mura-predict's output, so that reading an input tree skips it."""
+  folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / OUTPUT_MARKER).write_text(
+      'mura-predict wrote this folder; mura-predict skips it when it reads an input tree.\n')
 
 
 def write_outputs(out_dir, studies: list[Study], threshold: float) -> None:
   out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  write_marker(out)
   predicted = [s for s in studies if s.probability is not None]
   (out / 'predictions.csv').write_text(
       _csv([s.id, int(s.probability > threshold)] for s in predicted))
@@ -335,10 +480,32 @@ def write_outputs(out_dir, studies: list[Study], threshold: float) -> None:
     view_rows += [[s.id, v.path, '' if p is None else repr(p), 'predicted' if p is not None
                    else s.status, '; '.join(v.warnings)] for v, p in zip(s.views, probabilities)]
     view_rows += [[s.id, f, '', 'error', why] for f, why in s.errors]
+    view_rows += [[s.id, f, '', 'left_out', why] for f, why in s.left_out]
   (out / 'views.csv').write_text(_csv(view_rows))
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def _threshold(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float('nan')
+  if not 0 <= value <= 1:  # nan fails too
+    raise argparse.ArgumentTypeError(
+        f'must be a number in [0, 1] (a study is abnormal if its probability > it), got {text!r}')
+  return value
+
+
+def _batch_size(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be a whole number >= 1 (views per batch), got {text!r}')
+  return value
 
 
 def parse_args(argv):
@@ -359,8 +526,9 @@ def parse_args(argv):
   parser.add_argument('--worklist', action='store_true', help='rank and tier the studies')
   parser.add_argument('--body-part', choices=BODY_PARTS,
                       help='the body part of every study (else from XR_<PART> or DICOM)')
-  parser.add_argument('--threshold', type=float, default=0.5, help='abnormal if > this')
-  parser.add_argument('--batch-size', type=int, default=32,
+  parser.add_argument('--threshold', type=_threshold, default=0.5,
+                      help='abnormal if > this, in [0, 1]')
+  parser.add_argument('--batch-size', type=_batch_size, default=32,
                       help='views per batch at most (fewer views: the smallest batch that holds '
                            'them)')
   parser.add_argument('--compilation-cache', default='', metavar='DIR',
@@ -385,14 +553,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def predict_paths(args) -> int:
   """mura-predict's work: find the studies, load the model, predict, print and write."""
+  studies, problems, sidecars, notes = find_studies(args.paths)
   if args.out:  # before the work, not after it
     from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    check_out(args.out, args.paths, studies)
     checkpoints.check_writable(args.out, '--out')
-  studies, problems, sidecars = find_studies(args.paths)
+    write_marker(args.out)  # partial outputs of a run that stops are recognised too
   for problem in problems:
-    print(f'error: {problem}', file=sys.stderr)
+    _say('error', problem)
+  for note in notes:
+    _say('note', note)
   if sidecars:
-    print(f'note: skipped {sidecars} macOS ._ sidecar file(s) (not images)', file=sys.stderr)
+    _say('note', f'skipped {sidecars} macOS ._ sidecar file(s) (not images)')
   if not studies:
     print('error: nothing to predict: no PNG, JPEG or DICOM file found', file=sys.stderr)
     return EXIT_NOTHING
@@ -418,19 +590,26 @@ def predict_paths(args) -> int:
   studies = read_studies(studies, args.body_part, progress=len(studies) >= 8)
   for study in studies:
     for f, why in study.errors:
-      print(f'error: {why}', file=sys.stderr)
+      _say('error', why)
   cam_dir = epath.Path(args.out or '.') / 'cam' if args.cam else None
   predict(predictor, studies, args.threshold, cam_dir)
+  for study in studies:  # what the user must see, not only in the CSVs
+    for warning in study.warnings:
+      _say('note', f'{study.id}: {warning}')
   notes = worklist(studies, operating_points(args.workdir, args.model),
                    predictor) if args.worklist else []
   print(format_table(studies, args.threshold, args.worklist))
   for note in notes:
-    print(f'note: {note}', file=sys.stderr)
+    _say('note', note)
   if args.out:
     write_outputs(args.out, studies, args.threshold)
-    print(f'Wrote predictions.csv, studies.csv, views.csv to {args.out}', file=sys.stderr)
-  failed = problems or any(s.errors or s.status != 'predicted' for s in studies)
+    _say('Wrote predictions.csv, studies.csv, views.csv to', args.out, sep=' ')
+  failed = problems or any(s.errors or s.left_out or s.status != 'predicted' for s in studies)
   return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _say(kind: str, text, sep: str = ': ') -> None:
+  print(f'{kind}{sep}{shown(os.fspath(text))}', file=sys.stderr)
 
 
 def cli():
