@@ -91,6 +91,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 from typing import Sequence
 
@@ -107,7 +109,7 @@ from mura_jax import readers as readers_lib
 from mura_jax import reports
 from mura_jax import scoring
 from mura_jax import studies
-from mura_jax.errors import UserError, write_problem
+from mura_jax.errors import ConfigError, DataError, UserError, write_problem
 from mura_jax.studies import LabelsError, PredictionsError  # noqa: F401  (raised by evaluate)
 
 
@@ -151,6 +153,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   from mura_jax import ensembles  # pylint: disable=g-import-not-at-top
   from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from mura_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  check_config(config)  # not after the predictions
   e = config.evaluation
   _, data_dir = data_lib.dataset_dirs(config, workdir)
   ensemble = ensembles.members(config, workdir)
@@ -303,7 +306,7 @@ def comparison_table(config, compare, table, source, split_index, data_dir, tta)
   parts = sorted({BODY_PARTS[b] for b in split_index.body_part} & set(member.body_parts),
                  key=BODY_PARTS.index)
   if not parts:
-    raise ValueError(f'config.evaluation.compare={compare} was trained on '
+    raise ConfigError(f'config.evaluation.compare={compare} was trained on '
                      f'{", ".join(member.body_parts)}, none of the evaluated body parts.')
   probability = predict_members(config, '', [member], source, split_index, data_dir, parts,
                                 tta)['probability'][0]
@@ -313,18 +316,29 @@ def comparison_table(config, compare, table, source, split_index, data_dir, tta)
 
 def threshold_from_report(path, operating_point: str) -> tuple[float, dict]:
   """(threshold, record) of an operating point of another report.json, by name: 'threshold' (its
-  threshold), 'worklist', or '<sensitivity|specificity>@<target>' (e.g. 'specificity@0.95')."""
-  report = json.loads(epath.Path(path).read_text())
-  named = {'threshold': (report['threshold'], None),
-           'worklist': (report['worklist']['threshold'], report['worklist']['reason'])}
-  for point in report.get('operating_points', []):
-    named[f'{point["target_metric"]}@{point["target"]:g}'] = (point['threshold'], point['reason'])
+  threshold), 'worklist', or '<sensitivity|specificity>@<target>' (e.g. 'specificity@0.95').
+  A file that is not a report.json of this project raises DataError naming it."""
+  try:
+    report = json.loads(epath.Path(path).read_bytes())
+    named = {'threshold': (report['threshold'], None),
+             'worklist': (report['worklist']['threshold'], report['worklist']['reason'])}
+    for point in report.get('operating_points', []):
+      named[f'{point["target_metric"]}@{point["target"]:g}'] = (point['threshold'],
+                                                                point['reason'])
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    what = (f'not JSON ({e})' if isinstance(e, ValueError) else
+            f'no {e} in it' if isinstance(e, KeyError) else 'not a report of this project')
+    raise DataError(f'{path} is not a report.json of mura-jax ({what}); give the report.json that '
+                    'evaluate mode or the scorer wrote (--threshold-from / '
+                    'config.evaluation.threshold_from).') from e
   if operating_point not in named:
-    raise ValueError(f'{path} has no operating point {operating_point!r}; it has '
-                     f'{", ".join(named)} (config.evaluation.operating_point / --operating-point).')
+    raise ConfigError(f'{path} has no operating point {operating_point!r}; it has '
+                      f'{", ".join(named)} (config.evaluation.operating_point / '
+                      '--operating-point).')
   threshold, reason = named[operating_point]
   if threshold is None:
-    raise ValueError(f'{path} has no threshold for {operating_point} ({reason}); choose another.')
+    raise ConfigError(f'{path} has no threshold for {operating_point} ({reason}); choose '
+                      'another.')
   return float(threshold), {'report': str(path), 'operating_point': operating_point,
                             'split': report.get('split'), 'threshold': float(threshold)}
 
@@ -341,6 +355,98 @@ def options_with_threshold(config) -> tuple[scoring.Options, dict | None]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Values checked before any work: one sentence naming the flag or key and what it accepts.
+
+SEED_MAX = 2**32 - 1  # jax.random.PRNGKey's distinct seeds (larger ones wrap or overflow)
+OPERATING_POINT_FORM = ('threshold, worklist, sensitivity@T or specificity@T with T in (0, 1] '
+                        '(e.g. specificity@0.95)')
+
+
+def number_problem(named: str, value, low: float, high: float | None = None, *,
+                   whole: bool = False, meaning: str = '') -> str | None:
+  """A sentence when `value` is not a finite number in [low, high] (`whole`: an integer), else
+  None. `named` is how the user wrote it: '--bootstrap -1', '--config.evaluation.seed=-1'."""
+  number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  if (number and math.isfinite(value) and value >= low and (high is None or value <= high)
+      and (not whole or float(value).is_integer())):
+    return None
+  def text(x):
+    return str(int(x)) if float(x).is_integer() else f'{x:g}'
+  allowed = f'from {text(low)} to {text(high)}' if high is not None else f'{text(low)} or more'
+  return (f'{named}: expected {"a whole number" if whole else "a number"} {allowed}'
+          + (f' ({meaning})' if meaning else '') + '.')
+
+
+def operating_point_problem(named: str, value: str) -> str | None:
+  """A sentence when `value` cannot name an operating point of a report, else None."""
+  metric, at, target = str(value).partition('@')
+  if value in ('threshold', 'worklist'):
+    return None
+  if at and metric in ('sensitivity', 'specificity'):
+    try:
+      if 0 < float(target) <= 1:
+        return None
+    except ValueError:
+      pass
+  return (f'{named}: no operating point {value!r} can exist; a report has '
+          f'{OPERATING_POINT_FORM}.')
+
+
+def options_problem(options: scoring.Options, names: dict[str, str]) -> str | None:
+  """The first bad value of `options`, named as `names` says ({'num_resamples': '--bootstrap
+  {}', ...}: each a format with the value), or None."""
+  checks = (
+      ('num_resamples', dict(low=0, whole=True, meaning='bootstrap resamples; 0: no CIs')),
+      ('seed', dict(low=0, high=SEED_MAX, whole=True, meaning="the bootstrap's random seed")),
+      ('threshold', dict(low=0, high=1, meaning='a study is abnormal if its probability > it')),
+      ('chunk_size', dict(low=1, whole=True, meaning='bootstrap resamples per jitted call')),
+  )
+  for field, rule in checks:
+    value = getattr(options, field)
+    if field in names and not (field == 'chunk_size' and value is None):
+      problem = number_problem(names[field].format(value), value, **rule)
+      if problem:
+        return problem
+  return None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError, one sentence naming the key, for a value of `config.evaluation` that
+  evaluate mode (and the evaluation after training) cannot use: bootstrap_resamples (>= 0),
+  seed (0 .. 2**32 - 1), threshold (in [0, 1], not NaN), aggregation (mean | max), tta (none |
+  flip), ensemble (>= 1), ensemble_order (views | studies), split (not empty), operating_point
+  (with threshold_from only, of a form a report has). Batch sizes: configs.base.check_values.
+  Cheap and without files: call it before any work (evaluate_checkpoint does, main.py may)."""
+  e = config.evaluation
+  key = '--config.evaluation.{}={}'.format
+  problem = options_problem(options_from_config(config), {
+      'num_resamples': key('bootstrap_resamples', '{}'), 'seed': key('seed', '{}'),
+      'threshold': key('threshold', '{}')})
+  numbers = (('ensemble', 1, 'the number of best checkpoints averaged'),)  # batch sizes: configs
+  for name, low, meaning in numbers:
+    if problem is None and name in e:
+      problem = number_problem(key(name, e[name]), e[name], low, whole=True, meaning=meaning)
+  choices = (('aggregation', ('mean', 'max')), ('tta', ('none', 'flip')),
+             ('ensemble_order', ('views', 'studies')))
+  for name, allowed in choices:
+    if problem is None and name in e and e[name] not in allowed:
+      problem = f'{key(name, e[name])}: expected one of {", ".join(allowed)}.'
+  if problem is None and not str(e.get('split', '')).strip():
+    problem = (f'{key("split", e.get("split", ""))}: empty; give a split of the built dataset '
+               '(validation, train).')
+  point = e.get('operating_point', '')
+  if problem is None and point:
+    if not e.get('threshold_from', ''):
+      problem = (f'{key("operating_point", point)}: used only with '
+                 '--config.evaluation.threshold_from (the report.json it is read from); set that '
+                 'too, or leave operating_point empty.')
+    else:
+      problem = operating_point_problem(key('operating_point', point), point)
+  if problem:
+    raise ConfigError(problem)
+
+
+# ---------------------------------------------------------------------------------------------
 # Standalone scorer.
 
 
@@ -353,6 +459,10 @@ def score_files(predictions, labels, out_dir, readers=None, *, aggregation: str 
   compare: a second predictions file, compared pairwise with the first (report['comparison']).
   threshold_from: a report.json whose `operating_point` gives the threshold.
   """
+  source = None
+  if threshold_from:  # first: a bad report is found before the files are read
+    threshold, source = threshold_from_report(threshold_from, operating_point)
+    options = dataclasses.replace(options, threshold=threshold)
   label_paths, truth = prediction_files.read_labels(labels)
 
   def table_of(path):
@@ -362,10 +472,6 @@ def score_files(predictions, labels, out_dir, readers=None, *, aggregation: str 
                                       num_views=num_views, aggregation=how)
 
   table = table_of(predictions)
-  source = None
-  if threshold_from:
-    threshold, source = threshold_from_report(threshold_from, operating_point)
-    options = dataclasses.replace(options, threshold=threshold)
   report = evaluate(table, options, split=split, print_table=print_table,
                     readers=prediction_files.read_readers(readers) if readers else None)
   report['threshold_from'] = source
@@ -379,10 +485,55 @@ def score_files(predictions, labels, out_dir, readers=None, *, aggregation: str 
   return report
 
 
-def _check_paths(args) -> str | None:
-  """The first problem with the scorer's file flags and --out, as a sentence; checked before any
-  work, so that nothing is scored for an output that cannot be written."""
-  for flag in ('predictions', 'labels', 'readers', 'compare', 'threshold_from'):
+# What the scorer writes into --out (reports.write_report): an input under one of these names
+# there would be replaced.
+OUTPUT_FILES = ('report.json', 'report.md', 'predictions.csv', 'study_probabilities.csv',
+                'roc.png')
+INPUT_FLAGS = ('predictions', 'labels', 'readers', 'compare', 'threshold_from')
+
+
+def _same_file(a: epath.Path, b: epath.Path) -> bool:
+  try:
+    return os.path.samefile(a, b)  # links and other spellings of one local file too
+  except (OSError, TypeError, ValueError):
+    return os.fspath(a).rstrip('/') == os.fspath(b).rstrip('/')  # gs://: the names
+
+
+def _check_args(args) -> str | None:
+  """The first problem with the scorer's flags, as one sentence; checked before any work (and
+  before --out is created), so that nothing is scored for flags that cannot be used and nothing
+  is lost to an output. The rules:
+  - numbers: --bootstrap a whole number >= 0 (0: no CIs), --seed 0 .. 2**32 - 1, --threshold in
+    [0, 1] (NaN refused), --chunk-size >= 1; --operating-point a name (`threshold`, `worklist`,
+    `sensitivity@T`, `specificity@T`, 0 < T <= 1) and only with --threshold-from, which sets the
+    threshold (so not with --threshold);
+  - every input flag names an existing file, not a folder;
+  - --out is a folder or a path that does not exist yet (created), never an existing file;
+  - --out must not hold an input under a name the scorer writes (OUTPUT_FILES: --predictions
+    predictions.csv in --out would be replaced by the scorer's own predictions.csv), nor a folder
+    under such a name; other files in --out are left alone, and the scorer's own earlier outputs
+    there are replaced (scoring again);
+  - --out can be written."""
+  given = {'threshold': args.threshold is not None,
+           'operating_point': args.operating_point is not None}
+  if given['threshold'] and args.threshold_from:
+    return (f'--threshold {args.threshold} and --threshold-from {args.threshold_from}: give one; '
+            '--threshold-from sets the threshold from the report.')
+  if given['operating_point'] and not args.threshold_from:
+    return (f'--operating-point {args.operating_point}: used only with --threshold-from (the '
+            'report.json it is read from); add it, or drop --operating-point.')
+  if given['operating_point']:
+    problem = operating_point_problem(f'--operating-point {args.operating_point}',
+                                      args.operating_point)
+    if problem:
+      return problem
+  problem = options_problem(_options(args), {
+      'num_resamples': '--bootstrap {}', 'seed': '--seed {}', 'threshold': '--threshold {}',
+      'chunk_size': '--chunk-size {}'})
+  if problem:
+    return problem
+  inputs = {}
+  for flag in INPUT_FLAGS:
     value = getattr(args, flag)
     if not value:
       continue
@@ -392,15 +543,33 @@ def _check_paths(args) -> str | None:
       return f'{name} {value} is a folder, not a file; give the file in it.'
     if not path.is_file():
       return f'{name} {value}: no such file; check the path.'
+    inputs[name] = path
   out = epath.Path(args.out)
   if out.exists() and not out.is_dir():
     return (f'--out {args.out} is a file, not a folder; give a folder (it is created if missing) '
             'for report.json and the other outputs.')
+  for written in OUTPUT_FILES:
+    target = out / written
+    if not target.exists():
+      continue
+    if target.is_dir():
+      return (f'--out {args.out} holds a folder {written}, where the scorer writes its '
+              f'{written}; give another --out folder.')
+    for name, path in inputs.items():
+      if _same_file(path, target):
+        return (f'--out {args.out} holds the {name} file {target}, which the scorer would '
+                f'replace with its own {written}; give another --out folder.')
   e = write_problem(out)
   if e is not None:
     return (f'--out {args.out}: cannot write there ({getattr(e, "strerror", None) or e}); give a '
             'folder you can write to.')
   return None
+
+
+def _options(args) -> scoring.Options:
+  return scoring.Options(threshold=0.5 if args.threshold is None else args.threshold,
+                         num_resamples=args.bootstrap, seed=args.seed,
+                         chunk_size=args.chunk_size, tie_break=args.tie_break)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,8 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--readers', help='CSV with header study,<reader>,...; labels 0/1')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--bootstrap', type=int, default=10_000, help='resamples (0: no CIs)')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--threshold', type=float, default=0.5, help='abnormal if prob > this')
+  parser.add_argument('--seed', type=int, default=0, help=f'0 .. {SEED_MAX}')
+  parser.add_argument('--threshold', type=float, default=None,
+                      help='abnormal if prob > this, in [0, 1] (default 0.5)')
   parser.add_argument('--aggregation', choices=('mean', 'max'), default='mean',
                       help='views -> study, for view-level predictions')
   parser.add_argument('--tie-break', choices=('abnormal', 'normal'), default='abnormal',
@@ -425,22 +595,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'every metric difference A - B on the same resampled studies')
   parser.add_argument('--threshold-from', help='a report.json (e.g. of the validation split) '
                       'whose operating point sets the threshold')
-  parser.add_argument('--operating-point', default='specificity@0.95',
-                      help="its name: threshold, worklist, sensitivity@0.95, specificity@0.95, ...")
+  parser.add_argument('--operating-point', default=None,
+                      help="its name: threshold, worklist, sensitivity@0.95, specificity@0.95 "
+                           "(default), ...")
   parser.add_argument('--verbose', action='store_true', help='tracebacks of input errors too')
   args = parser.parse_args(argv)
-  problem = _check_paths(args)
+  problem = _check_args(args)
   if problem:
     print(f'error: {problem}', file=sys.stderr)
     return 2
   try:
     score_files(args.predictions, args.labels, args.out, args.readers,
                 aggregation=args.aggregation, split=args.split, print_table=True,
-                options=scoring.Options(threshold=args.threshold, num_resamples=args.bootstrap,
-                                        seed=args.seed, chunk_size=args.chunk_size,
-                                        tie_break=args.tie_break),
-                compare=args.compare, threshold_from=args.threshold_from,
-                operating_point=args.operating_point)
+                options=_options(args), compare=args.compare,
+                threshold_from=args.threshold_from,
+                operating_point=args.operating_point or 'specificity@0.95')
   except (UserError, ValueError, OSError) as e:  # PredictionsError, LabelsError, an unwritable --out
     if args.verbose:
       raise

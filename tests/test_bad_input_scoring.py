@@ -12,6 +12,20 @@ input's order changes a result.
                                                other outputs.
     --out that cannot be written             --out P: cannot write there (Not a directory); give a
                                                folder you can write to.
+    --out holding an input under a name the  --out D holds the --predictions file D/predictions.csv,
+      scorer writes (predictions.csv,          which the scorer would replace with its own
+      report.json, ...; a link to it too)      predictions.csv; give another --out folder.
+    --out holding a folder under such a name --out D holds a folder roc.png, where the scorer
+                                               writes its roc.png; give another --out folder.
+    --bootstrap -1                           --bootstrap -1: expected a whole number 0 or more ...
+    --threshold nan (or 1.5)                 --threshold nan: expected a number from 0 to 1 ...
+    --seed -3, --chunk-size 0                --seed -3: expected a whole number from 0 to ...
+    --operating-point without --threshold-   --operating-point worklist: used only with
+      from; --threshold with it                --threshold-from ... / --threshold 0.3 and
+                                               --threshold-from R: give one; ...
+    a --threshold-from that is not a report  R is not a report.json of mura-jax (not JSON (...)
+                                               / no 'worklist' in it); give the report.json ...
+  All of these before any work: nothing is read or written, --out is not created.
     an empty predictions file                predictions file F: 1 problem(s) (empty: 1); first 1:
                                                F: no rows; it needs one "study path,probability"
                                                (or "image path,probability") row per study of the
@@ -238,3 +252,106 @@ def test_a_header_row_is_read_with_a_warning(tmp_path, capsys, caplog):
   assert code == 0
   assert (f"predictions file {path}: row 1 ['study', 'probability'] is not data; treating it as "
           'a header row.') in caplog.text
+
+
+def _bytes(folder):
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize('flag,name', [('--predictions', 'predictions.csv'),
+                                       ('--labels', 'study_probabilities.csv'),
+                                       ('--readers', 'report.md'),
+                                       ('--compare', 'predictions.csv'),
+                                       ('--threshold-from', 'report.json')])
+def test_an_out_holding_an_input_under_an_output_name_is_refused(tmp_path, capsys, flag, name):
+  """The scorer would write its own file over the input: refused before any work, and every file
+  in the folder keeps its bytes."""
+  folder = _files(tmp_path, 0, readers=True)
+  (folder / 'predictions.csv').rename(folder / 'scores.csv')
+  given = {'--predictions': folder / 'scores.csv', '--labels': folder / 'labels.csv',
+           '--readers': folder / 'readers.csv'}
+  (folder / name).write_bytes((given.get(flag) or folder / 'scores.csv').read_bytes())
+  given[flag] = folder / name
+  before = _bytes(folder)
+  code, err = _main(capsys, *[a for pair in given.items() for a in pair], '--out', folder)
+  assert code == 2
+  assert err == (f'error: --out {folder} holds the {flag} file {folder / name}, which the scorer '
+                 f'would replace with its own {name}; give another --out folder.')
+  assert _bytes(folder) == before
+
+
+def test_an_input_linked_into_out_and_a_folder_under_an_output_name(tmp_path, capsys):
+  folder = _files(tmp_path, 0)
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'predictions.csv').symlink_to(folder / 'predictions.csv')
+  before = _bytes(folder)
+  code, err = _main(capsys, '--predictions', folder / 'predictions.csv', '--labels',
+                    folder / 'labels.csv', '--out', out)
+  assert code == 2 and err.startswith(f'error: --out {out} holds the --predictions file ')
+  assert _bytes(folder) == before
+  (out / 'predictions.csv').unlink()
+  (out / 'roc.png').mkdir()
+  code, err = _main(capsys, '--predictions', folder / 'predictions.csv', '--labels',
+                    folder / 'labels.csv', '--out', out)
+  assert code == 2
+  assert err == (f'error: --out {out} holds a folder roc.png, where the scorer writes its roc.png; '
+                 'give another --out folder.')
+
+
+def test_scoring_again_into_the_same_out_keeps_other_files(tmp_path, capsys):
+  """The normal re-run: the scorer's own earlier outputs are replaced, anything else stays."""
+  folder = _files(tmp_path, 0)
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'notes.txt').write_text('mine')
+  args = ['--predictions', folder / 'predictions.csv', '--labels', folder / 'labels.csv',
+          '--out', out]
+  assert _main(capsys, *args)[0] == 0
+  first = (out / 'predictions.csv').read_bytes()
+  assert _main(capsys, *args, '--threshold', '0.9')[0] == 0
+  assert (out / 'predictions.csv').read_bytes() != first  # rewritten at the other threshold
+  assert (out / 'notes.txt').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--bootstrap', '-1'], '--bootstrap -1: expected a whole number 0 or more (bootstrap '
+                            'resamples; 0: no CIs).'),
+    (['--threshold', 'nan'], '--threshold nan: expected a number from 0 to 1 (a study is abnormal '
+                             'if its probability > it).'),
+    (['--threshold', '1.5'], '--threshold 1.5: expected a number from 0 to 1 (a study is abnormal '
+                             'if its probability > it).'),
+    (['--seed', '-3'], "--seed -3: expected a whole number from 0 to 4294967295 (the bootstrap's "
+                       'random seed).'),
+    (['--chunk-size', '0'], '--chunk-size 0: expected a whole number 1 or more (bootstrap '
+                            'resamples per jitted call).'),
+    (['--operating-point', 'worklist'], '--operating-point worklist: used only with '
+     '--threshold-from (the report.json it is read from); add it, or drop --operating-point.'),
+])
+def test_a_bad_number_is_named_before_any_work(tmp_path, capsys, args, message):
+  """One sentence naming the flag, exit 2, and --out not even created."""
+  folder = _files(tmp_path, 0)
+  code = evaluation.main(['--predictions', str(folder / 'predictions.csv'), '--labels',
+                          str(folder / 'labels.csv'), '--out', str(tmp_path / 'out'), *args])
+  assert code == 2
+  assert capsys.readouterr().err.strip() == f'error: {message}'
+  assert not (tmp_path / 'out').exists()
+
+
+def test_threshold_and_threshold_from_together_and_a_damaged_report(tmp_path, capsys):
+  folder = _files(tmp_path, 0)
+  report = tmp_path / 'report.json'
+  report.write_text('{"threshold": 0.5')
+  args = ['--predictions', folder / 'predictions.csv', '--labels', folder / 'labels.csv',
+          '--out', tmp_path / 'out', '--threshold-from', report]
+  code, err = _main(capsys, *args, '--threshold', '0.3')
+  assert code == 2
+  assert err == (f'error: --threshold 0.3 and --threshold-from {report}: give one; '
+                 '--threshold-from sets the threshold from the report.')
+  code, err = _main(capsys, *args)
+  assert code == 2
+  assert err.startswith(f'error: {report} is not a report.json of mura-jax (not JSON (')
+  report.write_text('{"threshold": 0.5}')
+  code, err = _main(capsys, *args)
+  assert code == 2
+  assert err.startswith(f"error: {report} is not a report.json of mura-jax (no 'worklist' in it)")

@@ -393,3 +393,46 @@ def test_cli_module_with_hard_labels_and_bad_input(mura_files):
   done = run('--predictions', str(bad))
   assert done.returncode == 2
   assert 'missing' in done.stderr and 'Traceback' not in done.stderr
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('bootstrap_resamples', -1, '--config.evaluation.bootstrap_resamples=-1: expected a whole '
+                                'number 0 or more (bootstrap resamples; 0: no CIs).'),
+    ('threshold', float('nan'), '--config.evaluation.threshold=nan: expected a number from 0 to 1 '
+                                '(a study is abnormal if its probability > it).'),
+    ('seed', -1, "--config.evaluation.seed=-1: expected a whole number from 0 to 4294967295 (the "
+                 "bootstrap's random seed)."),
+    ('ensemble', 0, '--config.evaluation.ensemble=0: expected a whole number 1 or more (the number '
+                    'of best checkpoints averaged).'),
+    ('aggregation', 'median', '--config.evaluation.aggregation=median: expected one of mean, max.'),
+    ('tta', 'flips', '--config.evaluation.tta=flips: expected one of none, flip.'),
+    ('split', '', '--config.evaluation.split=: empty; give a split of the built dataset '
+                  '(validation, train).'),
+    ('operating_point', 'worklist', '--config.evaluation.operating_point=worklist: used only with '
+     '--config.evaluation.threshold_from (the report.json it is read from); set that too, or '
+     'leave operating_point empty.'),
+])
+def test_check_config_names_the_key_before_any_work(tmp_path, key, value, message):
+  """evaluate mode refuses the value with one sentence naming the key, before it reads the
+  workdir or the dataset (neither exists here)."""
+  from mura_jax.configs import base  # pylint: disable=g-import-not-at-top
+  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config = base.base_config()
+  evaluation.check_config(config)  # the defaults pass
+  config.evaluation[key] = value
+  with pytest.raises(ConfigError) as raised:
+    evaluation.evaluate_checkpoint(config, str(tmp_path / 'no-workdir'))
+  assert str(raised.value) == message
+
+
+def test_check_config_operating_point_form():
+  from mura_jax.configs import base  # pylint: disable=g-import-not-at-top
+  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config = base.base_config()
+  config.evaluation.threshold_from = 'report.json'
+  config.evaluation.operating_point = 'specificity@0.9'
+  evaluation.check_config(config)  # a form a report can have: its report says if it has it
+  config.evaluation.operating_point = 'specificity@95'
+  with pytest.raises(ConfigError, match=r"^--config.evaluation.operating_point=specificity@95: no "
+                                        r"operating point 'specificity@95' can exist"):
+    evaluation.check_config(config)
