@@ -125,6 +125,13 @@ def _real(path) -> str:
   return text if '://' in text else os.path.realpath(text)
 
 
+def _is_link(path: epath.Path) -> bool:
+  try:
+    return path.is_symlink()
+  except (AttributeError, NotImplementedError, OSError):  # gs:// has no links
+    return False
+
+
 def is_output_folder(folder: epath.Path) -> bool:
   """A folder that mura-predict wrote: its marker, or (before markers) its studies.csv header
   beside a views.csv."""
@@ -150,8 +157,8 @@ def _walk(folder: epath.Path, seen: set[str], notes: list[str], problems: list[s
   if is_output_folder(folder):
     notes.append(f'{folder}: skipped: mura-predict wrote it (its outputs are no radiographs)')
     return []
-  try:
-    children = sorted(folder.iterdir())
+  try:  # links last: a study is named by its own folder, not by a link to it
+    children = sorted(folder.iterdir(), key=lambda p: (_is_link(p), p))
   except OSError as e:
     problems.append(f'{folder}: cannot list the folder ({type(e).__name__}: {e.strerror or e})')
     return []
