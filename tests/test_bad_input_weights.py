@@ -5,8 +5,18 @@ advice (torch's `weights_only=False`, which would run pickled code) is never rep
     input                                      message (start)
     torchvision:MISSING.pth                    No weights file at MISSING.pth. torchvision's ...
     torchvision:A_FOLDER (keras: too)          A_FOLDER is a folder, not a weights file. ...
-    torchvision:random bytes / empty /         F (N bytes) is not a readable PyTorch state dict
-      truncated .pth                             (.pth) (UnpicklingError). torchvision's ImageNet
+    torchvision: / keras: an empty file        F is empty (0 bytes), not a PyTorch state dict
+                                                 (.pth): an interrupted download or copy? ...
+    torchvision:random bytes .pth              F (N bytes) is not a PyTorch state dict (.pth):
+                                                 torch.save writes a zip archive ... (its first
+                                                 bytes: ..). torchvision's ImageNet densenet169 ...
+    torchvision:a text file (.txt, a web page) F (N bytes) is a text file, not a PyTorch state
+                                                 dict (.pth): it starts with '...' (a web page: ...)
+    torchvision:a .pth without PyTorch         Reading F needs PyTorch, which is not installed:
+                                                 pip install "mura-jax[torch]" ... (checked after
+                                                 the file: a bad file says so first)
+    torchvision:truncated .pth                 F (N bytes) is not a readable PyTorch state dict
+                                                 (.pth) (UnpicklingError). torchvision's ImageNet
                                                  densenet169 is densenet169-b2777c0a.pth ...
     torchvision:a .zip / .npz                  ... (.pth) (RuntimeError; a .npz file is not one; ...)
     torchvision:a pickled whole model          ... (UnpicklingError; it holds pickled Python
@@ -14,13 +24,15 @@ advice (torch's `weights_only=False`, which would run pickled code) is never rep
                                                  model.state_dict() instead)
     torchvision:a pickled tensor               F holds a Tensor, not a state dict: save
                                                  model.state_dict() instead of the model.
-    torchvision:random / empty / truncated     F (N bytes) is not a readable safetensors file
-      .safetensors                               (SafetensorError: ...). torchvision's ...
-    keras:random bytes / empty .h5             F (N bytes) is not a readable Keras HDF5 weights
-                                                 file (.h5) (OSError: ...). Keras' ImageNet ...
-    keras:a .keras (Keras 3 zip)               ... (.h5) (...; a Keras 3 .keras file is a zip
-                                                 archive, not HDF5: load it with
-                                                 keras.saving.load_model and pass that model ...)
+    torchvision:random .safetensors            F (N bytes) is not a safetensors file: a
+                                                 safetensors file starts with the length of ...
+    torchvision:truncated .safetensors         F (N bytes) is not a readable safetensors file
+                                                 (SafetensorError: ...). torchvision's ...
+    keras:random bytes .h5                     F (N bytes) is not a Keras HDF5 weights file
+                                                 (.h5): an HDF5 file starts with the signature ...
+    keras:a .keras (Keras 3 zip)               F (N bytes) is not a Keras HDF5 weights file (.h5):
+                                                 it is a zip archive (a Keras 3 .keras file?): load
+                                                 it with keras.saving.load_model and pass that model
     torchvision:another DenseNet's dict        F does not fit densenet169 with 1000 classes: N
                                                  missing, ... nothing was loaded. Its dense blocks
                                                  (6, 12, 24, 16) are densenet121's: pass
@@ -31,6 +43,7 @@ advice (torch's `weights_only=False`, which would run pickled code) is never rep
 """
 
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -73,8 +86,66 @@ def _torch_file(torch, path, what):
   return path
 
 
+WHERE_TORCHVISION = 'https://download.pytorch.org/models/densenet169-b2777c0a.pth'
+
+
+@pytest.mark.parametrize('load,name,content,start', [
+    ('torchvision', 'empty.pth', b'', '{path} is empty (0 bytes), not a PyTorch state dict (.pth): '
+     'an interrupted download or copy? '),
+    ('keras', 'empty.h5', b'', '{path} is empty (0 bytes), not a Keras HDF5 weights file (.h5): '),
+    ('torchvision', 'random.pth', None, '{path} (4,096 bytes) is not a PyTorch state dict (.pth): '
+     'torch.save writes a zip archive (its first bytes: PK) or, before torch 1.6, a pickle (its '
+     'first bytes: '),
+    ('torchvision', 'weights.txt', b'conv0 weights\n', "{path} (14 bytes) is a text file, not a "
+     "PyTorch state dict (.pth): it starts with 'conv0 weights'. "),
+    ('torchvision', 'page.pth', b'<!DOCTYPE html><title>Sign in</title>', '{path} (37 bytes) is a '
+     "text file, not a PyTorch state dict (.pth): it starts with '<!DOCTYPE html><title>Sign "
+     "in</title>' (a web page: a download that saved an error or login page?). "),
+    ('torchvision', 'random.safetensors', None, '{path} (4,096 bytes) is not a safetensors file: '
+     'a safetensors file starts with the length of its JSON header (8 bytes), then the header '
+     '("{{..."); these 8 bytes say '),
+    ('keras', 'random.h5', None, '{path} (4,096 bytes) is not a Keras HDF5 weights file (.h5): an '
+     'HDF5 file starts with the signature \\x89HDF (its first bytes: '),
+])
+def test_a_file_that_is_not_its_format_is_named_before_any_reader(tmp_path, monkeypatch, load,
+                                                                   name, content, start):
+  """Checked by its first bytes, before torch or h5py is imported: even where neither is
+  installed, an empty, random or text file gets its own sentence."""
+  path = _random_file(tmp_path / name) if content is None else tmp_path / name
+  if content is not None:
+    path.write_bytes(content)
+  monkeypatch.setitem(sys.modules, 'torch', None)  # as if not installed: not reached
+  monkeypatch.setitem(sys.modules, 'h5py', None)
+  loader = weights.load_torchvision if load == 'torchvision' else weights.load_keras
+  with pytest.raises(weights.WeightsFileError) as error:
+    loader(path, 'densenet169')
+  message = str(error.value)
+  assert message.startswith(start.format(path=path)), message
+  assert (WHERE_TORCHVISION if load == 'torchvision' else KERAS_URL) in message
+  assert '\n' not in message and isinstance(error.value, UserError)
+
+
+def test_a_pth_without_torch_is_checked_first_then_says_how_to_install(tmp_path, monkeypatch):
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mura_jax.configs import base  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'densenet169-b2777c0a.pth'
+  path.write_bytes(b'PK\x03\x04' + bytes(100))  # starts as torch.save's zip archive does
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  config = base.base_config()
+  config.model.init = f'torchvision:{path}'
+  # main.py's check before any work, and the loader itself, say the same.
+  for call in (lambda: checkpoints.check_named_files(config),
+               lambda: weights.load_torchvision(path, 'densenet169')):
+    with pytest.raises(weights.ReaderNotInstalledError) as error:
+      call()
+    assert str(error.value).startswith(f'Reading {path} needs PyTorch, which is not installed: '
+                                       'pip install "mura-jax[torch]". Without it, pass a '
+                                       '.safetensors file')
+    assert isinstance(error.value, UserError) and isinstance(error.value, ImportError)
+
+
 @pytest.mark.parametrize('name,what,why', [
-    ('random.pth', 'random', ''), ('empty.pth', 'empty', ''), ('truncated.pth', 'truncated', ''),
+    ('truncated.pth', 'truncated', ''),
     ('mistaken.zip', 'zip', 'a .zip file is not one'), ('arrays.npz', 'npz', 'a .npz file is not one'),
     ('whole_model.pth', 'model', 'it holds pickled Python objects, e.g. a whole model saved with '
                                  'torch.save(model), and mura-jax never runs pickled code: save '
@@ -94,15 +165,11 @@ def test_unreadable_torch_files(tmp_path, name, what, why):
   assert '\n' not in message
 
 
-@pytest.mark.parametrize('what', ['random', 'empty', 'truncated'])
-def test_unreadable_safetensors(tmp_path, what):
+def test_unreadable_safetensors(tmp_path):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  path = tmp_path / f'{what}.safetensors'
-  if what == 'truncated':
-    save_file({'features.conv0.weight': np.zeros((64, 3, 7, 7), np.float32)}, os.fspath(path))
-    path.write_bytes(path.read_bytes()[:-100])
-  else:
-    _random_file(path, 4096 if what == 'random' else 0)
+  path = tmp_path / 'truncated.safetensors'
+  save_file({'features.conv0.weight': np.zeros((64, 3, 7, 7), np.float32)}, os.fspath(path))
+  path.write_bytes(path.read_bytes()[:-100])
   with pytest.raises(weights.WeightsFileError) as error:
     weights.load_torchvision(path, 'densenet169')
   message = str(error.value)
@@ -111,15 +178,16 @@ def test_unreadable_safetensors(tmp_path, what):
   assert 'densenet169-b2777c0a.pth' in message and isinstance(error.value, UserError)
 
 
-@pytest.mark.parametrize('name', ['random.h5', 'empty.h5'])
-def test_unreadable_keras_h5(tmp_path, name):
+def test_unreadable_keras_h5(tmp_path):
+  """An HDF5 signature, then garbage: h5py's own error, named."""
   pytest.importorskip('h5py')
-  path = _random_file(tmp_path / name, 0 if name == 'empty.h5' else 4096)
+  path = tmp_path / 'damaged.h5'
+  path.write_bytes(b'\x89HDF\r\n\x1a\n' + np.random.default_rng(0).bytes(4088))
   with pytest.raises(weights.WeightsFileError) as error:
     weights.load_keras(path, 'densenet169')
   message = str(error.value)
-  assert message.startswith(f'{path} ({os.path.getsize(path):,} bytes) is not a readable Keras '
-                            'HDF5 weights file (.h5) (OSError: ')
+  assert message.startswith(f'{path} (4,096 bytes) is not a readable Keras HDF5 weights file '
+                            '(.h5) (OSError: ')
   assert (KERAS_URL + 'densenet169_weights_tf_dim_ordering_tf_kernels.h5') in message
 
 
@@ -131,9 +199,9 @@ def test_a_keras3_archive_is_not_hdf5(tmp_path):
   with pytest.raises(weights.WeightsFileError) as error:
     weights.load_keras(path, 'densenet169')
   message = str(error.value)
-  assert f'{path} ({os.path.getsize(path):,} bytes) is not a readable Keras HDF5' in message
-  assert ('a Keras 3 .keras file is a zip archive, not HDF5: load it with '
-          'keras.saving.load_model and pass that model') in message
+  assert message.startswith(f'{path} ({os.path.getsize(path):,} bytes) is not a Keras HDF5 weights '
+                            'file (.h5): it is a zip archive (a Keras 3 .keras file?): load it '
+                            'with keras.saving.load_model and pass that model')
 
 
 def test_a_folder_for_keras(tmp_path):

@@ -240,9 +240,9 @@ def test_pth_must_be_a_plain_state_dict(tmp_path):
 
 def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
   path = tmp_path / 'densenet169-b2777c0a.pth'
-  path.write_bytes(b'not read')
+  path.write_bytes(b'PK\x03\x04' + bytes(60))  # starts as torch.save's zip does; not read
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
-  with pytest.raises(ImportError, match=r'pip install mura-jax\[torch\]'):
+  with pytest.raises(ImportError, match=r'pip install "mura-jax\[torch\]"'):
     load_torchvision(path)
 
 

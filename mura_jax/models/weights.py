@@ -187,6 +187,87 @@ def _weights_file(path: str | os.PathLike, model: DenseNet, kind: str) -> epath.
   return epath.Path(text)
 
 
+# What a weights file starts with. torch.save writes a zip archive (since torch 1.6) or a pickle
+# (protocol 2+: 0x80, then the protocol); old torch a tar. HDF5's signature is at 0 or, after a
+# user block, at 512, 1024, 2048, ...
+_ZIP, _HDF5 = b'PK\x03\x04', b'\x89HDF\r\n\x1a\n'
+
+
+def _format_problem(path: epath.Path, size: int, kind: str) -> str:
+  """Why the file's first bytes are not those of the format `kind`, or ''."""
+  with path.open('rb') as f:
+    head = f.read(64)
+    if kind == 'safetensors':
+      length = int.from_bytes(head[:8], 'little')
+      if size < 10 or length > size - 8 or head[8:9] != b'{':
+        return ('a safetensors file starts with the length of its JSON header (8 bytes), then '
+                'the header ("{..."); ' + (f'these 8 bytes say {length:,} bytes, more than the '
+                                           'file holds' if length > size - 8 else 'no header '
+                                           'follows here'))
+      return ''
+    if kind == 'keras':
+      offset = 0
+      while offset + 8 <= size:
+        f.seek(offset)
+        if f.read(8) == _HDF5:
+          return ''
+        offset = 512 if offset == 0 else offset * 2
+      return 'an HDF5 file starts with the signature \\x89HDF'
+  if head.startswith(_ZIP) or (head[:1] == b'\x80' and 2 <= head[1:2][0] <= 5 if len(head) > 1
+                                else False):
+    return ''
+  if size >= 262 and path.open('rb').read(262)[257:262] == b'ustar':
+    return ''
+  return 'torch.save writes a zip archive (its first bytes: PK) or, before torch 1.6, a pickle'
+
+
+def _looks_like_text(head: bytes) -> bool:
+  try:
+    text = head.decode('utf-8')
+  except UnicodeDecodeError:
+    return False
+  return all(c.isprintable() or c in '\r\n\t' for c in text)
+
+
+def check_weights_file(path: str | os.PathLike, model: DenseNet, kind: str,
+                       reader: bool = True) -> epath.Path:
+  """The weights file `config.model.init` names, checked before it is read: it exists, is a
+  file, is not empty, starts as its format does (.safetensors, a torch .pth, a Keras .h5), and
+  (`reader`) the library reading it is installed. Each problem is its own sentence."""
+  path = _weights_file(path, model, kind)
+  arch = _arch_name(model)
+  where = _where_to_get(arch, kind) or 'Pass a weights file of this model.'
+  size = path.stat().length
+  fmt = 'safetensors' if path.suffix.lower() == '.safetensors' else kind
+  what = {'safetensors': 'safetensors file', 'keras': 'Keras HDF5 weights file (.h5)'}.get(
+      fmt, 'PyTorch state dict (.pth)')
+  if size == 0:
+    raise WeightsFileError(f'{path} is empty (0 bytes), not a {what}: an interrupted download or '
+                           f'copy? {where}')
+  problem = _format_problem(path, size, fmt)
+  if problem:
+    with path.open('rb') as f:
+      head = f.read(48)
+    if _looks_like_text(head):
+      page = b'<html' in head.lower() or b'<!doctype' in head.lower()
+      raise WeightsFileError(
+          f'{path} ({size:,} bytes) is a text file, not a {what}: it starts with '
+          f'{head.decode("utf-8").strip()[:40]!r}'
+          + (' (a web page: a download that saved an error or login page?)' if page else '')
+          + f'. {where}')
+    if fmt == 'keras' and head.startswith(_ZIP):
+      raise WeightsFileError(
+          f'{path} ({size:,} bytes) is not a {what}: it is a zip archive (a Keras 3 .keras file?): '
+          'load it with keras.saving.load_model and pass that model, or pass the .h5 file.')
+    raise WeightsFileError(f'{path} ({size:,} bytes) is not a {what}: {problem} (its first '
+                           f'bytes: {head[:8].hex(" ")}). {where}')
+  if reader and fmt == 'torchvision':
+    _import_torch(path)
+  if reader and fmt == 'keras':
+    _import_h5py()
+  return path
+
+
 @functools.lru_cache(maxsize=16)  # tracing a full-size DenseNet takes about a second
 def _flat_shapes(model: DenseNet, in_channels: int) -> dict[tuple[str, ...], tuple[int, ...]]:
   shapes = traverse_util.flatten_dict(variable_shapes(model, in_channels))
@@ -228,14 +309,28 @@ def _to_numpy(value) -> np.ndarray:
   return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
 
 
-def _import_torch():
+class ReaderNotInstalledError(UserError, ImportError):
+  """The library reading a weights file's format (torch, h5py) is not installed."""
+
+
+def _import_torch(path=None):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('Reading a .pth file needs PyTorch: pip install mura-jax[torch]. Without it, '
-                      'pass a .safetensors file (save_file(torch.load(pth), path) where torch is '
-                      'installed).') from e
+    raise ReaderNotInstalledError(
+        f'Reading {path or "a .pth file"} needs PyTorch, which is not installed: pip install '
+        '"mura-jax[torch]". Without it, pass a .safetensors file (where torch is installed: '
+        'safetensors.torch.save_file(torch.load(PTH), PTH_STEM + ".safetensors")).') from e
   return torch
+
+
+def _import_h5py():
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ReaderNotInstalledError('Reading Keras h5 files needs h5py, which is not installed: '
+                                  'pip install "mura-jax[keras]".') from e
+  return h5py
 
 
 def _why_not_torch(path: epath.Path, error: Exception) -> str:
@@ -254,7 +349,7 @@ def _read_state_dict(path_or_state_dict, model: DenseNet) -> tuple[dict[str, np.
   if isinstance(path_or_state_dict, Mapping):
     raw, source = path_or_state_dict, 'The state dict'
   else:
-    path = _weights_file(path_or_state_dict, model, 'torchvision')
+    path = check_weights_file(path_or_state_dict, model, 'torchvision', reader=False)
     source = str(path)
     if path.suffix == '.safetensors':
       import safetensors.numpy  # pylint: disable=g-import-not-at-top
@@ -263,7 +358,7 @@ def _read_state_dict(path_or_state_dict, model: DenseNet) -> tuple[dict[str, np.
       except Exception as e:  # pylint: disable=broad-except  (safetensors raises several kinds)
         raise _unreadable(path, 'safetensors file', e, _arch_name(model), 'torchvision') from e
     else:
-      torch = _import_torch()
+      torch = _import_torch(path)
       # weights_only: a weights file never runs pickled code.
       try:
         with path.open('rb') as f:
@@ -385,11 +480,8 @@ def _keras_layers(path_or_model, model: DenseNet) -> tuple[dict[str, dict[str, n
   if hasattr(path_or_model, 'layers'):
     return ({layer.name: {_weight_name(w.name): np.asarray(w.numpy()) for w in layer.weights}
              for layer in path_or_model.layers}, f'Keras model {path_or_model.name!r}')
-  path = _weights_file(path_or_model, model, 'keras')
-  try:
-    import h5py  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('Reading Keras h5 files needs h5py: pip install mura-jax[keras].') from e
+  path = check_weights_file(path_or_model, model, 'keras', reader=False)
+  h5py = _import_h5py()
   layers = {}
   fp = path.open('rb')
   try:
