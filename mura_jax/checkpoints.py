@@ -20,8 +20,10 @@ devices loads on 1 device and vice versa. Workdirs may be gs:// paths (etils.epa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -38,6 +40,9 @@ from mura_jax.errors import ConfigError, UserError, WorkdirError, write_problem
 
 SPEC_VERSION = 1
 LATEST, BEST = 'checkpoints', 'best'
+# orbax writes a step into STEP.orbax-checkpoint-tmp[-N] and renames it when complete; a run
+# killed or stopped by a full disk while saving leaves that folder behind.
+_PARTIAL_SAVE = '*.orbax-checkpoint-tmp*'
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -221,7 +226,7 @@ def check_named_files(config: ml_collections.ConfigDict) -> None:
                         'fix the path, or leave the key empty.')
   kind, _, path = config.model.init.partition(':')
   if config.mode == 'train' and kind in ('torchvision', 'keras') and path:
-    weights._weights_file(path, create_model(model_signature(config)), kind)  # pylint: disable=protected-access
+    weights.check_weights_file(path, create_model(model_signature(config)), kind)
   if config.mode == 'export' and config.export.get('dir'):
     check_writable(epath.Path(config.export.dir).parent, '--config.export.dir')
 
@@ -327,6 +332,12 @@ def best_steps(workdir, k: int | None = None) -> list[int]:
   loss first (the later MURA paper ensembles its 5 best)."""
   directory = epath.Path(workdir) / BEST
   steps = _steps(directory)
+  if k is not None and not steps:
+    check_has_checkpoints(workdir, 'evaluate')
+    raise CheckpointNotFoundError(
+        f'{workdir} has no best checkpoint yet (none is kept before the first epoch ends; '
+        f'resumable steps: {_steps(epath.Path(workdir) / LATEST)}): train at least one epoch, or '
+        "evaluate --config.evaluation.checkpoint=latest with --config.evaluation.ensemble=1.")
   if k is not None and len(steps) < k:
     raise CheckpointNotFoundError(
         f'{directory} holds {len(steps)} checkpoints, fewer than the {k} asked for '
@@ -334,6 +345,76 @@ def best_steps(workdir, k: int | None = None) -> list[int]:
         f'{k}, or ask for fewer.')
   loss = {step: read_spec(workdir, BEST, step)['validation_loss'] for step in steps}
   return sorted(steps, key=lambda step: (loss[step], step))[:k]
+
+
+def check_has_checkpoints(workdir, mode: str) -> None:
+  """Evaluate, cam and export need a trained workdir: a sentence now, not a count of 0 later."""
+  workdir = epath.Path(workdir)
+  if not _steps(workdir / LATEST) and not _steps(workdir / BEST):
+    partial = [p.name for name in (LATEST, BEST) if (workdir / name).exists()
+               for p in (workdir / name).glob(_PARTIAL_SAVE)]
+    raise CheckpointNotFoundError(
+        f'{workdir} has no checkpoints: {mode} reads a trained model from its workdir'
+        + (f' (it holds only unfinished saves: {", ".join(partial)})' if partial else '')
+        + '. Train first with the same --workdir (--config.mode=train, with the config you '
+        f'will {mode} with), or pass the --workdir of a trained run.')
+
+
+def remove_partial_saves(workdir, note=logging.warning) -> list[str]:
+  """Removes the folders of saves that never completed (a run killed while saving, a full disk),
+  with a note naming them; returns their paths. Only for the one run holding the workdir's lock:
+  another run's save in progress looks the same."""
+  removed = []
+  for name in (LATEST, BEST):
+    directory = epath.Path(workdir) / name
+    if not directory.exists():
+      continue
+    for partial in sorted(directory.glob(_PARTIAL_SAVE)):
+      if partial.is_dir():
+        partial.rmtree()
+      else:
+        partial.unlink()
+      removed.append(str(partial))
+  if removed:
+    note('Removed %d unfinished checkpoint save(s) left by an earlier run (killed, or the disk was '
+         'full, while saving): %s', len(removed), ', '.join(removed))
+  return removed
+
+
+def last_good_checkpoint(workdir) -> str:
+  """'the last good checkpoint is step N in WORKDIR/checkpoints', or that there is none: what
+  is on disk, completed (not what was last asked to be saved: orbax saves in the background)."""
+  steps = _steps(epath.Path(workdir) / LATEST)
+  if not steps:
+    return f'no checkpoint was completed in {epath.Path(workdir) / LATEST} before it'
+  return f'the last good checkpoint is step {max(steps)} in {epath.Path(workdir) / LATEST}'
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error` (or what caused it) is a full disk or quota: OSError ENOSPC/EDQUOT, or
+  tensorstore's ValueError 'RESOURCE_EXHAUSTED: ... No space left on device' (not XLA's
+  RESOURCE_EXHAUSTED for device memory)."""
+  seen = 0
+  while error is not None and seen < 10:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if re.search(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'",
+                 str(error)):
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
+
+
+def disk_full_error(workdir, error: BaseException, mode: str) -> WorkdirError | None:
+  """The sentence for a run stopped by a full disk; None for any other error."""
+  if not is_disk_full(error):
+    return None
+  again = ('run the same command again: training resumes from it' if mode == 'train'
+           else 'run the same command again')
+  return WorkdirError(
+      f'The disk holding {workdir} is full (No space left on device): the {mode} run stopped; '
+      f'{last_good_checkpoint(workdir)}. Free space there (or copy the workdir to a larger '
+      f'disk and pass that --workdir) and {again}; the unfinished save is removed at the start.')
 
 
 def _steps(directory: epath.Path) -> list[int]:

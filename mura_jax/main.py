@@ -15,6 +15,7 @@ change is intended (it is then logged and recorded in the reports). Errors in th
 config or the workdir are printed as a sentence (exit 2); --verbose adds the traceback.
 """
 
+import contextlib
 import difflib
 import importlib.util
 import os
@@ -100,13 +101,28 @@ MODES = {'data': run_data, 'train': run_train, 'evaluate': run_evaluate, 'cam': 
 class _QuietLibraries:
   """Keeps orbax's and TFDS's per-operation INFO lines out of the run's log (warnings pass)."""
 
+  def __init__(self, verbose: bool = False):
+    self._verbose = verbose
+
   def filter(self, record):
     noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorflow_datasets', 'grain'))
+    if noisy and not self._verbose and _says_disk_full(record):
+      return False  # orbax's threads' tracebacks: run() says it in a sentence
     return record.levelno >= 30 or not noisy
 
 
+def _says_disk_full(record) -> bool:
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    text = record.getMessage()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  exc = record.exc_info[1] if record.exc_info else None
+  return checkpoints.is_disk_full(exc) or checkpoints.is_disk_full(RuntimeError(text))
+
+
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(_QuietLibraries(FLAGS.verbose))
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
@@ -119,15 +135,77 @@ def main(argv):
 
 
 def run(config, workdir):
-  """Checks what can be checked before any computation, then runs config.mode."""
-  from mura_jax import checkpoints, host, parallel  # pylint: disable=g-import-not-at-top
+  """Checks what can be checked before any computation, locks the workdir, then runs config.mode."""
+  from mura_jax import checkpoints, parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.configs import base  # pylint: disable=g-import-not-at-top
   from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if config.mode not in MODES:
     raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
   checkpoints.check_writable(workdir)  # not after an hour of evaluation
+  base.check_values(config)
   checkpoints.check_named_files(config)
   if config.mode in ('evaluate', 'cam', 'export'):
     checkpoints.check_inference_config(workdir, config)
+    checkpoints.check_has_checkpoints(workdir, config.mode)
+  with contextlib.ExitStack() as lock:
+    # One process: locked before JAX starts (on a GPU a second process would fail to allocate
+    # before it could say why). Several: process 0 locks once all have started.
+    distributed = _starts_distributed(config.get('distributed', 'auto'))
+    if not distributed:
+      lock.enter_context(_workdir_lock(workdir))
+    parallel.initialize_distributed(config.get('distributed', 'auto'))
+    if distributed:
+      _lock_workdir_on_process_0(lock, workdir)
+    _start(config)
+    try:
+      MODES[config.mode](config, workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      full = checkpoints.disk_full_error(workdir, e, config.mode)
+      if full is None:
+        raise
+      raise full from e
+
+
+def _workdir_lock(workdir):
+  from mura_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  from tfds_mura import folder_lock  # pylint: disable=g-import-not-at-top
+  return folder_lock.held(workdir, 'mura-jax run', error=WorkdirError)
+
+
+def _starts_distributed(mode: str, env=None) -> bool:
+  """Whether parallel.initialize_distributed(mode) will start jax.distributed (its rule)."""
+  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  env = os.environ if env is None else env
+  expected = parallel.expected_processes(env)
+  return mode == 'on' or (mode == 'auto' and (bool(env.get('JAX_COORDINATOR_ADDRESS'))
+                                               or (expected or 1) > 1))
+
+
+def _lock_workdir_on_process_0(stack: contextlib.ExitStack, workdir) -> None:
+  """Process 0 holds the workdir's lock for all (one lock file: every process writing its own
+  would refuse the others); the others learn whether it got it, and stop with it if not."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from mura_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  refusal = None
+  if jax.process_index() == 0:
+    try:
+      stack.enter_context(_workdir_lock(workdir))
+    except WorkdirError as e:
+      refusal = e
+  if jax.process_count() > 1 and bool(multihost_utils.broadcast_one_to_all(
+      np.int32(refusal is not None))):
+    raise refusal or WorkdirError(
+        f'{workdir} is in use by another run (process 0 found its lock, {workdir}/.mura-lock; its '
+        'log names the holder). One workdir holds one run at a time.')
+  if refusal is not None:
+    raise refusal
+
+
+def _start(config):
+  """The process-wide set-up every mode shares: logs, malloc, the compilation cache."""
+  from mura_jax import host, parallel  # pylint: disable=g-import-not-at-top
   if parallel.use_xla_cpu_convolutions():
     logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
                  parallel.CPU_CONVOLUTION_FLAG)
@@ -135,11 +213,9 @@ def run(config, workdir):
   if allocator:
     logging.info('malloc: %s, for XLA:CPU\'s step buffers (host.py; MURA_JAX_MALLOC=system '
                  'turns it off).', allocator)
-  parallel.initialize_distributed(config.get('distributed', 'auto'))
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')
   logging.info('Config:\n%s', config)
-  MODES[config.mode](config, workdir)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -160,12 +236,37 @@ def parse_flags(argv: list[str]) -> list[str]:
   if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
     print(help_text(_config_path(argv)))
     sys.exit(0)
+  config_file = _config_path(argv).partition(':')[0]
+  if not os.path.isfile(config_file):
+    _exit(f'error: --config {config_file}: no such config file. Pass a Python file with '
+          f'get_config(): the repository\'s configs/ has {", ".join(_repository_configs())}; '
+          'without --config the demo runs.')
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
+    FLAGS.config  # pylint: disable=pointless-statement  (ml_collections loads it here)
+    return remaining
   except flags.Error as e:
     _exit(f'error: {e}\n`python -m mura_jax.main --help` lists the flags and config keys.')
   except (AttributeError, KeyError) as e:  # ml_collections, on an override of a missing key
     _exit(_unknown_key_message(argv) or f'error: {e}')
+  except Exception as e:  # pylint: disable=broad-except
+    line = _line_in(e, config_file)
+    if line is None or '--verbose' in argv:
+      raise
+    _exit(f'error: --config {config_file} failed at line {line}: {type(e).__name__}: {e}\n'
+          '(--verbose prints the traceback.)')
+
+
+def _line_in(error: BaseException, path: str) -> int | None:
+  """The line of `path` where `error` was raised (a config file's own bug), or None."""
+  if isinstance(error, SyntaxError) and os.path.abspath(error.filename or '') == os.path.abspath(
+      path):
+    return error.lineno
+  line = None
+  for frame, lineno in traceback.walk_tb(error.__traceback__):
+    if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(path):
+      line = lineno
+  return line
 
 
 def _exit(message: str):
@@ -230,19 +331,22 @@ def help_text(config_path: str) -> str:
     rows = [(key, repr(value), comments.get(key, '')) for key, value in _flatten(config)]
     width = max(len(k) + len(v) for k, v, _ in rows) + 5
     keys = '\n'.join(f'  {f"--config.{k}={v}":<{width + 10}} {c}'.rstrip() for k, v, c in rows)
-  repository_configs = os.path.join(os.path.dirname(os.path.dirname(_DEMO_CONFIG)), '..',
-                                    'configs')
-  configs = sorted(f for f in os.listdir(repository_configs) if f.endswith('.py')) if (
-      os.path.isdir(repository_configs)) else []
+  configs = _repository_configs()
   return '\n'.join([
       __doc__.strip(), '',
       'Flags:',
-      '  --config=FILE      a config (repository configs/: '
-      + (', '.join(configs) if configs else 'densenet169.py, demo.py, ...') + ')',
+      '  --config=FILE      a config (repository configs/: ' + ', '.join(configs) + ')',
       '  --workdir=DIR      checkpoints, metrics, reports (required)',
       '  --verbose          tracebacks of input, config and workdir errors too',
       '  --helpfull         absl\'s own flags (logging, ...)', '',
       f'Config keys and their values in {config_path}:', keys])
+
+
+def _repository_configs() -> list[str]:
+  folder = os.path.join(os.path.dirname(os.path.dirname(_DEMO_CONFIG)), '..', 'configs')
+  found = sorted(f for f in os.listdir(folder) if f.endswith('.py')) if (
+      os.path.isdir(folder)) else []
+  return found or ['densenet169.py', 'demo.py', '...']
 
 
 def _flatten(config, prefix=''):

@@ -19,6 +19,7 @@ preemption continues exactly where it stopped. The validation at the end of ever
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -51,7 +52,11 @@ from mura_jax import step_cache
 from mura_jax import studies
 from mura_jax.models import densenet
 from mura_jax.models import weights as weights_lib
-from mura_jax.errors import ConfigError
+from mura_jax.errors import ConfigError, UserError
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+  """The loss or the state became NaN or infinite; the message names the last good checkpoint."""
 
 
 @flax.struct.dataclass
@@ -423,6 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = create_model(config)
   signature = checkpoints.model_signature(config)
+  if jax.process_index() == 0:  # this run holds the workdir (main.py's lock): no save is live
+    checkpoints.remove_partial_saves(workdir)
   latest, best = checkpoints.managers(workdir, config)
   # A continued run must have the config it started with (or say the change is intended).
   checkpoints.record_config(workdir, config, continuing=latest.latest_step() is not None)
@@ -452,23 +459,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   bar = tqdm(total=total_steps, initial=progress['step'], unit='step', disable=not is_main,
              desc='train', dynamic_ncols=True)
-  last_saved_step = progress['step']
+
+  def last_good():
+    """What is on disk, once the save in flight (orbax saves in the background) is done."""
+    try:
+      latest.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  (a failed save: the disk tells what is kept)
+      pass
+    return checkpoints.last_good_checkpoint(workdir)
 
   def checkpoint(epoch, batch_in_epoch):
     """Saves a resumable checkpoint, never of a non-finite state (the last good one stays)."""
-    nonlocal last_saved_step
     step = int(state.step)
     # The plateau state is left out: its best value starts at +inf by design.
     if not bool(all_finite((state.params, state.batch_stats, state.opt_state))):
-      raise FloatingPointError(
-          f'The training state is not finite at step {step} (epoch {epoch}); nothing was saved. '
-          f'The last good checkpoint (step {last_saved_step}) is kept in {workdir}/checkpoints. '
-          'Lower --config.optimizer.learning_rate or check the input data.')
+      raise TrainingDivergedError(
+          f'The training state is not finite at step {step} (epoch {epoch}); nothing was saved: '
+          f'{last_good()}. Lower --config.optimizer.learning_rate or check the input data.')
     progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
     checkpoints.save_state(latest, state, dict(progress))
-    last_saved_step = step
 
-  with Preemption(latest) as preemption:
+  with Preemption(latest) as preemption, _finishing_saves_on_a_full_disk(latest):
     for epoch in range(progress['epoch'], config.train.num_epochs):
       start_batch = progress['batch_in_epoch'] if epoch == progress['epoch'] else 0
       batches = input_pipeline.train_batches(
@@ -494,10 +505,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.train.log_every_steps == 0 or batch_in_epoch + 1 == steps_per_epoch:
           loss = float(metrics['loss'])
           if not math.isfinite(loss):
-            raise FloatingPointError(
-                f'The training loss is {loss} at step {step} (epoch {epoch}). Stopped; the last good '
-                f'checkpoint (step {last_saved_step}) is kept in {workdir}/checkpoints. Lower '
-                '--config.optimizer.learning_rate or check the input data.')
+            raise TrainingDivergedError(
+                f'The training loss is {loss} at step {step} (epoch {epoch}). Stopped: '
+                f'{last_good()}. Lower --config.optimizer.learning_rate or check the input data.')
           lr = config.optimizer.learning_rate * float(metrics['learning_rate_scale'])
           images_per_second = ((step - tick_step) * config.train.global_batch_size /
                                max(time.time() - tick, 1e-9))
@@ -519,8 +529,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       predictions = validate(steps, state, valid_source, config)
       validation_loss = float(np.mean(predictions['loss']))
       if not math.isfinite(validation_loss):
-        raise FloatingPointError(f'The validation loss is {validation_loss} after epoch {epoch}; '
-                                 f'the last good checkpoint (step {last_saved_step}) is kept.')
+        raise TrainingDivergedError(f'The validation loss is {validation_loss} after epoch '
+                                    f'{epoch}. Stopped: {last_good()}. Lower '
+                                    '--config.optimizer.learning_rate or check the input data.')
       _, plateau_state = plateau.update(updates={}, state=state.plateau_state, value=validation_loss)
       state = state.replace(plateau_state=jax.device_put(plateau_state, parallel.replicated(mesh)))
       report = study_metrics(valid_index, predictions['probability'], config)
@@ -546,6 +557,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best.wait_until_finished()
   return {'status': 'done', 'step': int(state.step), 'best_step': best.best_step(),
           'best_validation_loss': progress['best_validation_loss']}
+
+
+@contextlib.contextmanager
+def _finishing_saves_on_a_full_disk(manager):
+  """On a full disk, the save in flight ends before the error goes up: main.py's sentence then
+  names the last checkpoint that is complete on disk."""
+  try:
+    yield
+  except Exception as e:
+    if checkpoints.is_disk_full(e):
+      try:
+        manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except  (that save failed too: the disk tells)
+        pass
+    raise
 
 
 def _fmt(value):

@@ -8,6 +8,22 @@ the traceback only with --verbose. The README's "When something is wrong" sectio
     --config.trian.num_epochs=1                   ... has no key 'trian' (did you mean train?)
     --config.train.num_epochs=abc                 error: flag --config.train.num_epochs=abc: ...
     --config.mode=fly                             error: config.mode='fly'; expected one of data, ...
+    --config nope.py                              error: --config nope.py: no such config file ...
+    a config file that raises (line N)            error: --config F failed at line N: ...
+    --config.train.global_batch_size=0 (any       error: config.train.global_batch_size=0;
+      numeric key out of its range)                 expected an integer >= 1 (default: ...)
+    --config.optimizer.learning_rate=nan          error: config.optimizer.learning_rate=nan;
+                                                    expected a finite number > 0 (default: ...)
+    --config.data.image_size=0                    ... expected an integer >= 8 (custom with 2 dense
+                                                    blocks makes feature maps 1/8 of it) ...
+    --config.model.dtype=float8                   error: config.model.dtype='float8'; expected one
+                                                    of float32, bfloat16, float16 ...
+    evaluate/cam/export on a workdir without      error: DIR has no checkpoints: evaluate reads a
+      checkpoints                                   trained model ... Train first ...
+    a second run on a workdir in use              error: DIR is in use by another mura-jax run:
+                                                    pid N on host H, started ... (test_workdir_lock)
+    the disk full while saving                    error: The disk holding DIR is full ... the last
+                                                    good checkpoint is step N ... (test_train.py)
     a workdir that cannot be written              error: Cannot write to DIR (...) ... pass a --workdir
     a finished run continued with another config  error: DIR holds a run trained with another config
     evaluate/cam/export with another image size   error: The checkpoints in DIR were trained with ...
@@ -34,6 +50,7 @@ from mura_jax import checkpoints
 from mura_jax import evaluation
 from mura_jax import input_pipeline
 from mura_jax import loss as loss_lib
+from mura_jax import main
 from mura_jax import train
 from mura_jax.errors import ConfigError, UserError
 
@@ -110,6 +127,82 @@ def test_unknown_mode_lists_the_modes(tmp_path):
   verbose = run_main('--workdir', str(tmp_path), '--config.mode=fly', '--verbose')
   assert verbose.returncode != 0 and 'Traceback' in verbose.stderr
   assert 'ConfigError' in verbose.stderr
+
+
+def test_a_config_file_that_does_not_exist_or_raises(tmp_path):
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config', 'nope.py')
+  assert_user_error(out, "error: --config nope.py: no such config file. Pass a Python file with "
+                    "get_config(): the repository's configs/ has demo.py, densenet169.py")
+  assert len(out.stderr.strip().splitlines()) == 1
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config():\n  return 1 / 0\n')
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config', str(broken))
+  assert_user_error(out, f'error: --config {broken} failed at line 2: ZeroDivisionError: '
+                    'division by zero', '--verbose prints the traceback')
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('train.global_batch_size', 0, 'an integer >= 1 (default: --config.train.global_batch_size=8)'),
+    ('train.global_batch_size', -8, 'an integer >= 1'),
+    ('evaluation.global_batch_size', 0, 'an integer >= 1'),
+    ('train.per_device_batch_size', -1, 'an integer >= 0 (0: use the global batch size)'),
+    ('data.image_size', 0, 'an integer >= 8 (custom with 2 dense blocks makes feature maps 1/8 '
+                           'of it) (default: --config.data.image_size=224)'),
+    ('optimizer.learning_rate', float('nan'), 'a finite number > 0 (default: '
+                                             '--config.optimizer.learning_rate=0.0001)'),
+    ('optimizer.learning_rate', 0.0, 'a finite number > 0'),
+    ('optimizer.learning_rate', float('inf'), 'a finite number > 0'),
+    ('train.num_epochs', 0, 'an integer >= 1'),
+    ('model.dtype', 'float8', 'one of float32, bfloat16, float16 (the compute dtype; parameters '
+                              'stay float32)'),
+    ('optimizer.b1', 1.0, 'a finite number in [0, 1)'),
+    ('data.rotation_degrees', -5.0, 'a finite number in [0, 180]'),
+    ('train.keep_best', 0, 'an integer >= 1'),
+    ('model.block_config', (2, 0), 'dense layers per block, integers >= 1'),
+])
+def test_a_bad_value_is_one_sentence_naming_the_key_before_any_work(tmp_path, key, value, message):
+  config = _tiny(tmp_path)
+  section, name = key.split('.')
+  config[section][name] = value
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError) as error:
+    main.run(config, str(workdir))
+  assert str(error.value).startswith(f'config.{key}={value!r}; expected '), str(error.value)
+  assert message in str(error.value)
+  assert list(workdir.iterdir()) == []  # nothing written, no lock left
+
+
+def _tiny(tmp_path):
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)
+  config.data.image_size = 32
+  return config
+
+
+def test_a_bad_value_on_the_command_line_exits_with_the_sentence(tmp_path):
+  out = run_main('--workdir', str(tmp_path / 'run'), '--config.optimizer.learning_rate=nan')
+  assert_user_error(out, 'error: config.optimizer.learning_rate=nan; expected a finite number > 0')
+  assert 'checkpoint' not in out.stderr  # no checkpoint named: none exists
+  assert not (tmp_path / 'run' / 'synthetic').exists()  # refused before the demo's data
+
+
+@pytest.mark.parametrize('mode', ['evaluate', 'cam', 'export'])
+def test_a_workdir_without_checkpoints_says_train_first(tmp_path, mode):
+  workdir = tmp_path / 'run'
+  config = _tiny(tmp_path)
+  config.mode = mode
+  config.evaluation.ensemble = 5  # not "0 checkpoints, fewer than the 5 asked for"
+  with pytest.raises(checkpoints.CheckpointNotFoundError) as error:
+    main.run(config, str(workdir))
+  assert str(error.value) == (
+      f'{workdir} has no checkpoints: {mode} reads a trained model from its workdir. Train first '
+      f'with the same --workdir (--config.mode=train, with the config you will {mode} with), or '
+      'pass the --workdir of a trained run.')
+  assert list(workdir.iterdir()) == []
+  # The same from the ensemble's own look-up (another workdir of config.evaluation.workdirs).
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match='has no checkpoints'):
+    checkpoints.best_steps(workdir, 5)
 
 
 # ------------------------------------------------------------------------------------------------

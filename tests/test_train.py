@@ -1,5 +1,6 @@
 """Training as in the paper: the loss, the schedule, sharding, exact resume, and its errors."""
 
+import errno
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from mura_jax import parallel
 from mura_jax import studies
 from mura_jax import train
 from mura_jax.configs import base
+from mura_jax.errors import UserError, WorkdirError
 
 
 def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
@@ -351,8 +353,14 @@ def test_evaluate_best_checkpoint_writes_the_report(straight_run, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_error(mura_data_dir, tmp_path):
   config = tiny_config(mura_data_dir, **{'optimizer.learning_rate': 1e30, 'train.num_epochs': 1})
-  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+  with pytest.raises(train.TrainingDivergedError) as error:
     train.train_and_evaluate(config, str(tmp_path))
+  assert isinstance(error.value, FloatingPointError) and isinstance(error.value, UserError)
+  # It names the checkpoint that is on disk, or says there is none (never a step 0 that is not).
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert (f'the last good checkpoint is step {saved[-1]} in {tmp_path}/checkpoints' if saved else
+          f'no checkpoint was completed in {tmp_path}/checkpoints') in str(error.value)
+  assert 'Lower --config.optimizer.learning_rate' in str(error.value)
 
 
 def test_a_non_finite_state_is_never_checkpointed(mura_data_dir, tmp_path, monkeypatch):
@@ -375,13 +383,73 @@ def test_a_non_finite_state_is_never_checkpointed(mura_data_dir, tmp_path, monke
     return steps
 
   monkeypatch.setattr(train, 'compile_steps', poisoned)
-  with pytest.raises(FloatingPointError, match=r'not finite at step 6.*last good checkpoint '
-                                               r'\(step 3\)'):
+  with pytest.raises(FloatingPointError, match=r'not finite at step 6 .*nothing was saved: the '
+                                               r'last good checkpoint is step 3 in '):
     train.train_and_evaluate(config, str(tmp_path))
   latest, best = checkpoints.managers(tmp_path, config)
   assert latest.all_steps() == [3] and best.all_steps() == []
   state, _ = _latest_params(tmp_path, config)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize('error,failing_save', [
+    (OSError(errno.ENOSPC, 'No space left on device'), 2),
+    # What orbax's tensorstore raises (orbax 0.12.8, measured on a full tmpfs).
+    (ValueError('RESOURCE_EXHAUSTED: Error writing "a/0.0" in OCDBT database at local file: Failed '
+                'to write 1251473 bytes to file 4: No space left on device [os_error_code=\'28\']'),
+     1)])
+def test_a_full_disk_is_a_sentence_and_the_next_run_cleans_up(mura_data_dir, tmp_path, monkeypatch,
+                                                              caplog, error, failing_save):
+  from mura_jax import main  # pylint: disable=g-import-not-at-top
+  config = tiny_config(mura_data_dir, **{'train.num_epochs': 1, 'train.checkpoint_every_steps': 2,
+                                         'train.log_every_steps': 1000})
+  workdir = tmp_path / 'run'
+  real_save, saves = checkpoints.save_state, []
+
+  def save_on_a_disk_that_fills(manager, state, progress):
+    saves.append(progress['step'])
+    if len(saves) == failing_save:  # orbax leaves the step's temporary folder when it fails
+      (manager.directory / f'{progress["step"]}.orbax-checkpoint-tmp').mkdir()
+      raise error
+    real_save(manager, state, progress)
+
+  monkeypatch.setattr(checkpoints, 'save_state', save_on_a_disk_that_fills)
+  with pytest.raises(WorkdirError) as stopped:
+    main.run(config, str(workdir))
+  last = (f'the last good checkpoint is step {saves[0]} in {workdir}/checkpoints. '
+          if failing_save == 2 else
+          f'no checkpoint was completed in {workdir}/checkpoints before it. ')
+  assert str(stopped.value).startswith(
+      f'The disk holding {workdir} is full (No space left on device): the train run stopped; '
+      f'{last}Free space there'), str(stopped.value)
+  assert str(stopped.value).endswith('run the same command again: training resumes from it; '
+                                     'the unfinished save is removed at the start.')
+  assert stopped.value.__cause__ is error
+  assert not (workdir / '.mura-lock').exists()
+  partial = workdir / 'checkpoints' / f'{saves[-1]}.orbax-checkpoint-tmp'
+  assert partial.exists()
+  # The next run removes the unfinished save, saying so, and resumes from the last good one.
+  monkeypatch.setattr(checkpoints, 'save_state', real_save)
+  with caplog.at_level('WARNING'):
+    assert train.train_and_evaluate(config, str(workdir))['status'] == 'done'
+  assert 'Removed 1 unfinished checkpoint save(s) left by an earlier run' in caplog.text
+  assert str(partial) in caplog.text and not partial.exists()
+  assert not list(workdir.glob('*/*.orbax-checkpoint-tmp*'))
+
+
+def test_orbax_disk_full_tracebacks_are_left_to_the_sentence():
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from mura_jax import main  # pylint: disable=g-import-not-at-top
+  def record(message):
+    return absl_logging.logging.LogRecord(
+        'absl', 40, '/venv/site-packages/orbax/checkpoint/_src/futures/future.py', 1, message,
+        None, None)
+  full = record("_SignalingThread.run() raised: RESOURCE_EXHAUSTED: ... No space left on device "
+                "[os_error_code='28']")
+  other = record('_SignalingThread.run() raised: PERMISSION_DENIED')
+  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  assert not quiet.filter(full) and quiet.filter(other)
+  assert main._QuietLibraries(verbose=True).filter(full)  # pylint: disable=protected-access
 
 
 def test_unbuilt_dataset_says_how_to_build_it(tmp_path):

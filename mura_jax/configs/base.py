@@ -4,6 +4,9 @@ Configs (the files users pass to --config, in the repository's configs/ folder, 
 demo here) start from `base_config()` and override what differs.
 """
 
+import functools
+import math
+
 import ml_collections
 
 
@@ -111,3 +114,113 @@ def base_config() -> ml_collections.ConfigDict:
   config.export.checkpoint = 'best'  # best | latest | a step
   config.export.dir = ''             # '' = WORKDIR/export
   return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The values each key allows, checked by main.py before any work: a bad one is a sentence naming
+# the key, not a ZeroDivisionError an hour later. (evaluation.*'s other keys: evaluation.py.)
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _range_text(low, high, low_open, high_open) -> str:
+  if high is None:
+    return f'{">" if low_open else ">="} {low}'
+  return f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+
+
+def _check_number(config, key: str, *, integer: bool, low, high=None, low_open=False,
+                  high_open=False, why: str = '') -> None:
+  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  section, _, name = key.rpartition('.')
+  node = config[section] if section else config
+  if name not in node:
+    return
+  value = node[name]
+  kind = 'an integer' if integer else 'a finite number'
+  allowed = f'{kind} {_range_text(low, high, low_open, high_open)}'
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if ok and not isinstance(value, bool):
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+      ok = value < high if high_open else value <= high
+  else:
+    ok = False
+  if not ok:
+    default = base_config()
+    for part in key.split('.'):
+      default = default[part]
+    raise ConfigError(f'config.{key}={value!r}; expected {allowed}{why} (default: '
+                      f'--config.{key}={default}).')
+
+
+def _check_choice(config, key: str, choices, why: str = '') -> None:
+  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  section, _, name = key.rpartition('.')
+  if name not in config[section]:
+    return
+  value = config[section][name]
+  if value not in choices:
+    raise ConfigError(f'config.{key}={value!r}; expected one of {", ".join(map(str, choices))}'
+                      f'{why}.')
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises errors.ConfigError naming the first key whose value cannot be used, and what it
+  allows. Only the values: files are checked by checkpoints.check_named_files."""
+  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from mura_jax.models.densenet import ARCHS  # pylint: disable=g-import-not-at-top
+  integer = functools.partial(_check_number, config, integer=True)
+  number = functools.partial(_check_number, config, integer=False)
+  for key in ('train.global_batch_size', 'evaluation.global_batch_size'):
+    integer(key, low=1)
+  for key in ('train.per_device_batch_size', 'evaluation.per_device_batch_size'):
+    integer(key, low=0, why=' (0: use the global batch size)')
+  integer('train.num_epochs', low=1)
+  integer('train.log_every_steps', low=1)
+  integer('train.checkpoint_every_steps', low=0, why=' (0: only at the end of each epoch)')
+  integer('train.keep_checkpoints', low=1)
+  integer('train.keep_best', low=1)
+  number('optimizer.learning_rate', low=0, low_open=True)
+  number('optimizer.b1', low=0, high=1, high_open=True)
+  number('optimizer.b2', low=0, high=1, high_open=True)
+  number('optimizer.eps', low=0, low_open=True)
+  number('optimizer.plateau_factor', low=0, high=1, low_open=True)
+  integer('optimizer.plateau_patience', low=0)
+  number('optimizer.plateau_rtol', low=0)
+  integer('optimizer.reference_batch_size', low=1)
+  _check_choice(config, 'optimizer.lr_scaling', ('none', 'sqrt'))
+  integer('seed', low=0)
+  integer('data.synthetic_studies_per_part', low=1)
+  integer('data.synthetic_valid_studies_per_part', low=1)
+  integer('data.synthetic_seed', low=0)
+  integer('data.build_workers', low=0, why=' (0: all cores)')
+  integer('data.num_workers', low=0, why=' (0: read in the main process)')
+  number('data.rotation_degrees', low=0, high=180)
+  _check_choice(config, 'data.resize', ('squash', 'pad'))
+  m = config.model
+  _check_choice(config, 'model.arch', (*ARCHS, 'custom'))
+  _check_choice(config, 'model.dtype', DTYPES, ' (the compute dtype; parameters stay float32)')
+  _check_choice(config, 'model.in_channels', (1, 3))
+  number('model.drop_rate', low=0, high=1, high_open=True)
+  integer('model.scan_segment', low=0, why=' (0: no scan)')
+  integer('model.unrolled_blocks', low=0)
+  if m.arch == 'custom':
+    integer('model.growth_rate', low=1)
+    integer('model.num_init_features', low=1)
+    integer('model.bn_size', low=1)
+    blocks = m.block_config
+    if (not isinstance(blocks, (tuple, list)) or not blocks
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)):
+      raise ConfigError(f'config.model.block_config={blocks!r}; expected dense layers per block, '
+                        'integers >= 1, e.g. (6, 12, 32, 32) (densenet169).')
+  num_blocks = len(ARCHS[m.arch]['block_config'] if m.arch in ARCHS else m.block_config)
+  # conv0 and the max pool halve the input, each transition halves it again: below this size a
+  # feature map would be empty.
+  smallest = 4 * 2 ** (num_blocks - 1)
+  integer('data.image_size', low=smallest,
+          why=f' ({m.arch} with {num_blocks} dense blocks makes feature maps 1/{smallest} of it)')
+  kind, _, path = str(m.init).partition(':')
+  if m.init != 'random' and (kind not in ('torchvision', 'keras') or not path):
+    raise ConfigError(f'config.model.init={m.init!r}; expected random, torchvision:PATH (a .pth '
+                      'or .safetensors file) or keras:PATH (a .h5 file).')
