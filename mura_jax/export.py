@@ -27,9 +27,12 @@ writes WORKDIR/export/ (`config.export.dir` to choose another folder):
                          validation metrics with CIs, reference figures, limitations, licence terms.
   export.json            format version, files with sha256, checkpoint, spec.
 
-An export is written into a temporary folder beside the target and renamed into place when
-complete, so a partial export never looks like one. `load(EXPORT_DIR)` reads one back for
-`mura-predict --model EXPORT_DIR`.
+An export is written into a staging folder beside the target (`.export.partial-HOST-PID-XXXXXXXX`)
+and renamed into place when complete, so a partial export never looks like one; a staging folder
+left by an export that was killed is removed by the next export to the same folder (a note says
+so). What may be replaced is checked before any work (`check_out_dir`): only an empty folder or a
+previous export of mura-jax. `load(EXPORT_DIR)` reads one back for `mura-predict --model
+EXPORT_DIR`; a damaged export.json or model_card.json is named, with what to do.
 """
 
 from __future__ import annotations
@@ -39,14 +42,17 @@ import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import uuid
 
+from absl import logging
 import jax
 import numpy as np
 from etils import epath
 
 from mura_jax import preprocessing as preprocessing_lib
-from mura_jax.errors import UserError
+from mura_jax.errors import UserError, write_problem
 
 FORMAT_VERSION = 1
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -250,18 +256,31 @@ def export_saved_model(serve, variables, spec: preprocessing_lib.Preprocessing,
 # The model card.
 
 
-def _validation_metrics(workdir, step: int) -> dict | None:
-  """Per body part F1 / kappa / AUROC with CIs from the workdir's validation report of `step`."""
+def _validation_report(workdir) -> dict | None:
+  """What the model card copies of the workdir's validation report (and the step it scored),
+  read before any work: a damaged one is named (ExportError), not found after the artifacts."""
   path = epath.Path(workdir) / 'eval' / 'validation' / 'report.json'
   if not path.exists():
     return None
-  report = json.loads(path.read_text())
-  if (report.get('checkpoint') or {}).get('step') != step:
+  what_to_do = ('evaluate again (--config.mode=evaluate) to rewrite it, or delete it (the model '
+                'card then has no validation metrics)')
+  try:
+    report = json.loads(path.read_bytes())
+    step = (report.get('checkpoint') or {}).get('step')
+    copied = {'report': os.fspath(path), 'step': step, 'num_studies': report['num_studies'],
+              'bootstrap': report['bootstrap'], 'operating_points': report['operating_points'],
+              'groups': {group: {m: entry['metrics'][m] for m in ('f1', 'kappa', 'auroc')}
+                         for group, entry in report['groups'].items()}}
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ExportError(f'{path} is damaged ({type(e).__name__}: {e}); {what_to_do}.') from e
+  return copied
+
+
+def _validation_metrics(report: dict | None, step: int) -> dict | None:
+  """Per body part F1 / kappa / AUROC with CIs of the validation report, if it scored `step`."""
+  if report is None or report['step'] != step:
     return None
-  return {'report': os.fspath(path), 'num_studies': report['num_studies'],
-          'bootstrap': report['bootstrap'], 'operating_points': report['operating_points'],
-          'groups': {group: {m: entry['metrics'][m] for m in ('f1', 'kappa', 'auroc')}
-                     for group, entry in report['groups'].items()}}
+  return {k: v for k, v in report.items() if k != 'step'}
 
 
 def _training_data(config) -> dict | None:
@@ -368,27 +387,194 @@ def format_card(card: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # Writing an export folder, and reading one back.
 
+AGAIN = ('export the checkpoint again (python -m mura_jax.main --workdir WORKDIR '
+         '--config.mode=export), or copy the whole export folder again')
+
+
+def read_json(path, required: tuple[str, ...] = (), what_to_do: str = AGAIN + '.') -> dict:
+  """A JSON object file of an export (export.json, model_card.json) with `required` keys; a file
+  that is not one raises ExportError naming it and saying what to do."""
+  path = epath.Path(path)
+  try:
+    data = json.loads(path.read_bytes())
+  except ValueError as e:  # not JSON, not UTF-8
+    raise ExportError(f'{path} is damaged (not JSON: {e}); {what_to_do}') from e
+  if not isinstance(data, dict):
+    raise ExportError(f'{path} is damaged (not a JSON object); {what_to_do}')
+  missing = [k for k in required if k not in data]
+  if missing:
+    raise ExportError(f'{path} is damaged (no {", ".join(missing)}); {what_to_do}')
+  return data
+
+
+def read_model_card(folder) -> dict:
+  """model_card.json of an export folder; its 'validation' is None or holds 'operating_points'
+  (what mura-predict --model reads). Damaged: ExportError naming the file."""
+  path = epath.Path(folder) / 'model_card.json'
+  if not path.exists():
+    raise ExportError(f'{folder} has no model_card.json; {AGAIN}.')
+  card = read_json(path, ('validation',))
+  validation = card['validation']
+  if validation is not None and not (isinstance(validation, dict)
+                                     and isinstance(validation.get('operating_points'), list)):
+    raise ExportError(f'{path} is damaged (its validation has no operating_points); {AGAIN}.')
+  return card
+
+
+def _same_path(a: epath.Path, b: epath.Path) -> bool:
+  return _resolved(a) == _resolved(b)
+
+
+def _resolved(path: epath.Path) -> str:
+  text = os.fspath(path)
+  return text.rstrip('/') if '://' in text else os.path.realpath(text)
+
+
+def _inside(path: epath.Path, folder: epath.Path) -> bool:
+  """Whether `path` is `folder` or under it (links resolved)."""
+  path, folder = _resolved(path), _resolved(folder)
+  return path == folder or path.startswith(folder.rstrip('/') + '/')
+
+
+def check_out_dir(out_dir, workdir) -> None:
+  """Raises ExportError, before any work, when writing the export to `out_dir` could destroy
+  anything. The rules:
+  - `out_dir` must not be an existing file;
+  - it must not be the workdir or a folder above it, nor be inside the workdir's checkpoint
+    folders: the export replaces its folder as a whole;
+  - an existing `out_dir` is replaced only when it is empty or a previous export of mura-jax:
+    an export.json (a JSON object with format_version and files) no newer than this mura-jax
+    writes, and nothing in the folder but the files it lists and saved_model/;
+  - the folder it goes in can be written.
+  A staging folder of a killed export beside it is not a problem: `export` removes it."""
+  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  out_dir, workdir = epath.Path(out_dir), epath.Path(workdir)
+  named = f'The export folder {out_dir} (--config.export.dir)'
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ExportError(f'{named} is a file, not a folder; give a folder (created if missing) that '
+                      'holds nothing else.')
+  if _inside(workdir, out_dir):
+    raise ExportError(f'{named} holds the workdir {workdir}, its checkpoints included; the export '
+                      'replaces its folder as a whole: give a folder of its own (the default is '
+                      f'{workdir / "export"}).')
+  for kept in (checkpoints.LATEST, checkpoints.BEST):
+    if _inside(out_dir, workdir / kept):
+      raise ExportError(f'{named} is inside the checkpoint folder {workdir / kept}; give a folder '
+                        f'of its own (the default is {workdir / "export"}).')
+  if out_dir.is_dir():
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries:
+      if 'export.json' not in entries:
+        raise ExportError(f'{named} holds {_listed(entries)} and is not an export of mura-jax (no '
+                          'export.json); the export replaces its folder as a whole: give an '
+                          'empty or new folder, or move those files.')
+      manifest = _previous_manifest(out_dir)
+      others = [e for e in entries
+                if e not in manifest['files'] and e not in ('export.json', 'saved_model')]
+      if others:
+        raise ExportError(f'{named} holds {_listed(others)}, which no export wrote; the export '
+                          'replaces its folder as a whole: move them, or give another folder.')
+  problem = write_problem(out_dir.parent)
+  if problem is not None:
+    raise ExportError(f'{named}: cannot write in {out_dir.parent} '
+                      f'({getattr(problem, "strerror", None) or problem}); give a folder you can '
+                      'write to.')
+
+
+def _listed(names: list[str]) -> str:
+  return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+
+
+def _previous_manifest(out_dir: epath.Path) -> dict:
+  """export.json of the export in `out_dir`, which is to be replaced: readable, and not newer."""
+  path = out_dir / 'export.json'
+  not_replaced = (f'{out_dir} is not replaced, as it cannot be told from other files: delete it '
+                  'yourself if it is an old export, or give another folder (--config.export.dir).')
+  manifest = read_json(path, what_to_do=not_replaced)
+  found = manifest.get('format_version')
+  if isinstance(found, int) and found > FORMAT_VERSION:
+    raise ExportError(f'{out_dir} holds an export of format {found}, newer than this mura-jax '
+                      f'writes ({FORMAT_VERSION}): upgrade mura-jax, or export to another '
+                      'folder (--config.export.dir).')
+  if not isinstance(found, int) or not isinstance(manifest.get('files'), dict):
+    raise ExportError(f'{path} is damaged (no format_version and files of an export); '
+                      f'{not_replaced}')
+  return manifest
+
+
+def _temporary(out_dir: epath.Path, kind: str) -> epath.Path:
+  """A folder beside out_dir named for this process: `.NAME.KIND-HOST-PID-XXXXXXXX`."""
+  host = re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname()) or 'host'
+  return out_dir.parent / f'.{out_dir.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+
+
+def _alive(host: str | None, pid: int | None) -> bool:
+  """Whether the process that named a temporary folder may still be writing it: a live process
+  on this host; another host's only while this run has several processes (one of them may be
+  it); an old-style name (no host) never."""
+  if host is None:
+    return False
+  if host != re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname()):
+    return jax.process_count() > 1
+  if pid == os.getpid():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # another user's live process
+    return True
+  return True
+
+
+def clear_leftovers(out_dir) -> list[str]:
+  """Removes what a killed export left beside `out_dir`: staging folders (`.NAME.partial-...`),
+  and the previous export it was replacing (`.NAME.old-...`), put back when `out_dir` is gone.
+  Folders of an export still running are left. Returns the notes (also logged)."""
+  out_dir = epath.Path(out_dir)
+  if not out_dir.parent.exists():
+    return []
+  pattern = re.compile(rf'^\.{re.escape(out_dir.name)}\.(partial|old)-'
+                       r'(?:(.+)-(\d+)-)?[0-9a-f]{8}$')
+  notes = []
+  for path in sorted(out_dir.parent.iterdir()):
+    match = pattern.match(path.name)
+    if not match or not path.is_dir():
+      continue
+    kind, host, pid = match.group(1), match.group(2), match.group(3)
+    if _alive(host, None if pid is None else int(pid)):
+      notes.append(f'{path} belongs to an export still running (process {pid} on {host}); left.')
+    elif kind == 'old' and not out_dir.exists():
+      path.rename(out_dir)
+      notes.append(f'{path} held the previous export of {out_dir}, moved away by an export that '
+                   'was stopped; put back.')
+    else:
+      path.rmtree()
+      notes.append(f'Removed {path}, left by an export that was stopped before it finished.')
+  for note in notes:
+    logging.warning('%s', note)
+  return notes
+
 
 def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dict:
   """Writes every artifact of a checkpoint to `out_dir` (default WORKDIR/export); returns
-  export.json's content. Errors: no checkpoint, another model's checkpoint, a newer export."""
+  export.json's content. Errors (ExportError unless said): an out_dir `check_out_dir` refuses, no
+  checkpoint or another model's checkpoint (checkpoints' errors), a newer export there, a disk
+  that fills up (nothing left behind; the previous export stays)."""
   from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from mura_jax import inference  # pylint: disable=g-import-not-at-top
   out_dir = epath.Path(out_dir or epath.Path(workdir) / 'export')
-  if (out_dir / 'export.json').exists():
-    found = json.loads((out_dir / 'export.json').read_text()).get('format_version', 0)
-    if found > FORMAT_VERSION:
-      raise ExportError(f'{out_dir} holds an export of format {found}, newer than this mura-jax '
-                        f'writes ({FORMAT_VERSION}): upgrade mura-jax, or export to another '
-                        'folder (--config.export.dir).')
+  clear_leftovers(out_dir)  # first: a previous export moved away comes back to be checked
+  check_out_dir(out_dir, workdir)
+  validation_report = _validation_report(workdir)
   predictor = inference.Predictor.from_workdir(workdir, which, config=config)
   written = checkpoints.read_config(workdir)
   if written is not None:
     written.workdir = os.fspath(workdir)
   spec_ = {'model': predictor.spec['model'], 'preprocessing': predictor.spec['preprocessing']}
-  staging = out_dir.parent / f'.{out_dir.name}.partial-{uuid.uuid4().hex[:8]}'
-  staging.mkdir(parents=True)
+  staging = _temporary(out_dir, 'partial')
   try:
+    staging.mkdir(parents=True)
     variables = jax.device_get(predictor.variables)
     bias = predictor.classifier_bias
     serve = serving_function(predictor.model, predictor.preprocessing)
@@ -398,7 +584,7 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
     saved_model = export_saved_model(serve, variables, predictor.preprocessing, staging)
     parameters = int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
     card = model_card(predictor.checkpoint, spec_, parameters, written,
-                      _validation_metrics(workdir, predictor.checkpoint['step']),
+                      _validation_metrics(validation_report, predictor.checkpoint['step']),
                       _training_data(written))
     (staging / 'model_card.json').write_text(json.dumps(card, indent=2) + '\n')
     (staging / 'model_card.md').write_text(format_card(card))
@@ -414,17 +600,32 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
     (staging / 'export.json').write_text(json.dumps(manifest, indent=2) + '\n')
     # Only a complete export takes the folder's name; the previous one goes only then.
     if out_dir.exists():
-      old = out_dir.parent / f'.{out_dir.name}.old-{uuid.uuid4().hex[:8]}'
+      old = _temporary(out_dir, 'old')
       out_dir.rename(old)
       staging.rename(out_dir)
       old.rmtree()
     else:
       staging.rename(out_dir)
-  except BaseException:
-    if staging.exists():
-      staging.rmtree()
+  except BaseException as e:
+    _remove_quietly(staging)
+    if isinstance(e, OSError):  # a full disk, a quota, a folder removed under it
+      raise ExportError(f'Could not write the export to {out_dir} '
+                        f'({getattr(e, "strerror", None) or e}'
+                        + (f': {e.filename}' if getattr(e, 'filename', None) else '')
+                        + f'); nothing was left in {out_dir.parent} and a previous export there '
+                        'is unchanged: free some space, or export to another folder '
+                        '(--config.export.dir).') from e
     raise
   return manifest
+
+
+def _remove_quietly(folder: epath.Path) -> None:
+  """Removes a staging folder after a failure, whose own error is the one to report."""
+  try:
+    if folder.exists():
+      folder.rmtree()
+  except OSError as e:
+    logging.warning('Could not remove %s (%s); delete it, or the next export will.', folder, e)
 
 
 class ExportedModel:
@@ -437,21 +638,31 @@ class ExportedModel:
     if not manifest_path.exists():
       raise ExportError(f'{folder} is not an export folder (no export.json): write one with '
                         '--config.mode=export.')
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get('format_version', 0) > FORMAT_VERSION:
+    manifest = read_json(manifest_path, ('format_version',))
+    if not isinstance(manifest['format_version'], int):
+      raise ExportError(f'{manifest_path} is damaged (format_version is not a number); {AGAIN}.')
+    if manifest['format_version'] > FORMAT_VERSION:
       raise ExportError(f'{folder} was written in export format {manifest["format_version"]}, '
                         f'newer than this mura-jax reads ({FORMAT_VERSION}): upgrade mura-jax.')
+    read_json(manifest_path, ('files', 'spec', 'checkpoint', 'classifier_bias'))
     artifact = folder / 'model.jax_export'
-    expected = manifest['files'].get('model.jax_export')
+    try:
+      expected = manifest['files'].get('model.jax_export')
+      preprocessing = preprocessing_lib.Preprocessing(**manifest['spec']['preprocessing'])
+      checkpoint = {**manifest['checkpoint'], 'export': os.fspath(folder)}
+      bias = float(manifest['classifier_bias'])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise ExportError(f'{manifest_path} is damaged ({type(e).__name__}: {e} in files, spec, '
+                        f'checkpoint or classifier_bias); {AGAIN}.') from e
     if not artifact.exists() or _sha256(artifact) != expected:
       raise ExportError(f'{artifact} is missing or does not match export.json\'s sha256: the '
                         'export is damaged; export again.')
     self.folder = folder
     self.manifest = manifest
     self.exported = jax_export.deserialize(artifact.read_bytes())
-    self.preprocessing = preprocessing_lib.Preprocessing(**manifest['spec']['preprocessing'])
-    self.checkpoint = {**manifest['checkpoint'], 'export': os.fspath(folder)}
-    self.classifier_bias = float(manifest['classifier_bias'])
+    self.preprocessing = preprocessing
+    self.checkpoint = checkpoint
+    self.classifier_bias = bias
     self.batch_size = 32
 
   def predict_views_and_maps(self, views) -> tuple[np.ndarray, np.ndarray]:
