@@ -422,10 +422,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   problem = options_problem(options_from_config(config), {
       'num_resamples': key('bootstrap_resamples', '{}'), 'seed': key('seed', '{}'),
       'threshold': key('threshold', '{}')})
-  numbers = (('ensemble', 1, 'the number of best checkpoints averaged'),)  # batch sizes: configs
-  for name, low, meaning in numbers:
-    if problem is None and name in e:
-      problem = number_problem(key(name, e[name]), e[name], low, whole=True, meaning=meaning)
+  if problem is None and 'ensemble' in e:
+    problem = number_problem(key('ensemble', e.ensemble), e.ensemble, 1, whole=True,
+                             meaning='the number of best checkpoints averaged')
   choices = (('aggregation', ('mean', 'max')), ('tta', ('none', 'flip')),
              ('ensemble_order', ('views', 'studies')))
   for name, allowed in choices:
