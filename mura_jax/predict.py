@@ -221,33 +221,37 @@ def find_studies(paths: Sequence[str]) -> tuple[list[Study], list[str], int, lis
   return studies, problems, sidecars, notes
 
 
-def check_out(out, paths: Sequence[str], studies: list[Study]) -> None:
+def check_out(out, paths: Sequence[str], studies: list[Study], cam_only: bool = False) -> None:
   """Refuses (OutputError, one sentence) an --out that would replace or mix with files: an
   existing file, a folder that holds an input PATH or image, CSVs that mura-predict did not
-  write. A new folder inside an input tree is fine: it gets the marker and is skipped later."""
+  write. A new folder inside an input tree is fine: it gets the marker and is skipped later.
+  `cam_only`: `out` is ./cam of --cam without --out, where anything not ours is refused."""
+  what = f'the cam folder {out} (--cam without --out)' if cam_only else f'--out {out}'
   folder = epath.Path(out)
   if folder.exists() and not folder.is_dir():
-    raise OutputError(f'--out {out} is an existing file, and --out is a folder (predictions.csv, '
-                      'studies.csv and views.csv are written in it): pass a folder.')
+    raise OutputError(f'{what} is an existing file, and it must be a folder (mura-predict writes '
+                      'predictions.csv, studies.csv, views.csv and cam/ in it): pass a folder.')
   if '://' not in os.fspath(out):
     real = _real(out)
     for given in paths:
       if epath.Path(given).is_dir() and (_real(given) + os.sep).startswith(real.rstrip(os.sep)
                                                                            + os.sep):
         raise OutputError(
-            f'--out {out} holds the input {given}: its outputs would mix with the radiographs '
+            f'{what} holds the input {given}: its outputs would mix with the radiographs '
             'and be read as views next time. Pass a folder outside it (or a new one inside it).')
     for study in studies:
       for f in study.files:
         if os.path.dirname(_real(f)) == real:
-          raise OutputError(f'--out {out} is the folder of the input image {f}: pass a folder '
+          raise OutputError(f'{what} is the folder of the input image {f}: pass a folder '
                             'of its own (a new one beside it or inside it).')
   if folder.is_dir() and not is_output_folder(folder):
-    for name in OUTPUT_FILES + ('cam',):
-      if (folder / name).exists():
-        raise OutputError(
-            f'--out {out} already holds {name}, which mura-predict did not write (no '
-            f'{OUTPUT_MARKER}): pass another folder, or move {name} away.')
+    names = sorted(p.name for p in folder.iterdir()) if cam_only else [
+        name for name in OUTPUT_FILES + ('cam',) if (folder / name).exists()]
+    if names:
+      raise OutputError(
+          f'{what} already holds {names[0]}, which mura-predict did not write (no '
+          f'{OUTPUT_MARKER}): pass another {"--out" if cam_only else "folder"}, or move '
+          f'{names[0]} away.')
 
 
 def _view_order(path: str):
@@ -566,6 +570,8 @@ def predict_paths(args) -> int:
     check_out(args.out, args.paths, studies)
     checkpoints.check_writable(args.out, '--out')
     write_marker(args.out)  # partial outputs of a run that stops are recognised too
+  elif args.cam:
+    check_out(os.path.join('.', 'cam'), args.paths, studies, cam_only=True)
   for problem in problems:
     _say('error', problem)
   for note in notes:

@@ -56,7 +56,7 @@ def test_flag_values_are_checked_before_any_work(tmp_path, capsys, flag, value, 
   assert 'Traceback' not in err and 'train first' not in err  # refused before the model
 
 
-def test_an_out_that_would_lose_or_mix_files_is_refused(tmp_path, capsys):
+def test_an_out_that_would_lose_or_mix_files_is_refused(tmp_path, capsys, monkeypatch):
   """A file, the folder of an input image, a folder holding the input, a folder with a user's own
   studies.csv: one sentence, exit 2, before the model is looked for, and nothing touched."""
   study = _png(tmp_path / 'data' / 'XR_WRIST' / 'p1' / 's1' / 'image1.png').parent
@@ -65,7 +65,7 @@ def test_an_out_that_would_lose_or_mix_files_is_refused(tmp_path, capsys):
   foreign = tmp_path / 'mine'
   foreign.mkdir()
   (foreign / 'studies.csv').write_text('my,own,table\n')
-  cases = [(notes, 'is an existing file, and --out is a folder'),
+  cases = [(notes, 'is an existing file, and it must be a folder'),
            (study, f'is the folder of the input image {study / "image1.png"}'),
            (tmp_path / 'data', f'holds the input {tmp_path / "data"}'),
            (foreign, 'already holds studies.csv, which mura-predict did not write')]
@@ -82,6 +82,13 @@ def test_an_out_that_would_lose_or_mix_files_is_refused(tmp_path, capsys):
     predict.main([str(study), '--workdir', str(tmp_path / 'no_run'), '--out', str(notes),
                   '--verbose'])
   assert issubclass(predict.OutputError, UserError)
+  # --cam without --out writes ./cam: a user's own cam folder there is refused the same way.
+  _png(tmp_path / 'cam' / 'holiday.png')
+  monkeypatch.chdir(tmp_path)
+  code, _, err = _run(capsys, study, '--workdir', tmp_path / 'no_run', '--cam')
+  assert code == predict.EXIT_NOTHING, err
+  assert f'error: the cam folder {os.path.join(".", "cam")} (--cam without --out) already holds ' \
+         'holiday.png, which mura-predict did not write' in err
 
 
 _FIND = """
