@@ -11,9 +11,9 @@ composited onto black, with a warning (`tfds_mura.grayscale_notes`, the builder'
 
 DICOM (pydicom), in the standard's order (PS3.3 C.11: modality LUT, VOI LUT, presentation LUT):
   1. the modality LUT (Rescale Slope/Intercept, or a Modality LUT Sequence);
-  2. the VOI: a VOI LUT Sequence if present (its first item), else the first Window Center/Width with its VOI LUT
-     Function (LINEAR, LINEAR_EXACT, SIGMOID), else the full range the pixel format can hold
-     (Bits Stored, signed or not, through the modality LUT);
+  2. the VOI: a VOI LUT Sequence if present (its first item), else the first Window Center/Width
+     with its VOI LUT Function (LINEAR, LINEAR_EXACT, SIGMOID), else the full range the pixel
+     format can hold (Bits Stored, signed or not, through the modality LUT);
   3. MONOCHROME1 (minimum = white) inverted within the VOI's output range, so that bone is
      bright as in MURA; a Presentation LUT Shape of INVERSE is the same inversion (DX images carry
      both), so the image is inverted once when either says so, never twice;
@@ -199,7 +199,8 @@ def _stored_range(ds) -> tuple[float, float]:
     low, high = 0, 2 ** bits - 1
   if ds.get('ModalityLUTSequence'):
     return float(low), float(high)
-  slope, intercept = float(ds.get('RescaleSlope', 1) or 1), float(ds.get('RescaleIntercept', 0) or 0)
+  slope = float(ds.get('RescaleSlope', 1) or 1)
+  intercept = float(ds.get('RescaleIntercept', 0) or 0)
   ends = sorted((low * slope + intercept, high * slope + intercept))
   return float(ends[0]), float(ends[1])
 
