@@ -409,12 +409,15 @@ def disk_full_error(workdir, error: BaseException, mode: str) -> WorkdirError | 
   """The sentence for a run stopped by a full disk; None for any other error."""
   if not is_disk_full(error):
     return None
-  again = ('run the same command again: training resumes from it' if mode == 'train'
-           else 'run the same command again')
+  resumable = mode == 'train' and _steps(epath.Path(workdir) / LATEST)
+  again = 'run the same command again' + (': training resumes from it' if resumable else '')
+  partial = any((epath.Path(workdir) / name).exists() and any(
+      (epath.Path(workdir) / name).glob(_PARTIAL_SAVE)) for name in (LATEST, BEST))
   return WorkdirError(
       f'The disk holding {workdir} is full (No space left on device): the {mode} run stopped; '
       f'{last_good_checkpoint(workdir)}. Free space there (or copy the workdir to a larger '
-      f'disk and pass that --workdir) and {again}; the unfinished save is removed at the start.')
+      f'disk and pass that --workdir) and {again}'
+      + ('; the unfinished save is removed at the start.' if partial else '.'))
 
 
 def _steps(directory: epath.Path) -> list[int]:

@@ -147,23 +147,23 @@ def run(config, workdir):
   if config.mode in ('evaluate', 'cam', 'export'):
     checkpoints.check_inference_config(workdir, config)
     checkpoints.check_has_checkpoints(workdir, config.mode)
-  with contextlib.ExitStack() as lock:
-    # One process: locked before JAX starts (on a GPU a second process would fail to allocate
-    # before it could say why). Several: process 0 locks once all have started.
-    distributed = _starts_distributed(config.get('distributed', 'auto'))
-    if not distributed:
-      lock.enter_context(_workdir_lock(workdir))
-    parallel.initialize_distributed(config.get('distributed', 'auto'))
-    if distributed:
-      _lock_workdir_on_process_0(lock, workdir)
-    _start(config)
-    try:
+  try:
+    with contextlib.ExitStack() as lock:
+      # One process: locked before JAX starts (on a GPU a second process would fail to allocate
+      # before it could say why). Several: process 0 locks once all have started.
+      distributed = _starts_distributed(config.get('distributed', 'auto'))
+      if not distributed:
+        lock.enter_context(_workdir_lock(workdir))
+      parallel.initialize_distributed(config.get('distributed', 'auto'))
+      if distributed:
+        _lock_workdir_on_process_0(lock, workdir)
+      _start(config)
       MODES[config.mode](config, workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      full = checkpoints.disk_full_error(workdir, e, config.mode)
-      if full is None:
-        raise
-      raise full from e
+  except Exception as e:  # pylint: disable=broad-except
+    full = checkpoints.disk_full_error(workdir, e, config.mode)
+    if full is None:
+      raise
+    raise full from e
 
 
 def _workdir_lock(workdir):

@@ -340,5 +340,7 @@ def test_every_error_class_is_a_user_error():
                     (checkpoints.CheckpointNotFoundError, FileNotFoundError),
                     (checkpoints.CheckpointMismatchError, ValueError),
                     (weights.WeightsNotFoundError, FileNotFoundError),
-                    (weights.WeightsMismatchError, ValueError)):
+                    (weights.WeightsMismatchError, ValueError),
+                    (weights.ReaderNotInstalledError, ImportError),
+                    (train.TrainingDivergedError, FloatingPointError)):
     assert issubclass(cls, UserError) and issubclass(cls, base), cls

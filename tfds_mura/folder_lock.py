@@ -105,8 +105,12 @@ def _create(lock: epath.Path, record: dict) -> bool:
       fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
       return False
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
+    try:
+      with os.fdopen(fd, 'w') as f:
+        f.write(text)
+    except OSError:  # a full disk: no empty lock left behind to puzzle the next job
+      os.unlink(local)
+      raise
     return True
   if lock.exists():
     return False
