@@ -383,10 +383,11 @@ def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str
                 if (f'{stem}_{k}' if k else stem) not in used)
     used.add(stem)
     cam.save_png(folder / (stem + '.png'), picture)
-    pictures.append((name, picture, probability))
+    pictures.append((shown(name), picture, probability))
   verdict = 'abnormal' if study.probability > threshold else 'normal'
   cam.save_png(folder / 'study.png', cam.study_figure(
-      f'{study.id} ({study.body_part})\nstudy probability {study.probability:.3f} -> {verdict} '
+      f'{shown(study.id)} ({study.body_part})\n'
+      f'study probability {study.probability:.3f} -> {verdict} '
       f'(> {threshold:g}); mean of {len(pictures)} views', pictures,
       int(np.argmax(study.view_probabilities))))
   return os.fspath(folder / 'study.png')

@@ -229,7 +229,8 @@ def test_file_names_that_are_not_utf8(trained_workdir, synthetic_dir, capsys, tm
   study.mkdir(parents=True)
   Image.fromarray(_synthetic_view(synthetic_dir)).save(study / os.fsdecode(b'caf\xe9.png'))
   shutil.copy(study / os.fsdecode(b'caf\xe9.png'), study / 'image2.png')
-  code, out, err = _run(capsys, tmp_path, '--workdir', workdir, '--out', tmp_path / 'out')
+  code, out, err = _run(capsys, tmp_path, '--workdir', workdir, '--out', tmp_path / 'out',
+                        '--cam')
   assert code == predict.EXIT_OK, err
   assert 'patient\\xff/s1/' in out
   views = _rows(tmp_path / 'out' / 'views.csv')
@@ -237,6 +238,7 @@ def test_file_names_that_are_not_utf8(trained_workdir, synthetic_dir, capsys, tm
   assert all(r['status'] == 'predicted' for r in views)
   [row] = _rows(tmp_path / 'out' / 'studies.csv')
   assert 'patient\\xff' in row['study'] and row['status'] == 'predicted'
+  assert row['cam'].endswith('study.png') and 'patient\\xff' in row['cam']
   assert (tmp_path / 'out' / 'predictions.csv').read_text().count('patient\\xff') == 1
 
 
