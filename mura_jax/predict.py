@@ -52,7 +52,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import os
 import sys
 from typing import Sequence
@@ -396,8 +395,9 @@ def _draw_study(predictor, study: Study, maps, threshold: float, cam_dir) -> str
 def operating_points(workdir=None, model=None) -> tuple[str, list | None, int | None]:
   """(where from, the validation report's operating points, the step it evaluated): from
   WORKDIR/eval/validation/report.json, or what an export copied of it."""
-  if model is not None:
-    validation = json.loads((epath.Path(model) / 'model_card.json').read_text())['validation']
+  from mura_jax import export  # pylint: disable=g-import-not-at-top
+  if model is not None:  # a damaged card is an error naming it (export.read_model_card)
+    validation = export.read_model_card(model)['validation']
     where = os.fspath(epath.Path(model) / 'model_card.json')
     if validation is None:
       return where, None, None
@@ -405,7 +405,8 @@ def operating_points(workdir=None, model=None) -> tuple[str, list | None, int | 
   path = epath.Path(workdir) / 'eval' / 'validation' / 'report.json'
   if not path.exists():
     return os.fspath(path), None, None
-  report = json.loads(path.read_text())
+  report = export.read_json(path, ('operating_points',), what_to_do=(
+      f'evaluate the workdir again (--config.mode=evaluate --workdir {workdir}) to rewrite it.'))
   return os.fspath(path), report['operating_points'], (report.get('checkpoint') or {}).get('step')
 
 
@@ -601,6 +602,8 @@ def predict_paths(args) -> int:
           export.ExportError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_NOTHING
+  # Read before any prediction: a damaged report or model card stops here, not after the work.
+  points = operating_points(args.workdir, args.model) if args.worklist else None
   studies = read_studies(studies, args.body_part, progress=len(studies) >= 8)
   for study in studies:
     for f, why in study.errors:
@@ -610,8 +613,7 @@ def predict_paths(args) -> int:
   for study in studies:  # what the user must see, not only in the CSVs
     for warning in study.warnings:
       _say('note', f'{study.id}: {warning}')
-  notes = worklist(studies, operating_points(args.workdir, args.model),
-                   predictor) if args.worklist else []
+  notes = worklist(studies, points, predictor) if args.worklist else []
   print(format_table(studies, args.threshold, args.worklist))
   for note in notes:
     _say('note', note)

@@ -258,3 +258,19 @@ def test_outputs_of_earlier_runs_are_recognised_without_the_marker(tmp_path):
   assert sorted(s.id for s in studies) == [f'{tmp_path}/XR_HAND/s1/', f'{theirs}/'] and not problems
   assert notes == [f'{old}: skipped: mura-predict wrote it (its outputs are no radiographs)']
   assert predict.is_output_folder(old) and not predict.is_output_folder(theirs)
+
+
+def test_a_damaged_report_for_the_worklist_stops_before_any_prediction(
+    trained_workdir, synthetic_dir, tmp_path, capsys, monkeypatch):
+  """--worklist reads the tiers' report first: a damaged one is named before the work, not after
+  it (when the table and the CSVs would be lost)."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir[0], workdir)
+  report = workdir / 'eval' / 'validation' / 'report.json'
+  report.write_text('{"operating_points": ')
+  monkeypatch.setattr(predict, 'predict', lambda *a, **k: pytest.fail('predicted first'))
+  study = next((synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_WRIST').glob('patient*/study*'))
+  code, _, err = _run(capsys, study, '--workdir', workdir, '--worklist', '--out', tmp_path / 'out')
+  assert code == predict.EXIT_NOTHING
+  assert f'error: {report} is damaged (not JSON: ' in err and '--config.mode=evaluate' in err, err
+  assert not (tmp_path / 'out' / 'studies.csv').exists()
