@@ -143,6 +143,9 @@ def run(config, workdir):
     raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
   checkpoints.check_writable(workdir)  # not after an hour of evaluation
   base.check_values(config)
+  if config.mode in ('train', 'evaluate', 'cam'):  # training evaluates at its end; cam thresholds
+    from mura_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.check_config(config)
   checkpoints.check_named_files(config)
   if config.mode in ('evaluate', 'cam', 'export'):
     checkpoints.check_inference_config(workdir, config)

@@ -173,6 +173,19 @@ def test_a_bad_value_is_one_sentence_naming_the_key_before_any_work(tmp_path, ke
   assert list(workdir.iterdir()) == []  # nothing written, no lock left
 
 
+@pytest.mark.parametrize('mode', ['train', 'evaluate', 'cam'])
+def test_a_bad_evaluation_value_stops_every_mode_that_evaluates_before_any_work(tmp_path, mode):
+  config = _tiny(tmp_path)
+  config.mode = mode
+  config.evaluation.threshold = float('nan')  # training evaluates at its end, cam thresholds
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError) as error:
+    main.run(config, str(workdir))
+  assert str(error.value).startswith('--config.evaluation.threshold=nan: expected a number from 0 '
+                                     'to 1'), str(error.value)
+  assert list(workdir.iterdir()) == []  # nothing written, no lock left
+
+
 def _tiny(tmp_path):
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path)
