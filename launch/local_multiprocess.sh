@@ -9,6 +9,13 @@
 # `python`). Process 0's output is printed at the end; every process's log (and pids, one per
 # line) stays in a fresh /tmp/mura_jax_processes.* folder, printed first.
 set -euo pipefail
+# The comment block above (what each command needs and does), to stdout.
+usage() { awk 'NR > 1 && !/^#( |$)/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
+# --help or -h before `--` prints the usage, before any other check.
+for arg in "$@"; do
+  [[ "$arg" == -- ]] && break
+  [[ "$arg" == --help || "$arg" == -h ]] && { usage; exit 0; }
+done
 num_processes=2 devices=2 dry_run=0
 while (( $# )); do
   case "$1" in

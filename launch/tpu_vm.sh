@@ -20,10 +20,20 @@
 # at start (MURA_JAX_NUM_PROCESSES). The workdir and data dir must be gs:// paths.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+# The comment block above (what each command needs and does), to stdout.
+usage() { awk 'NR > 1 && !/^#( |$)/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
+# --help or -h before `--` prints the usage, before any other check.
+for arg in "$@"; do
+  [[ "$arg" == -- ]] && break
+  [[ "$arg" == --help || "$arg" == -h ]] && { usage; exit 0; }
+done
 
-(( $# >= 1 )) || usage
+(( $# >= 1 )) || { usage >&2; exit 2; }
 command=$1; shift
+case "$command" in  # before the flags: `tpu_vm.sh crate --tpu t ...` names the typo
+  create|setup|build|train|logs|resume|delete) ;;
+  *) echo "error: unknown command '$command'" >&2; usage >&2; exit 2 ;;
+esac
 tpu='' zone='' accelerator='v4-32' runtime='tpu-ubuntu2204-base' spot=0 weights=''
 manual_dir='' data_dir='' workdir='' hosts='' dry_run=0 extra=()
 while (( $# )); do
@@ -39,7 +49,6 @@ while (( $# )); do
     --workdir) workdir=$2; shift 2 ;;
     --hosts) hosts=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    --help|-h) usage 0 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -121,5 +130,4 @@ case "$command" in
     fi
     train ;;
   delete) run gcloud compute tpus tpu-vm delete "$tpu" --zone "$zone" --quiet ;;
-  *) echo "error: unknown command '$command'" >&2; usage ;;
 esac

@@ -104,3 +104,51 @@ def test_distributed_start_refuses_a_host_that_sees_only_itself():
     parallel.initialize_distributed('sometimes', env={})
   assert parallel.initialize_distributed('auto', env={})['started'] is False
   assert parallel.expected_processes({'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}) == 4
+
+
+def _run(script, *args):
+  return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], capture_output=True,
+                        text=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize('script, args, usage_lines', [
+    ('tpu_vm.sh', (), [f'launch/tpu_vm.sh {c}' for c in
+                       ('create', 'setup ', 'build ', 'train ', 'logs ', 'resume', 'delete')]),
+    ('tpu_vm.sh', ('train', '--zone', 'z'), ['launch/tpu_vm.sh train  --tpu NAME --zone ZONE']),
+    ('gpu_multinode.sbatch', ('--nodes', '4'),
+     ['sbatch --nodes=4 --gpus-per-node=8 launch/gpu_multinode.sbatch --workdir',
+      'launch/gpu_multinode.sbatch --dry-run --nodes 4 --workdir ... --data-dir ...']),
+    ('local_multiprocess.sh', ('--processes', '3'),
+     ['launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run] -- --workdir']),
+])
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+def test_help_prints_the_usage_before_any_other_check(script, args, usage_lines, flag):
+  # args lack what the script requires (a command, --tpu, --workdir): --help answers first.
+  out = _run(script, *args, flag)
+  assert out.returncode == 0 and not out.stderr, out.stderr
+  lines = [line.strip() for line in out.stdout.splitlines()]
+  for expected in usage_lines:
+    assert any(line.startswith(expected) for line in lines), (expected, out.stdout)
+  assert not any(line.startswith(('#', '+', 'set ')) for line in lines)  # the comment, no code
+
+
+@pytest.mark.parametrize('script, args, error', [
+    ('tpu_vm.sh', ('train', '--zone', 'z', '--dry-run'), 'error: --tpu and --zone are required'),
+    ('tpu_vm.sh', ('crate', '--tpu', 't', '--zone', 'z'), "error: unknown command 'crate'"),
+    ('gpu_multinode.sbatch', ('--dry-run', '--nodes', '4', '--workdir', '/s/run'),
+     'error: --workdir and --data-dir are required'),
+    ('local_multiprocess.sh', ('--processes', '0', '--dry-run'),
+     'error: --processes and --devices take positive integers'),
+])
+def test_a_missing_or_wrong_flag_is_still_an_error(script, args, error):
+  out = _run(script, *args)
+  assert out.returncode == 2 and out.stderr.startswith(error), out.stderr
+  assert not out.stdout
+
+
+def test_help_after_the_separator_goes_to_mura_jax_main():
+  (srun,) = _dry_run('gpu_multinode.sbatch', '--dry-run', '--nodes', '2', '--workdir', '/s/run',
+                     '--data-dir', '/s/tfds', '--', '--help')
+  assert srun[-1] == '--help'
+  (process,) = _dry_run('local_multiprocess.sh', '--processes', '1', '--dry-run', '--', '-h')
+  assert process[process.index('>') - 1] == '-h'
