@@ -31,14 +31,31 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str):
   from tfds_mura import build  # pylint: disable=g-import-not-at-top
   manual_dir, data_dir = dataset_dirs(config, workdir)
   num_workers = config.data.get('build_workers', 0) or None
-  if config.data.synthetic and not (epath.Path(manual_dir) / 'MURA-v1.1').exists():
+  if config.data.synthetic:
+    write_synthetic_mura(config, manual_dir, num_workers)
+  return build.build(manual_dir, data_dir, num_workers=num_workers)  # locks the data_dir
+
+
+def write_synthetic_mura(config: ml_collections.ConfigDict, manual_dir: str,
+                         num_workers: int | None) -> None:
+  """Writes the configured synthetic MURA-v1.1 into manual_dir unless its CSVs are there (they
+  are written after the images). Two runs sharing the manual_dir would write the same files:
+  the writer holds manual_dir's lock, and a second is refused naming it."""
+  from tfds_mura import folder_lock  # pylint: disable=g-import-not-at-top
+  root = epath.Path(manual_dir) / 'MURA-v1.1'
+  if (root / 'train_labeled_studies.csv').exists():
+    return
+  with folder_lock.held(manual_dir, 'synthetic MURA write', error=DataError):
+    if (root / 'train_labeled_studies.csv').exists():
+      return  # written by a run that ended while we looked
+    if root.exists() and any(root.iterdir()):
+      raise DataError(f'{root} holds an incomplete MURA-v1.1 without its CSVs: a synthetic MURA '
+                      f'whose writing was stopped? Delete {root} and run again to write it anew.')
     logging.info('Writing a synthetic MURA-v1.1 to %s', manual_dir)
     summary = synthetic.make_synthetic_mura(
         manual_dir, config.data.synthetic_studies_per_part,
         config.data.synthetic_valid_studies_per_part, config.data.synthetic_seed, num_workers)
     logging.info('Synthetic MURA: %s', summary)
-  builder = build.build(manual_dir, data_dir, num_workers=num_workers)
-  return builder
 
 
 # ------------------------------------------------------------------------------------------------

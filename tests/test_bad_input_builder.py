@@ -17,6 +17,21 @@ files, are in test_tfds_mura.py; this file adds what comes in one run and what i
                                                     but the manual_dir M holds another MURA
       (tfds.builder('mura').download_and_prepare   the same error)
     the same data_dir and manual_dir again        warning: Using the mura dataset already built
+                                                    in D (...): compared with M, the same four
+                                                    CSVs and the size and modification time ...
+    image files changed under the same CSVs       D was built from M on T from the same CSVs as
+      (a folder, or members of the zip)             in M, but K of the N image files they list
+                                                    changed since: (the first 5, a count) ...
+                                                    delete D/.. (the mura/ folder of the data_dir)
+    a build made before image files were          warning: Using ... Only its four CSVs could be
+      recorded                                      compared with those in M (the same): ...
+    a data_dir another build is writing           D is in use by another dataset build: pid P on
+                                                    host H, started T (command). One folder ...
+    a lock left by a build that was killed        note: D was locked by a dataset build that is
+                                                    gone (pid P ...); taking it over.
+    the demo's synthetic MURA written by another  M is in use by another synthetic MURA write:
+      run, or left half-written                     pid P ... / M/MURA-v1.1 holds an incomplete
+                                                    MURA-v1.1 without its CSVs ...
     a manual_dir that does not exist              The manual_dir M does not exist: create it ...
     a manual_dir that is a file (often the zip)   The manual_dir M is a file, not a folder: give
                                                     the folder that holds ... (--manual_dir P)
@@ -41,11 +56,14 @@ files, are in test_tfds_mura.py; this file adds what comes in one run and what i
     --num_workers 0                               argument --num_workers: '0' is not a whole
                                                     number of processes >= 1
 """
+import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -55,6 +73,7 @@ from PIL import Image
 
 import tfds_mura
 from tfds_mura import build
+from tfds_mura import folder_lock
 from tfds_mura.mura import mura_dataset_builder as mura
 
 
@@ -120,6 +139,7 @@ def test_bad_images_of_both_splits_in_one_error(tree, tmp_path):
     _build(tree, tmp_path / 'data')
   assert str(tree / train[0]) in str(e.value) and str(tree / valid[0]) in str(e.value)
   assert not (tmp_path / 'data' / 'mura' / '1.1.0' / 'dataset_info.json').exists()
+  assert not (tmp_path / 'data' / folder_lock.LOCK_NAME).exists()  # a failed build: unlocked
 
 
 def test_crlf_is_read_with_a_warning(tree, tmp_path, caplog):
@@ -178,6 +198,145 @@ def test_an_existing_build_is_never_reused_silently(tree, tmp_path, caplog):
     _build(other, data)
   # No manual_dir: the built dataset, said so.
   assert _build(None, data).info.metadata['source']['csv_sha256'] == mura.Source(tree).fingerprint()
+
+
+def _images(tree):
+  return sorted(_lines(tree, 'train_image_paths.csv') + _lines(tree, 'valid_image_paths.csv'))
+
+
+def test_image_files_changed_under_the_same_csvs_are_named(tree, tmp_path):
+  data = tmp_path / 'data'
+  _build(tree, data)
+  where = data / 'mura' / '1.1.0'
+  images = _images(tree)
+  same_size = tree / images[0]  # other bytes, the same size, a new time
+  flipped = bytearray(same_size.read_bytes())
+  flipped[len(flipped) // 2] ^= 0xFF
+  same_size.write_bytes(bytes(flipped))
+  os.utime(same_size, ns=(0, same_size.stat().st_mtime_ns + 10**9))
+  sizes = {}
+  for path in images[1:7]:  # longer by a byte
+    sizes[path] = (tree / path).stat().st_size
+    with open(tree / path, 'ab') as f:
+      f.write(b'\0')
+  message = _error(tree, data)
+  assert message.startswith(f'{where} was built from {tree} on ')
+  assert (f'from the same CSVs as in {tree}, but 7 of the {len(images)} image files they list '
+          'changed since:') in message
+  assert f'{same_size} (other bytes, the same size, modified since)' in message
+  for path in images[1:5]:
+    assert f'{tree / path} ({sizes[path]:,} -> {sizes[path] + 1:,} bytes)' in message
+  assert str(tree / images[5]) not in message and '... and 2 more' in message
+  assert message.endswith(f'The built dataset holds their old pixels. To build from the files as '
+                          f'they are now, delete {where.parent} (the mura/ folder of the '
+                          'data_dir) to build again, or pass another --data_dir.')
+
+
+def test_a_reuse_says_what_it_compared(tree, tmp_path):
+  data = tmp_path / 'data'
+  _build(tree, data)
+  where, n = data / 'mura' / '1.1.0', len(_images(tree))
+  said = _build(tree, data).build_warnings
+  assert len(said) == 1 and said[0].startswith(f'Using the mura dataset already built in {where} '
+                                               f'(from {tree} on ')
+  assert said[0].endswith(f'): compared with {tree}, the same four CSVs and the size and '
+                          f'modification time of each of the {n} images they list.')
+  # A new time on the same bytes (a copy that did not keep times): read again, still reused.
+  touched = tree / _images(tree)[3]
+  os.utime(touched, ns=(0, touched.stat().st_mtime_ns + 10**9))
+  assert _build(tree, data).build_warnings[0].endswith(
+      f'of each of the {n} images they list (1 with a new time read again: the same bytes, by '
+      'CRC-32).')
+  # A build made before images were recorded: reused, saying that only the CSVs were compared.
+  (where / mura.IMAGE_RECORD).unlink()
+  said = _build(tree, data).build_warnings
+  assert (f'Only its four CSVs could be compared with those in {tree} (the same): it was built '
+          'before image sizes and times were recorded, so image files changed since are not '
+          f'noticed; if they may have changed, delete {where.parent}') in said[0]
+
+
+def test_a_zip_member_changed_under_the_same_csvs_is_named(tree, tmp_path):
+  zipped = _zip(tree, tmp_path / 'zipped' / 'MURA-v1.1.zip')
+  data = tmp_path / 'data'
+  _build(zipped.parent, data)
+  n = len(_images(tree))
+  assert _build(zipped.parent, data).build_warnings[0].endswith(
+      f"compared with {zipped}, the same four CSVs and the size and CRC-32 of each of the {n} "
+      "images they list, from the zip's directory.")
+  changed = tree / _images(tree)[-1]
+  flipped = bytearray(changed.read_bytes())
+  flipped[len(flipped) // 2] ^= 0xFF
+  changed.write_bytes(bytes(flipped))
+  zipped.unlink()
+  _zip(tree, zipped)
+  message = _error(zipped.parent, data)
+  assert (f'but 1 of the {n} image files they list changed since:\n  {zipped}:'
+          f'{_images(tree)[-1]} (other bytes, the same size)\n') in message
+
+
+def test_a_data_dir_being_built_is_refused_naming_the_build(tree, tmp_path):
+  data = tmp_path / 'data'
+  data.mkdir()
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+  try:
+    (data / folder_lock.LOCK_NAME).write_text(json.dumps({
+        'pid': holder.pid, 'host': socket.gethostname(), 'started': time.time(),
+        'started_text': '2026-05-01 09:00:00 UTC', 'command': 'python -m tfds_mura.build'}))
+    message = _error(tree, data)
+    assert message.startswith(
+        f'{data} is in use by another dataset build: pid {holder.pid} on host '
+        f'{socket.gethostname()}, started 2026-05-01 09:00:00 UTC (python -m tfds_mura.build). '
+        'One folder holds one job at a time')
+    assert not (data / 'mura').exists()
+    # Without a manual_dir (show what is built): not only "nothing built", but who builds it.
+    assert (f'{data} holds no built mura dataset (a dataset build into it is under way: pid '
+            f'{holder.pid} on host') in _error(None, data)
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_lock_left_by_a_dead_build_is_taken_over_with_a_note(tree, tmp_path, capsys):
+  data = tmp_path / 'data'
+  data.mkdir()
+  gone = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                            capture_output=True, text=True, check=True).stdout)
+  (data / folder_lock.LOCK_NAME).write_text(json.dumps({
+      'pid': gone, 'host': socket.gethostname(), 'started': time.time(),
+      'started_text': '2026-05-01 09:00:00 UTC'}))
+  builder = _build(tree, data)
+  assert builder.info.splits['train'].num_examples == len(_lines(tree, 'train_image_paths.csv'))
+  assert (f'note: {data} was locked by a dataset build that is gone (pid {gone} on host '
+          f'{socket.gethostname()}, started 2026-05-01 09:00:00 UTC); taking it over.'
+          ) in capsys.readouterr().err
+  assert not (data / folder_lock.LOCK_NAME).exists()
+
+
+def test_the_demos_synthetic_mura_is_written_by_one_run_at_a_time(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mura_jax.errors import DataError  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'data': {
+      'synthetic_studies_per_part': 1, 'synthetic_valid_studies_per_part': 1,
+      'synthetic_seed': 0}})
+  manual = tmp_path / 'synthetic'
+  manual.mkdir()
+  writer = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+  try:
+    (manual / folder_lock.LOCK_NAME).write_text(json.dumps({
+        'pid': writer.pid, 'host': socket.gethostname(), 'started': time.time()}))
+    with pytest.raises(DataError, match=f'{manual} is in use by another synthetic MURA write: '
+                                        f'pid {writer.pid} on host'):
+      data_lib.write_synthetic_mura(config, str(manual), 1)
+  finally:
+    writer.kill()
+    writer.wait()
+  # The writer died half-way (images, no CSVs): said so, not taken for a damaged download.
+  (manual / 'MURA-v1.1' / 'train').mkdir(parents=True)
+  with pytest.raises(DataError, match=f'{manual / "MURA-v1.1"} holds an incomplete MURA-v1.1 '
+                                      'without its CSVs'):
+    data_lib.write_synthetic_mura(config, str(manual), 1)
+  assert not (manual / folder_lock.LOCK_NAME).exists()
 
 
 def test_build_command_without_manual_dir_and_nothing_built(tmp_path):

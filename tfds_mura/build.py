@@ -3,19 +3,24 @@
     python -m tfds_mura.build --manual_dir DIR --data_dir DIR [--file_format array_record|tfrecord]
 
 `manual_dir` holds `MURA-v1.1.zip` or the extracted `MURA-v1.1/`. Images are checked and encoded on
-all cores. (TFDS 4.9.10's own `tfds build` CLI imports apache_beam, which this project does not
-need; with it installed, `tfds build mura --imports tfds_mura --manual_dir DIR --data_dir DIR
---file_format array_record` is the equivalent.)
+all cores. The data_dir is locked while it is built (`.mura-lock`, naming the build): a second
+build into it is refused. A dataset already built there is reused only from the same CSVs and
+image files (sizes and times, or the zip's CRC-32s, recorded at build time).
+(TFDS 4.9.10's own `tfds build` CLI imports apache_beam, which this project does not need; with
+it installed, `tfds build mura --imports tfds_mura --manual_dir DIR --data_dir DIR --file_format
+array_record` is the equivalent.)
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import time
 
+from tfds_mura import folder_lock
 from tfds_mura.mura import mura_dataset_builder as mura
 
 
@@ -39,36 +44,77 @@ def build(manual_dir: str | None, data_dir: str, file_format: str | None = None,
           num_workers: int | None = None):
   """Builds `mura` in data_dir from manual_dir; returns the builder. A dataset already built
   there is reused only when manual_dir holds the same MURA (`Builder.check_reuse`), or none is
-  given; file_format (default array_record) must then be the one it was built in."""
+  given; file_format (default array_record) must then be the one it was built in. A build holds
+  the data_dir's lock (`folder_lock`): a second build into it is refused, naming the first."""
+  built = _built(manual_dir, data_dir, file_format, num_workers)
+  if built is not None:
+    return built  # reading only: no lock, so that a read-only data_dir can be used
+  if not manual_dir:
+    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset{misplaced_hint(data_dir)}'
+                             f'{_being_built(data_dir)}, and no manual_dir was given to build '
+                             f'one.\n{mura.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  try:
+    lock = folder_lock.acquire(data_dir, 'dataset build', error=mura.MuraDataError)
+  except OSError as e:
+    raise _cannot_write(e, data_dir) from None
+  try:
+    # A build that ended while we took the lock: look again, with a fresh builder.
+    built = _built(manual_dir, data_dir, file_format, num_workers)
+    return built if built is not None else _prepare(manual_dir, data_dir, file_format, num_workers)
+  finally:
+    folder_lock.release(lock)
+
+
+def _built(manual_dir, data_dir, file_format, num_workers):
+  """The builder of the dataset built in data_dir when it may be used (checked against
+  manual_dir); None when none is built."""
+  builder = mura.Builder(data_dir=data_dir, num_workers=num_workers)
+  if not builder.is_prepared():
+    return None
+  built = builder.info.file_format.value
+  if file_format and file_format != built:
+    raise mura.MuraDataError(
+        f'{builder.data_dir} already holds mura built as {built}, not {file_format}: give no '
+        f'--file_format (or {built}) to use it, or delete {builder.data_dir} (or pass another '
+        f'--data_dir) to build it as {file_format}.')
+  builder.check_reuse(manual_dir)
+  return builder
+
+
+def _prepare(manual_dir, data_dir, file_format, num_workers):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = mura.Builder(data_dir=data_dir, num_workers=num_workers)
-  if builder.is_prepared():
-    built = builder.info.file_format.value
-    if file_format and file_format != built:
-      raise mura.MuraDataError(
-          f'{builder.data_dir} already holds mura built as {built}, not {file_format}: give no '
-          f'--file_format (or {built}) to use it, or delete {builder.data_dir} (or pass another '
-          f'--data_dir) to build it as {file_format}.')
-    if not manual_dir:
-      builder.check_reuse(None)
-      return builder
-  elif not manual_dir:
-    raise mura.MuraDataError(f'{data_dir} holds no built mura dataset{misplaced_hint(data_dir)}, and '
-                             'no manual_dir was given to build one.\n'
-                             f'{mura.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  elif file_format:
+  if file_format:
     builder.info.set_file_format(file_format, override=True)
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except OSError as e:
-    if e.errno != errno.ENOSPC and not _under(e.filename, data_dir):
-      raise
-    raise mura.MuraDataError(
-        f'The dataset cannot be written into the data_dir {data_dir} ({type(e).__name__}: '
-        f'{e.strerror}{f": {e.filename}" if e.filename else ""}): give a --data_dir that is a '
-        'folder you can write to, with room for the dataset.') from None
+    raise _cannot_write(e, data_dir) from None
   return builder
+
+
+def _cannot_write(e: OSError, data_dir: str) -> OSError | mura.MuraDataError:
+  """The error to raise for `e`: ours when it is about writing into data_dir (or a full disk)."""
+  if e.errno != errno.ENOSPC and not _under(e.filename, data_dir):
+    return e
+  return mura.MuraDataError(
+      f'The dataset cannot be written into the data_dir {data_dir} ({type(e).__name__}: '
+      f'{e.strerror}{f": {e.filename}" if e.filename else ""}): give a --data_dir that is a '
+      'folder you can write to, with room for the dataset.')
+
+
+def _being_built(data_dir: str) -> str:
+  """' (a dataset build into it is under way: pid ...; wait for it)' when a live build holds
+  data_dir's lock; '' otherwise."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    record = json.loads((epath.Path(data_dir) / folder_lock.LOCK_NAME).read_text())
+  except (OSError, ValueError):
+    return ''
+  if not isinstance(record, dict) or folder_lock.holder_is_gone(record):
+    return ''
+  return f' (a dataset build into it is under way: {folder_lock.describe(record)}; wait for it)'
 
 
 def _under(path, folder: str) -> bool:

@@ -8,6 +8,7 @@ can be rebuilt from it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -16,10 +17,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from tfds_mura import folder_lock
 from tfds_mura.mura.manual_download import (BODY_PARTS, HOMEPAGE, INSTRUCTIONS, LABELS, SPLITS,
                                             SYNTHETIC_MARKER, ImageReport, MuraDataError, Source,
-                                            View, check_split, count_images, count_studies,
-                                            encode_views, raise_for_images, warn,
+                                            View, changed_images, check_split, count_images,
+                                            count_studies, encode_views, raise_for_images, warn,
                                             warn_for_notes)
 
 _DESCRIPTION = """\
@@ -51,6 +53,13 @@ _CITATION = """\
 """
 
 
+# Beside dataset_info.json: each listed image's size, modification time and CRC-32 at build time,
+# so that a reuse notices image files changed under the same CSVs (too long for the metadata,
+# which every reader loads).
+IMAGE_RECORD = 'image_files.json'
+_MAX_CHANGED = 5  # changed files named in the error; the count says how many more
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -78,21 +87,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.build_warnings = []
     manual_dir = download_config.manual_dir if download_config is not None else None
     overwrite = download_config is not None and download_config.download_mode.overwrite_dataset
-    if manual_dir and not overwrite and self.is_prepared():
-      self.check_reuse(manual_dir)
-    super().download_and_prepare(download_config=download_config, **kwargs)
+    if self.is_prepared():
+      if manual_dir and not overwrite:
+        self.check_reuse(manual_dir)
+      super().download_and_prepare(download_config=download_config, **kwargs)
+      return
+    # One build at a time into a data_dir: two would write the same shards.
+    with folder_lock.held(self.data_dir_root, 'dataset build', error=MuraDataError):
+      super().download_and_prepare(download_config=download_config, **kwargs)
 
   def check_reuse(self, manual_dir: epath.PathLike | None) -> None:
-    """Returns, with a warning that says so, when the built dataset may be reused: no manual_dir
-    given, or one that holds the MURA it was built from (the same four CSVs). Anything else is
-    an error, never a silent reuse of other data."""
+    """Returns, with a warning that says what was compared, when the built dataset may be
+    reused: no manual_dir given, or one that holds the MURA it was built from (the same four
+    CSVs, and each listed image file unchanged, `changed_images`). Anything else is an error,
+    never a silent reuse of other data or old pixels."""
     built = self.info.metadata.get('source') if self.info.metadata else None
-    where = self.data_dir
-    data_dir = os.fspath(epath.Path(where).parent.parent)
+    where = epath.Path(self.data_dir)
+    data_dir = os.fspath(where.parent.parent)
     origin = (f"from {built['read']} on {built['built']}" if built else 'by an earlier version '
               'that recorded no source')
     if not manual_dir:
-      warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}).')
+      warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}; no '
+                                 'manual_dir given, nothing compared).')
       return
     try:
       source = Source(manual_dir)
@@ -112,8 +128,37 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           f'{where} already holds a mura dataset built {origin}, but the manual_dir {manual_dir} '
           f'holds another MURA (its CSVs differ). Delete {where} to build from {manual_dir}, or '
           'pass another --data_dir.')
-    warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}; the '
-                               f'same CSVs as in {manual_dir}).')
+    rebuild = (f'delete {where.parent} (the mura/ folder of the data_dir) to build again, or '
+               'pass another --data_dir')
+    try:
+      recorded = json.loads((where / IMAGE_RECORD).read_text())['images']
+    except FileNotFoundError:
+      warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}). '
+                                 f'Only its four CSVs could be compared with those in {manual_dir} '
+                                 '(the same): it was built before image sizes and times were '
+                                 'recorded, so image files changed since are not noticed; if '
+                                 f'they may have changed, {rebuild}.')
+      return
+    changed, same_bytes = changed_images(source, recorded, self._num_workers)
+    if changed:
+      listed = '\n  '.join(changed[:_MAX_CHANGED])
+      more = (f'\n  ... and {len(changed) - _MAX_CHANGED} more' if len(changed) > _MAX_CHANGED
+              else '')
+      raise MuraDataError(
+          f'{where} was built {origin} from the same CSVs as in {manual_dir}, but '
+          f'{len(changed)} of the {len(recorded):,} image files they list changed since:\n  '
+          f'{listed}{more}\nThe built dataset holds their old pixels. To build from the files '
+          f'as they are now, {rebuild}.')
+    if source.is_zip:
+      compared = (f"the size and CRC-32 of each of the {len(recorded):,} images they list, from "
+                  "the zip's directory")
+    else:
+      compared = (f'the size and modification time of each of the {len(recorded):,} images they '
+                  'list' + (f' ({same_bytes:,} with a new time read again: the same bytes, by '
+                            'CRC-32)' if same_bytes else ''))
+    warn(self.build_warnings, f'Using the mura dataset already built in {where} ({origin}): '
+                               f'compared with {source.description}, the same four CSVs and '
+                               f'{compared}.')
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -162,11 +207,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # mura_jax's synthetic MURA writes its boxes beside MURA-v1.1/: say so, so that nobody takes
     # a model of it for one of the real data (model cards, licence terms).
     self.info.metadata['synthetic'] = source.exists(SYNTHETIC_MARKER)
-    # What it was built from: a later build into this data_dir reuses it only from the same CSVs.
+    # What it was built from: a later build into this data_dir reuses it only from the same CSVs
+    # and image files (IMAGE_RECORD). Stat before reading: a file changed during the build then
+    # has a new time, and a reuse compares its bytes with those built (CRC-32).
     self.info.metadata['source'] = {'manual_dir': os.fspath(manual_dir),
                                     'read': source.description,
                                     'csv_sha256': source.fingerprint(),
                                     'built': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    paths = [v.image_path for split_views in views.values() for v in split_views]
+    self._image_stats = dict(zip(paths, source.image_stats(paths, self._num_workers)))
     last = list(views)[-1]
     return {SPLITS[s]: self._generate_examples(source, v, report, s == last)
             for s, v in views.items()}
@@ -180,6 +229,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise_for_images(report)
       warn_for_notes(report, self.build_warnings)
       self.info.metadata['converted_images'] = len(report.notes)
+      # self.data_dir is TFDS's temporary folder here, renamed with the shards when all is done.
+      unseen = (-1, None)  # gone before it was read: differs from any file, as it should
+      images = {path: [*(stat or unseen)[:2], report.crc32[path]]
+                for path, stat in self._image_stats.items()}
+      (epath.Path(self.data_dir) / IMAGE_RECORD).write_text(json.dumps({'images': images}))
 
   def _examples(self, source: Source, views: Sequence[View], report: ImageReport):
     for v, png in encode_views(source, views, self._num_workers, report):
