@@ -2,7 +2,8 @@
 # Training on a Cloud TPU VM (one host or a pod slice), step by step; every step prints its exact
 # commands first, and --dry-run prints them without running anything.
 #
-#   launch/tpu_vm.sh create --tpu NAME --zone ZONE [--accelerator v4-32] [--runtime VERSION] [--spot]
+#   launch/tpu_vm.sh create --tpu NAME --zone ZONE [--accelerator v4-32] [--runtime VERSION]
+#                           [--spot]
 #   launch/tpu_vm.sh setup  --tpu NAME --zone ZONE [--weights densenet169-b2777c0a.pth]
 #   launch/tpu_vm.sh build  --tpu NAME --zone ZONE --manual-dir gs://B/manual --data-dir gs://B/tfds
 #   launch/tpu_vm.sh train  --tpu NAME --zone ZONE --workdir gs://B/run --data-dir gs://B/tfds
@@ -69,7 +70,8 @@ ssh_workers() {  # ssh_workers WORKER COMMAND_LINE
 }
 
 need_gs() {  # need_gs NAME VALUE
-  [[ "$2" == gs://* ]] || { echo "error: --$1 must be a gs:// path every host reads, got '$2'" >&2; exit 2; }
+  [[ "$2" == gs://* ]] || {
+    echo "error: --$1 must be a gs:// path every host reads, got '$2'" >&2; exit 2; }
 }
 
 create() {
@@ -83,17 +85,22 @@ setup() {
   archive=$(mktemp /tmp/mura-jax.XXXXXX.tar.gz)
   run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
   run gcloud compute tpus tpu-vm scp "$archive" "$tpu:mura-jax.tar.gz" --zone "$zone" --worker=all
-  ssh_workers all "mkdir -p mura-jax && tar -xzf mura-jax.tar.gz -C mura-jax && $(remote python3 -m pip install -q -e 'mura-jax[tpu]')"
+  local install
+  install=$(remote python3 -m pip install -q -e 'mura-jax[tpu]')
+  ssh_workers all "mkdir -p mura-jax && tar -xzf mura-jax.tar.gz -C mura-jax && ${install}"
   if [[ -n "$weights" ]]; then
     ssh_workers all "mkdir -p mura-jax/weights"
-    run gcloud compute tpus tpu-vm scp "$weights" "$tpu:mura-jax/weights/$(basename "$weights")" --zone "$zone" --worker=all
+    run gcloud compute tpus tpu-vm scp "$weights" "$tpu:mura-jax/weights/$(basename "$weights")" \
+      --zone "$zone" --worker=all
   fi
 }
 
 build() {
   need_gs data-dir "$data_dir"
-  [[ -n "$manual_dir" ]] || { echo "error: build needs --manual-dir (holding MURA-v1.1.zip)" >&2; exit 2; }
-  ssh_workers 0 "cd mura-jax && $(remote python3 -m tfds_mura.build --manual_dir "$manual_dir" --data_dir "$data_dir")"
+  [[ -n "$manual_dir" ]] || {
+    echo "error: build needs --manual-dir (holding MURA-v1.1.zip)" >&2; exit 2; }
+  ssh_workers 0 "cd mura-jax && $(remote python3 -m tfds_mura.build --manual_dir "$manual_dir" \
+                                   --data_dir "$data_dir")"
 }
 
 train() {
@@ -114,7 +121,9 @@ train() {
   [[ -n "$weights" ]] && main+=("--config.model.init=torchvision:weights/$(basename "$weights")")
   main+=("${extra[@]}")
   # Detached, so that the ssh session may end; `logs` follows it.
-  ssh_workers all "cd mura-jax && MURA_JAX_NUM_PROCESSES=$hosts nohup $(remote "${main[@]}")> ../mura-train.log 2>&1 &"
+  local line
+  line="cd mura-jax && MURA_JAX_NUM_PROCESSES=$hosts nohup $(remote "${main[@]}")"
+  ssh_workers all "${line}> ../mura-train.log 2>&1 &"
 }
 
 case "$command" in
@@ -124,7 +133,8 @@ case "$command" in
   train) train ;;
   logs) ssh_workers 0 "tail -n 200 -F mura-train.log" ;;
   resume)
-    if (( dry_run )) || ! gcloud compute tpus tpu-vm describe "$tpu" --zone "$zone" > /dev/null 2>&1; then
+    if (( dry_run )) \
+       || ! gcloud compute tpus tpu-vm describe "$tpu" --zone "$zone" > /dev/null 2>&1; then
       (( dry_run )) && printf '+ # if the TPU VM is gone (spot preemption):\n'
       create; setup
     fi
