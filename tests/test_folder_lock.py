@@ -114,3 +114,26 @@ def test_the_lock_is_gone_after_a_block_that_raised(tmp_path):
       assert (tmp_path / 'new' / folder_lock.LOCK_NAME).exists()  # the folder was made
       raise KeyError('the job failed')
   assert not (tmp_path / 'new' / folder_lock.LOCK_NAME).exists()
+
+
+def test_the_lock_appears_whole_and_leaves_no_staged_file(tmp_path, monkeypatch):
+  """The record is staged in a file of its own and linked into place: the lock never exists
+  without its holder in it, and the staged file is gone whether the link succeeds or not."""
+  seen = []
+  real_link = folder_lock.os.link
+
+  def link(source, target):
+    if not seen:  # the first job: nothing half-written there before the link
+      assert not (tmp_path / folder_lock.LOCK_NAME).exists()
+    seen.append(json.loads(open(source, encoding='utf-8').read()))
+    real_link(source, target)
+
+  monkeypatch.setattr(folder_lock.os, 'link', link)
+  with folder_lock.held(tmp_path, 'test job') as lock:
+    assert seen[0]['pid'] == folder_lock.os.getpid()
+    assert json.loads(lock.read_text()) == seen[0]
+    assert [p.name for p in tmp_path.iterdir()] == [folder_lock.LOCK_NAME]
+    record = dict(seen[0], pid=seen[0]['pid'] + 1)  # another job's attempt fails on the link
+    assert not folder_lock._create(lock, record)
+    assert [p.name for p in tmp_path.iterdir()] == [folder_lock.LOCK_NAME]
+  assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -94,23 +95,28 @@ def describe(record: dict) -> str:
 
 
 def _create(lock: epath.Path, record: dict) -> bool:
-  """Writes the lock only if it does not exist; False if it does."""
+  """Writes the lock only if it does not exist; False if it does. Locally the whole record is
+  written to a file of this process's own first and hard-linked into place (the link fails if
+  the lock exists), so another job never sees a lock without its holder in it."""
   text = json.dumps(record)
-  try:
-    local = os.fspath(lock)
-  except TypeError:
-    local = None
-  if local is not None and '://' not in str(lock):
+  local = os.fspath(lock) if '://' not in str(lock) else None
+  if local is not None:
+    staged = f'{local}.{record["pid"]}-{secrets.token_hex(4)}'
     try:
-      fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      with open(staged, 'w', encoding='utf-8') as f:
+        f.write(text)
+      try:
+        os.link(staged, local)
+      except FileExistsError:
+        raise
+      except OSError:  # a file system without hard links: create it exclusively, then fill it
+        with open(local, 'x', encoding='utf-8') as f:
+          f.write(text)
     except FileExistsError:
       return False
-    try:
-      with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    except OSError:  # a full disk: no empty lock left behind to puzzle the next job
-      os.unlink(local)
-      raise
+    finally:  # also on a full disk: nothing left behind to puzzle the next job
+      if os.path.exists(staged):
+        os.unlink(staged)
     return True
   if lock.exists():
     return False
