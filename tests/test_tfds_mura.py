@@ -119,6 +119,15 @@ def test_zip_or_folder_give_the_same_dataset(tree, tmp_path):
   assert from_folder == from_zip and len(from_folder['train']) > 0
 
 
+def test_a_first_build_logs_no_warning(tree, tmp_path, caplog):
+  """Nothing is wrong with a first build into a new data_dir: no warning (TFDS alone logs that
+  the version folder it has not written yet has no dataset_info.json)."""
+  with caplog.at_level(logging.WARNING):
+    builder = _build(tree, tmp_path / 'data')
+  assert builder.is_prepared()
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_header_rows_and_crlf_are_read_with_a_warning(tree, tmp_path, caplog):
   root = tree / 'MURA-v1.1'
   for name, header in (('train_labeled_studies.csv', 'Path,Label'), ('valid_image_paths.csv', 'Path')):

@@ -81,6 +81,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # reused build), also logged: `python -m tfds_mura.build` prints them after its summary.
     self.build_warnings: list[str] = []
 
+  def is_prepared(self) -> bool:
+    # TFDS 4.9.10 warns "Variant folder ... has no dataset_info.json" when asked about a version
+    # folder that does not exist yet: at the start of every first build, where nothing is wrong.
+    return (epath.Path(self.data_path) / 'dataset_info.json').exists() and super().is_prepared()
+
   def download_and_prepare(self, *, download_config=None, **kwargs):
     """TFDS's, except that a dataset already built in the data_dir is reused only when the
     manual_dir given holds the MURA it was built from (`check_reuse`), and says so."""
