@@ -3,11 +3,16 @@
 # the multi-host code path (per-host input shards, global batches, cross-process collectives,
 # the preemption sync point) without a cluster.
 #
-#   launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run] -- --workdir DIR [flags...]
+#   launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run] \
+#       -- --workdir DIR [flags...]
 #
 # N and D default to 2. Everything after `--` goes to `python -m mura_jax.main` ($PYTHON, default
 # `python`). Process 0's output is printed at the end; every process's log (and pids, one per
 # line) stays in a fresh /tmp/mura_jax_processes.* folder, printed first.
+#
+# N x D trains bit for bit what --processes 1 --devices N*D trains (both over gloo) when each
+# process's XLA:CPU thread pool is as large: it has max(NPROC or the cores, D) threads, and
+# convolutions split their sums by it (tests/test_multihost.py sets NPROC).
 set -euo pipefail
 # The comment block above (what each command needs and does), to stdout.
 usage() { awk 'NR > 1 && !/^#( |$)/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
@@ -30,7 +35,8 @@ done
   echo "error: --processes and --devices take positive integers" >&2; exit 2; }
 port=$(( 20000 + RANDOM % 20000 ))
 python=${PYTHON:-python}
-if (( dry_run )); then logs=/tmp/mura_jax_processes.DRY_RUN; else logs=$(mktemp -d /tmp/mura_jax_processes.XXXXXX); fi
+logs=/tmp/mura_jax_processes.DRY_RUN
+(( dry_run )) || logs=$(mktemp -d /tmp/mura_jax_processes.XXXXXX)
 echo "logs: ${logs}"
 pids=()
 for (( i = num_processes - 1; i >= 0; i-- )); do

@@ -119,7 +119,8 @@ def _run(script, *args):
      ['sbatch --nodes=4 --gpus-per-node=8 launch/gpu_multinode.sbatch --workdir',
       'launch/gpu_multinode.sbatch --dry-run --nodes 4 --workdir ... --data-dir ...']),
     ('local_multiprocess.sh', ('--processes', '3'),
-     ['launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run] -- --workdir']),
+     ['launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run]',
+      '-- --workdir DIR [flags...]']),
 ])
 @pytest.mark.parametrize('flag', ['--help', '-h'])
 def test_help_prints_the_usage_before_any_other_check(script, args, usage_lines, flag):
