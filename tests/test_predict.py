@@ -2,6 +2,7 @@
 reported without losing a study, worklist tiers, exit statuses."""
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -144,15 +145,33 @@ def test_unwritable_out_fails_before_predicting(trained_workdir, capsys, tmp_pat
 
 def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_path):
   workdir, _ = trained_workdir
-  code, out, err = _run(capsys, synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_HAND', '--workdir',
+  # All of valid (28 studies): probabilities on both sides of both thresholds, every tier used.
+  code, out, err = _run(capsys, synthetic_dir / 'MURA-v1.1' / 'valid', '--workdir',
                         workdir, '--worklist', '--out', tmp_path)
   assert code == predict.EXIT_OK, err
   rows = _rows(tmp_path / 'studies.csv')
   ranked = sorted(rows, key=lambda r: int(r['worklist_rank']))
   assert [int(r['worklist_rank']) for r in ranked] == list(range(1, len(rows) + 1))
-  probabilities = [float(r['probability']) for r in ranked]
-  assert probabilities == sorted(probabilities, reverse=True)
-  assert all(r['tier'] in predict.TIERS for r in rows) and 'tiers from' in err
+  probabilities = [float(r['probability']) for r in ranked]  # repr: the exact float
+  assert probabilities == sorted(probabilities, reverse=True)  # rank 1 = highest probability
+  # The tiers from the report the code reads, by the rule written out here (not worklist's code):
+  # > threshold at specificity 0.95 'read first' (it wins an overlap), <= that at sensitivity
+  # 0.95 'deprioritise', else 'read'.
+  with open(os.path.join(workdir, 'eval', 'validation', 'report.json')) as f:
+    points = json.load(f)['operating_points']
+  thresholds = {(p['target_metric'], p['target']): p['threshold'] for p in points}
+  high, low = thresholds['specificity', 0.95], thresholds['sensitivity', 0.95]
+  expected = []
+  for p in probabilities:
+    if p > high:
+      expected.append('read first')
+    elif p <= low:
+      expected.append('deprioritise')
+    else:
+      expected.append('read')
+  assert [r['tier'] for r in ranked] == expected, (high, low, probabilities)
+  assert set(expected) == set(predict.TIERS), expected  # so that a swap of tiers would show
+  assert 'tiers from' in err
   assert out.splitlines()[0].startswith('rank')
 
 
