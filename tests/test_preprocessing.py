@@ -89,6 +89,21 @@ def test_fit_box_is_where_the_image_lands(height, width):
   assert preprocessing.fit_box(height, width, size, 'squash') == (0.0, 0.0, size, size)
 
 
+# By hand, S = 64: pad puts the view in a side x side square (side = the long side) at offsets
+# floor((side - short) / 2), then scales by 64 / side. 517 x 389: offset (517 - 389) // 2 = 64
+# -> 64 * 64 / 517; the short side 389 -> 389 * 64 / 517; 517 x 388: offset 129 // 2 = 64, not
+# 64.5 (PIL pastes at whole pixels). Squash stretches the whole view over the input.
+@pytest.mark.parametrize('height,width,pad', [
+    (517, 389, (0, 4096 / 517, 64, 24896 / 517)),
+    (389, 517, (4096 / 517, 0, 24896 / 517, 64)),
+    (517, 388, (0, 4096 / 517, 64, 24832 / 517)),
+    (300, 300, (0, 0, 64, 64))])
+def test_fit_box_exact_numbers(height, width, pad):
+  # Equal up to the one rounding of a float product (scale = 64 / side, times an integer).
+  assert preprocessing.fit_box(height, width, 64, 'pad') == pytest.approx(pad, rel=1e-15, abs=0)
+  assert preprocessing.fit_box(height, width, 64, 'squash') == (0.0, 0.0, 64.0, 64.0)
+
+
 def test_unknown_resize_mode_and_preprocessing_settings():
   with pytest.raises(ValueError, match='resize'):
     preprocessing.fit(np.zeros((4, 4), np.uint8), 8, 'crop')
