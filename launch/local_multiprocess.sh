@@ -16,6 +16,7 @@
 set -euo pipefail
 # The comment block above (what each command needs and does), to stdout.
 usage() { awk 'NR > 1 && !/^#( |$)/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
+needs_value() { (( $# >= 2 )) || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }; }
 # --help or -h before `--` prints the usage, before any other check.
 for arg in "$@"; do
   [[ "$arg" == -- ]] && break
@@ -24,8 +25,8 @@ done
 num_processes=2 devices=2 dry_run=0
 while (( $# )); do
   case "$1" in
-    --processes) num_processes=$2; shift 2 ;;
-    --devices) devices=$2; shift 2 ;;
+    --processes) needs_value "$@"; num_processes=$2; shift 2 ;;
+    --devices) needs_value "$@"; devices=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; break ;;
     *) echo "error: unknown option $1 (flags for mura_jax.main go after --)" >&2; exit 2 ;;

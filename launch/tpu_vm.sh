@@ -23,6 +23,7 @@ set -euo pipefail
 
 # The comment block above (what each command needs and does), to stdout.
 usage() { awk 'NR > 1 && !/^#( |$)/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
+needs_value() { (( $# >= 2 )) || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }; }
 # --help or -h before `--` prints the usage, before any other check.
 for arg in "$@"; do
   [[ "$arg" == -- ]] && break
@@ -39,16 +40,16 @@ tpu='' zone='' accelerator='v4-32' runtime='tpu-ubuntu2204-base' spot=0 weights=
 manual_dir='' data_dir='' workdir='' hosts='' dry_run=0 extra=()
 while (( $# )); do
   case "$1" in
-    --tpu) tpu=$2; shift 2 ;;
-    --zone) zone=$2; shift 2 ;;
-    --accelerator) accelerator=$2; shift 2 ;;
-    --runtime) runtime=$2; shift 2 ;;
+    --tpu) needs_value "$@"; tpu=$2; shift 2 ;;
+    --zone) needs_value "$@"; zone=$2; shift 2 ;;
+    --accelerator) needs_value "$@"; accelerator=$2; shift 2 ;;
+    --runtime) needs_value "$@"; runtime=$2; shift 2 ;;
     --spot) spot=1; shift ;;
-    --weights) weights=$2; shift 2 ;;
-    --manual-dir) manual_dir=$2; shift 2 ;;
-    --data-dir) data_dir=$2; shift 2 ;;
-    --workdir) workdir=$2; shift 2 ;;
-    --hosts) hosts=$2; shift 2 ;;
+    --weights) needs_value "$@"; weights=$2; shift 2 ;;
+    --manual-dir) needs_value "$@"; manual_dir=$2; shift 2 ;;
+    --data-dir) needs_value "$@"; data_dir=$2; shift 2 ;;
+    --workdir) needs_value "$@"; workdir=$2; shift 2 ;;
+    --hosts) needs_value "$@"; hosts=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;

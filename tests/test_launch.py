@@ -140,6 +140,12 @@ def test_help_prints_the_usage_before_any_other_check(script, args, usage_lines,
      'error: --workdir and --data-dir are required'),
     ('local_multiprocess.sh', ('--processes', '0', '--dry-run'),
      'error: --processes and --devices take positive integers'),
+    # A flag at the end without its value: a sentence, not bash's "unbound variable".
+    ('tpu_vm.sh', ('train', '--zone', 'z', '--tpu'), 'error: --tpu needs a value (see --help)'),
+    ('gpu_multinode.sbatch', ('--dry-run', '--workdir'),
+     'error: --workdir needs a value (see --help)'),
+    ('local_multiprocess.sh', ('--dry-run', '--devices'),
+     'error: --devices needs a value (see --help)'),
 ])
 def test_a_missing_or_wrong_flag_is_still_an_error(script, args, error):
   out = _run(script, *args)
