@@ -82,8 +82,8 @@ create() {
 }
 
 setup() {
-  local archive
   archive=$(mktemp /tmp/mura-jax.XXXXXX.tar.gz)
+  trap 'rm -f "$archive"' EXIT  # the copy of this checkout is not left in /tmp (dry runs too)
   run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
   run gcloud compute tpus tpu-vm scp "$archive" "$tpu:mura-jax.tar.gz" --zone "$zone" --worker=all
   local install

@@ -59,6 +59,8 @@ def test_tpu_vm_steps():
   assert '--spot' in create and create[create.index('--accelerator-type') + 1] == 'v5litepod-16'
   setup = _dry_run('tpu_vm.sh', 'setup', *common, '--weights', '/w/d.pth')
   assert setup[0][:4] == ['git', '-C', os.path.join(LAUNCH, '..'), 'archive']
+  archive = setup[0][setup[0].index('-o') + 1]
+  assert archive.startswith('/tmp/mura-jax.') and not os.path.exists(archive)  # not left behind
   assert setup[1][4] == 'scp' and '--worker=all' in setup[1]
   install = setup[2][setup[2].index('--command') + 1]
   assert "pip install -q -e mura-jax\\[tpu\\]" in install or "'mura-jax[tpu]'" in install
