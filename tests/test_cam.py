@@ -1,7 +1,9 @@
 """Class activation maps: the identity with the logit, the geometry back to the radiograph, the
 localisation measures, and the CAM mode's files."""
 
+import csv
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +119,16 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
   summary = cam.run(config, str(workdir))
   out = workdir / 'cam' / 'validation'
   assert len(summary['studies']) == 3
+  # The studies drawn: the 2 most confidently abnormal, then the one closest to the threshold,
+  # by the probabilities evaluate mode wrote for the same checkpoint.
+  with open(workdir / 'eval' / 'validation' / 'study_probabilities.csv', encoding='utf-8') as f:
+    probability = {r['study'].removeprefix('MURA-v1.1/').strip('/'): float(r['probability'])
+                   for r in csv.DictReader(f)}
+  by_confidence = sorted(probability, key=lambda s: -probability[s])
+  uncertain = min((s for s in probability if s not in by_confidence[:2]),
+                  key=lambda s: abs(probability[s] - config.evaluation.threshold))
+  assert [os.path.basename(s) for s in summary['studies']] == [
+      s.replace('/', '_') for s in by_confidence[:2] + [uncertain]]
   for folder in summary['studies']:
     pngs = sorted(p.name for p in (out / 'studies' / folder.rsplit('/', 1)[-1]).iterdir())
     assert 'study.png' in pngs and any(p.startswith('image') for p in pngs)
