@@ -1,6 +1,6 @@
 """Every bad input of `python -m mura_jax.main` (the command line, the config, the workdir) and the
 message it must print: one or a few lines naming the key, file or folder and what to do, exit 2,
-the traceback only with --verbose. The README's "When something is wrong" section quotes these.
+the traceback only with --verbose. docs/troubleshooting.md quotes these.
 
     input                                         message (start)
     --help                                        the modes, the flags, every config key (exit 0)
@@ -46,6 +46,7 @@ import sys
 
 import pytest
 
+import conftest
 from mura_jax import checkpoints
 from mura_jax import evaluation
 from mura_jax import input_pipeline
@@ -59,7 +60,7 @@ REPO = os.path.dirname(TESTS)
 
 
 def run_main(*flags, cwd=None):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**os.environ, 'XLA_FLAGS': conftest.xla_flags(1)}
   return subprocess.run([sys.executable, '-m', 'mura_jax.main', *flags], capture_output=True,
                         text=True, cwd=cwd or REPO, env=env, timeout=600)
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 from mura_jax import host
 
 
@@ -29,7 +30,7 @@ runpy.run_module('mura_jax.main', run_name='__main__')
 
 
 def run_main(*flags, cwd=None, without_tensorflow=False):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = {**os.environ, 'XLA_FLAGS': conftest.xla_flags(2)}
   command = ['-c', WITHOUT_TENSORFLOW] if without_tensorflow else ['-m', 'mura_jax.main']
   return subprocess.run([sys.executable, *command, *flags], capture_output=True, text=True,
                         cwd=cwd or REPO, env=env, timeout=900)

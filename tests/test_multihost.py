@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from mura_jax import checkpoints
 from mura_jax import parallel
 from mura_jax import train
@@ -78,7 +79,7 @@ def _start_processes(flags, logs, port):
   for i in range(2):
     env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2',
            'JAX_PROCESS_ID': str(i), 'JAX_CPU_COLLECTIVES': 'gloo', 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+           'XLA_FLAGS': conftest.xla_flags(2)}
     log = open(logs / f'process_{i}.log', 'w')  # pylint: disable=consider-using-with
     processes.append(subprocess.Popen([sys.executable, '-m', 'mura_jax.main', *flags],
                                       stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -90,8 +91,8 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(mura_dat
   import re  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  # 64 px and 4 epochs: slow enough that the notice arrives mid-training.
-  extra = ['--config.train.num_epochs=4', '--config.train.log_every_steps=1',
+  # 64 px and 2 epochs (about 16 steps): the notice arrives after step 2, mid-training.
+  extra = ['--config.train.num_epochs=2', '--config.train.log_every_steps=1',
            '--config.train.checkpoint_every_steps=1000', '--config.data.image_size=64']
   port = 20000 + os.getpid() % 20000
   # The reference: the same 2 processes, uninterrupted.
@@ -113,7 +114,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(mura_dat
   stopped = [re.findall(r'Preempted at step (\d+)', log) for log in logs]
   assert stopped[0] and stopped[0] == stopped[1], stopped  # both hosts, the same step
   _, progress = _params(tmp_path / 'two', mura_data_dir)
-  assert progress['step'] == int(stopped[0][0]) and progress['epoch'] < 4
+  assert progress['step'] == int(stopped[0][0]) and progress['epoch'] < 2
   # The same command resumes; the result is the uninterrupted run's (same reduction order:
   # equal to float32 round-off).
   second = _start_processes(flags, tmp_path, port + 1)
