@@ -1,6 +1,6 @@
 r"""Bootstrap speed: 10,000 resamples x 1,199 studies x 8 groups x all metrics, in one run.
 
-Compares `mura_jax.bootstrap` (jitted, chunked, every group and metric at once) with the naive
+Compares `mura_jax.evaluation.bootstrap` (jitted, chunked, every group and metric at once) with the naive
 loop most reimplementations use: per resample, per group, one scikit-learn call per metric. The
 loop is timed on a slice (--loop-resamples) and scaled to the full count.
 
@@ -23,11 +23,11 @@ import jax
 import numpy as np
 from sklearn import metrics as skm
 
-from mura_jax import bootstrap
-from mura_jax import evaluation
-from mura_jax import metrics
-from mura_jax.scoring import Options
-from mura_jax.studies import StudyTable
+from mura_jax.evaluation import bootstrap
+from mura_jax.evaluation import reports
+from mura_jax.evaluation import metrics
+from mura_jax.evaluation.scoring import Options
+from mura_jax.evaluation.studies import StudyTable
 
 # MURA v1.1 validation studies per body part: (normal, abnormal); 661 + 538 = 1,199.
 VALID_STUDIES = {'elbow': (92, 66), 'finger': (92, 83), 'forearm': (69, 64), 'hand': (101, 66),
@@ -111,12 +111,12 @@ def main():
     steady.append(time.perf_counter() - start)
   steady_median = statistics.median(steady)
 
-  # For context: the whole report as evaluation.evaluate builds it (3 more thresholds: sensitivity
+  # For context: the whole report as reports.evaluate builds it (3 more thresholds: sensitivity
   # and specificity 0.95 and the worklist's), no files written; compiled by now except new shapes.
   paths = [f'MURA-v1.1/valid/XR_{metrics.BODY_PARTS[p].upper()}/patient{i:05d}/study1/'
            for i, p in enumerate(part)]
   table = StudyTable.checked(paths, probability, abnormal)
-  report = lambda: evaluation.evaluate(table, Options(  # pylint: disable=g-long-lambda
+  report = lambda: reports.evaluate(table, Options(  # pylint: disable=g-long-lambda
       num_resamples=args.resamples, seed=args.seed, chunk_size=args.chunk_size))
   start = time.perf_counter()
   report()
@@ -138,7 +138,7 @@ def main():
         f'(timed on {args.loop_resamples}), {loop_total:.0f} s scaled to {args.resamples}')
   print(f'speed-up: {loop_total / steady_median:.0f}x steady state, '
         f'{loop_total / first:.0f}x including compilation')
-  print(f'whole report (evaluation.evaluate, 4 thresholds, no files): first {report_first:.2f} s, '
+  print(f'whole report (reports.evaluate, 4 thresholds, no files): first {report_first:.2f} s, '
         f'again {report_again:.2f} s')
   print(f'load average at end {os.getloadavg()[0]:.2f}')
 

@@ -12,7 +12,7 @@ import platform
 import shutil
 import time
 
-from mura_jax import synthetic
+from mura_jax.data import synthetic
 from tfds_mura import build
 
 

@@ -6,7 +6,7 @@
 The train step is the paper's: one sigmoid output, binary cross-entropy, Adam (lr 1e-4), batch-norm
 statistics updated. Variables are random (speed does not depend on their values). Compile time is
 jit's lower + compile; throughput is images per second over `--steps` calls after one warm-up call.
-`--in-channels 1` runs the folded one-channel conv0 (weights.adapt_input_channels), 3 the RGB one
+`--in-channels 1` runs the folded one-channel conv0 (imagenet.adapt_input_channels), 3 the RGB one
 that gray images are replicated into.
 """
 from __future__ import annotations

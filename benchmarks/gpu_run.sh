@@ -45,7 +45,7 @@ print('python', platform.python_version(), 'jax', jax.__version__, 'flax', flax.
       'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())
 print('jax devices', jax.devices())
 import sys; sys.path.insert(0, 'benchmarks'); import vs_torch
-print('mura_jax.train imported; stubbed:', vs_torch.import_train()[1])
+print('mura_jax.training.train imported; stubbed:', vs_torch.import_train()[1])
 print('torch device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')
 PY
 } 2>&1 | tee "$LOG"

@@ -1,6 +1,6 @@
 """Training-view preprocessing: mura-jax's against a naive per-image PIL pipeline, same PNGs, one run.
 
-    python -m mura_jax.synthetic /tmp/s500 --studies-per-part 25 --valid-studies-per-part 1
+    python -m mura_jax.data.synthetic /tmp/s500 --studies-per-part 25 --valid-studies-per-part 1
     python benchmarks/pipeline_vs_naive.py /tmp/s500/MURA-v1.1 --views 400 --rounds 3
 
 Every variant runs in this one process on one core (torch.set_num_threads(1), no workers), on the
@@ -11,7 +11,7 @@ same PNG files, alternating, `--rounds` times; views/s per core is what is compa
                   lateral flip and random rotation of up to 30 degrees, bilinear; before 8332ce6
                   the rotation came first, at full resolution); uint8 out, normalised on the
                   device inside the jitted step.
-  ours, from file the same from the original file: `preprocessing.read_image` (decode, the
+  ours, from file the same from the original file: `images.read_image` (decode, the
                   dataset's gray rule) + `preprocess_view`; what a pipeline without a build does.
   naive           as MURA reimplementations write it with torchvision: PIL open, convert('RGB'),
                   RandomHorizontalFlip, RandomRotation(30), Resize((224, 224)), ToTensor,
@@ -32,9 +32,9 @@ from PIL import Image
 
 def import_preprocess_view():
   try:
-    from mura_jax.preprocessing import preprocess_view  # pylint: disable=g-import-not-at-top
+    from mura_jax.data.preprocessing import preprocess_view  # pylint: disable=g-import-not-at-top
   except ImportError:
-    from mura_jax.input_pipeline import preprocess_view  # pylint: disable=g-import-not-at-top
+    from mura_jax.data.input_pipeline import preprocess_view  # pylint: disable=g-import-not-at-top
   return preprocess_view
 
 
@@ -64,13 +64,14 @@ def naive_transform():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('mura_dir', help='a MURA-v1.1 folder (real or mura_jax.synthetic)')
+  parser.add_argument('mura_dir', help='a MURA-v1.1 folder (real or mura_jax.data.synthetic)')
   parser.add_argument('--views', type=int, default=400)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--image-size', type=int, default=224)
   args = parser.parse_args()
 
-  from mura_jax import preprocessing  # pylint: disable=g-import-not-at-top
+
+  from mura_jax.data import images  # pylint: disable=g-import-not-at-top
   preprocess_view = import_preprocess_view()
   paths = sorted(glob.glob(os.path.join(args.mura_dir, 'train', '*', '*', '*', '*.png')))
   paths = [p for p in paths if not os.path.basename(p).startswith('._')][:args.views]
@@ -84,7 +85,7 @@ def main():
   stored = []
   for p in paths:
     buf = io.BytesIO()
-    Image.fromarray(preprocessing.read_image(p)[..., 0]).save(buf, format='PNG')
+    Image.fromarray(images.read_image(p)[..., 0]).save(buf, format='PNG')
     stored.append(buf.getvalue())
   naive, naive_kind = naive_transform()
 
@@ -98,7 +99,7 @@ def main():
   def ours_from_file():
     rng = np.random.default_rng(0)
     for p in paths:
-      preprocess_view(preprocessing.read_image(p), args.image_size, 'squash', rng)
+      preprocess_view(images.read_image(p), args.image_size, 'squash', rng)
 
   def naive_from_file():
     for p in paths:

@@ -73,7 +73,7 @@ def main():
     return
   load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as scratch:
-    predict = [sys.executable, '-m', 'mura_jax.predict', '--workdir', args.workdir,
+    predict = [sys.executable, '-m', 'mura_jax.serving.predict', '--workdir', args.workdir,
                '--compilation-cache', os.path.join(scratch, 'cache'), args.study]
     if args.cam:
       predict += ['--cam', '--out', os.path.join(scratch, 'out')]

@@ -7,7 +7,7 @@ training step, without and with JAX's persistent compilation cache.
 DIR holds a built `mura` dataset (e.g. the demo's WORKDIR/tfds). Each run starts a fresh process
 on a fresh workdir, reads train.py's "First training step done" log line, and kills the process.
 The first run uses an empty cache folder (cold); the next ones reuse it (warm): JAX's compiled
-executables and mura-jax's traced steps (mura_jax/step_cache.py).
+executables and mura-jax's traced steps (mura_jax/runtime/step_cache.py).
 
 --init: the paper's start is ImageNet weights (configs/densenet169.py reads torchvision's file);
 a file of the same format, random weights, for this measurement:

@@ -16,9 +16,11 @@ import time
 import jax
 import numpy as np
 
-from mura_jax import input_pipeline, parallel, train
+from mura_jax.data import input_pipeline
+from mura_jax.runtime import parallel
 from mura_jax.configs import base as common
 from mura_jax.configs import demo
+from mura_jax.training import state as train_state
 
 
 def pipeline(args):
@@ -41,10 +43,10 @@ def pipeline(args):
 
 def _steps_per_second(config, steps, image_size):
   mesh = parallel.make_mesh(jax.devices()[:1])
-  model = train.create_model(config)
+  model = train_state.network_of(config)
   loss_weights = np.full((7, 2), 0.5, np.float32)
-  compiled = train.compile_steps(config, model, loss_weights, mesh)
-  state = jax.device_put(train.initial_state(config, model), parallel.replicated(mesh))
+  compiled = train_state.compile_steps(config, model, loss_weights, mesh)
+  state = jax.device_put(train_state.initial_state(config, model), parallel.replicated(mesh))
   b = config.train.global_batch_size
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({'image': rng.integers(0, 256, (b, image_size, image_size, 1), dtype=np.uint8),

@@ -12,8 +12,8 @@ so that neither inherits the other's threads, allocator or compilation caches:
           train step = forward, BCE-with-logits weighted per view, backward, Adam (lr 1e-4);
           modes: eager (fp32), amp (autocast bf16 + channels_last), compile (torch.compile of
           the amp model); cudnn.benchmark on GPU; torch.set_num_threads(--threads) on CPU.
-  jax     mura-jax as `train.py` trains it: `train.create_model`, `train.initial_state`,
-          `train.compile_steps(...).train` (weighted BCE, Adam, plateau scale, batch-norm
+  jax     mura-jax as `train.py` trains it: `training/state.py: network_of`, `training/state.py: initial_state`,
+          `training/state.py: compile_steps(...).train` (weighted BCE, Adam, plateau scale, batch-norm
           statistics, uint8 gray batch normalised inside the step), and `.eval` (inference's
           predict_step) for the forward pass; config.model.dtype float32 or bfloat16.
 The forward pass is eval mode (torch: inference_mode). Throughput is images/s over timed chunks
@@ -182,9 +182,9 @@ def torch_worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# jax side: the real train step of mura_jax.train.
+# jax side: the real train step of mura_jax.training.train.
 
-# Imported by mura_jax.train's module chain but not used by its steps; where a machine lacks
+# Imported by mura_jax.training.train's module chain but not used by its steps; where a machine lacks
 # them (an accelerator image without grain or TFDS), they are replaced by inert stand-ins.
 OPTIONAL_MODULES = ('grain', 'tensorflow_datasets', 'tensorflow', 'clu', 'array_record')
 
@@ -226,13 +226,13 @@ class _StubFinder:
 
 
 def import_train():
-  """`mura_jax.train`, and the names of any optional modules that had to be stubbed."""
+  """`mura_jax.training.train`, and the names of any optional modules that had to be stubbed."""
   stubbed = [n for n in os.environ.get('VS_TORCH_STUB', '').split(',') if n]  # tests of the stubs
   if stubbed:
     sys.meta_path.insert(0, _StubFinder(stubbed))
   for _ in range(len(OPTIONAL_MODULES) + 1):
     try:
-      return importlib.import_module('mura_jax.train'), stubbed
+      return importlib.import_module('mura_jax.training.train'), stubbed
     except ImportError as e:
       missing = (e.name or '').split('.')[0]
       if missing not in OPTIONAL_MODULES or missing in stubbed:
@@ -242,7 +242,7 @@ def import_train():
                    or m.startswith('tfds_mura.')]:
         del sys.modules[name]
       sys.meta_path.insert(0, _StubFinder([missing]))
-  raise ImportError('mura_jax.train could not be imported')
+  raise ImportError('mura_jax.training.train could not be imported')
 
 
 def base_config():
@@ -294,9 +294,9 @@ def random_views(batch_size: int, size: int) -> dict:
 def start_jax_process():
   """As main.py starts: this process again with the malloc that keeps XLA:CPU's buffers (host.py),
   then XLA:CPU's convolutions chosen (parallel.py), before JAX starts its backends."""
-  from mura_jax import host  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import host  # pylint: disable=g-import-not-at-top
   host.restart_with_allocator()
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   parallel.use_xla_cpu_convolutions()
 
 
@@ -306,22 +306,22 @@ def jax_setup(spec: dict, **compile_options) -> types.SimpleNamespace:
   random batch placed on the mesh as the epoch loop places it (`batch`; `eval_batch` for the
   predict step). After start_jax_process."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   train, stubbed = import_train()
   config = jax_config_for(spec)
-  model = train.create_model(config)
+  model = train.train_state.network_of(config)
   mesh = parallel.make_mesh()
-  state = train.initial_state(config, model)
+  state = train.train_state.initial_state(config, model)
   counts = np.asarray(MURA_TRAIN_COUNTS, np.float32)
   loss_weights = np.stack([counts[:, 1], counts[:, 0]], 1) / counts.sum(1, keepdims=True)
   # The 4th argument positionally: its keyword name is being renamed.
-  steps = train.compile_steps(config, model, loss_weights, mesh, **compile_options)
+  steps = train.train_state.compile_steps(config, model, loss_weights, mesh, **compile_options)
   local = random_views(spec['batch'], spec['image_size'])
   eval_local = {**local, 'index': np.arange(spec['batch'], dtype=np.int32),
                 'mask': np.ones(spec['batch'], np.float32)}
   return types.SimpleNamespace(
       train=train, stubbed=stubbed, config=config, model=model, mesh=mesh, state=state,
-      steps=steps, batch=parallel.global_batch(local, mesh),
+      steps=steps, loss_weights=loss_weights, batch=parallel.global_batch(local, mesh),
       eval_batch=parallel.global_batch(eval_local, mesh))
 
 
@@ -329,7 +329,7 @@ def jax_worker(spec: dict) -> dict:
   start_jax_process()  # restarts this worker once, before JAX is imported
   import jax  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
-  from mura_jax import host  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import host  # pylint: disable=g-import-not-at-top
 
   if spec.get('cache_dir'):
     jax.config.update('jax_compilation_cache_dir', os.path.join(spec['cache_dir'], 'jax'))
@@ -355,9 +355,9 @@ def jax_worker(spec: dict) -> dict:
 
   try:
     if 'forward' in spec['what']:
-      variables = train.variables_of(state)
+      variables = train.train_state.variables_of(state)
       forward, result['forward_lower_s'], result['forward_compile_s'] = compile_(
-          steps.eval, variables, eval_batch)
+          steps.validation.step('predict', setup.loss_weights), variables, eval_batch)
       result['forward_first_s'] = result['forward_lower_s'] + result['forward_compile_s']
       if not spec.get('compile_only'):
         out = {}

@@ -6,7 +6,7 @@
 
 As configs/densenet169.py (the first version: 224 x 224, one model: F1 0.857), but 320 x 320
 inputs and, at evaluation, the ensemble of the 5 checkpoints with the lowest validation loss
-(`mura_jax.ensembles`: their view probabilities averaged, then the study mean); the same optimiser
+(`mura_jax.evaluation.ensembles`: their view probabilities averaged, then the study mean); the same optimiser
 and schedule. That version reports Cohen's kappa 0.705 (95% CI 0.700-0.710) and AUROC 0.929 on the
 hidden test set. After training, the best single checkpoint is evaluated into
 WORKDIR/eval/validation/ and the ensemble into WORKDIR/eval/validation-ensemble/, with the paired

@@ -12,7 +12,9 @@ The dataset builder (`tfds_mura`, which imports nothing from mura_jax) has its o
 which the entry points treat the same way.
 """
 
+import errno
 import os
+import re
 
 from etils import epath
 
@@ -40,7 +42,7 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 def write_problem(folder) -> OSError | None:
   """Why `folder` (local or gs://) cannot be written, or None: it is created if missing and a
   file is written and removed there. The entry points check their output folders with it before
-  any work (`checkpoints.check_writable`, the scorer's --out)."""
+  any work (`workdir.check_writable`, the scorer's --out)."""
   path = epath.Path(folder)
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -50,3 +52,18 @@ def write_problem(folder) -> OSError | None:
   except OSError as e:
     return e
   return None
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error` (or what caused it) is a full disk or quota: OSError ENOSPC/EDQUOT, or
+  tensorstore's ValueError 'RESOURCE_EXHAUSTED: ... No space left on device' (not XLA's
+  RESOURCE_EXHAUSTED for device memory)."""
+  seen = 0
+  while error is not None and seen < 10:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if re.search(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'",
+                 str(error)):
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False

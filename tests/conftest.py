@@ -27,8 +27,8 @@ except ImportError:
 
 import pytest  # noqa: E402
 
-from mura_jax import parallel  # noqa: E402
-from mura_jax import synthetic  # noqa: E402
+from mura_jax.data import synthetic  # noqa: E402
+from mura_jax.runtime import parallel  # noqa: E402
 
 parallel.use_xla_cpu_convolutions()  # XLA:CPU's own convolutions, as main.py and mura-predict set
 
@@ -49,7 +49,7 @@ VALID_STUDIES_PER_PART = 4
 
 @pytest.fixture(scope='session')
 def synthetic_dir(tmp_path_factory):
-  """OUT_DIR of `python -m mura_jax.synthetic` (holds MURA-v1.1/ and synthetic_annotations.csv)."""
+  """OUT_DIR of `python -m mura_jax.data.synthetic` (holds MURA-v1.1/ and synthetic_annotations.csv)."""
   out = tmp_path_factory.mktemp('synthetic')
   synthetic.make_synthetic_mura(out, STUDIES_PER_PART, VALID_STUDIES_PER_PART, seed=0,
                                 num_workers=2, progress=False)
@@ -70,11 +70,12 @@ def trained_workdir(mura_data_dir, tmp_path_factory):
   """(workdir, config) of a tiny model trained 2 epochs on the synthetic MURA and evaluated:
   what CAM and prediction tests restore."""
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
-  from mura_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  from mura_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from mura_jax.training import train  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('trained')
   config = tiny_config(mura_data_dir)
   assert train.train_and_evaluate(config, str(workdir))['status'] == 'done'
-  evaluation.evaluate_checkpoint(config, str(workdir))
+  evaluate.evaluate_checkpoint(config, str(workdir))
   return workdir, config
 
 

@@ -71,10 +71,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import tfds_mura
 from tfds_mura import build
 from tfds_mura import folder_lock
 from tfds_mura.mura import mura_dataset_builder as mura
+import tfds_mura
 
 
 def _build(manual_dir, data_dir, **kw):
@@ -314,7 +314,7 @@ def test_a_lock_left_by_a_dead_build_is_taken_over_with_a_note(tree, tmp_path, c
 
 def test_the_demos_synthetic_mura_is_written_by_one_run_at_a_time(tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from mura_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mura_jax.data import dataset as data_lib  # pylint: disable=g-import-not-at-top
   from mura_jax.errors import DataError  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({'data': {
       'synthetic_studies_per_part': 1, 'synthetic_valid_studies_per_part': 1,

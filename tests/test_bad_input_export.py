@@ -1,4 +1,4 @@
-"""Export (`--config.mode=export`, `export.export`, `export.load`): nothing lost, nothing hangs,
+"""Export (`--config.mode=export`, `export.export`, `exported_lib.load`): nothing lost, nothing hangs,
 nothing misleads.
 
     input                                    outcome
@@ -35,9 +35,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mura_jax import export
-from mura_jax import inference
-from mura_jax import predict
+from mura_jax.inference import exported as exported_lib
+from mura_jax.inference import predictor as predictor_lib
+from mura_jax.serving import export
+from mura_jax.serving import export_folder
+from mura_jax.serving import predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,11 +54,11 @@ def no_work(monkeypatch):
   """Restoring the checkpoint is the first work: a refusal must come before it."""
   def work_started(*args, **kwargs):
     raise AssertionError('the export started its work')
-  monkeypatch.setattr(inference.Predictor, 'from_workdir', work_started)
+  monkeypatch.setattr(predictor_lib.Predictor, 'from_workdir', work_started)
 
 
 def _refused(workdir, out_dir):
-  with pytest.raises(export.ExportError) as raised:
+  with pytest.raises(exported_lib.ExportError) as raised:
     export.export(workdir, 'best', out_dir)
   return str(raised.value)
 
@@ -107,7 +109,7 @@ def test_a_previous_export_with_a_users_file_or_a_damaged_export_json(tmp_path, 
   out_dir.mkdir()
   (out_dir / 'model.safetensors').write_bytes(b'weights')
   (out_dir / 'export.json').write_text(json.dumps(
-      {'format_version': export.FORMAT_VERSION, 'files': {'model.safetensors': 'x'}}))
+      {'format_version': exported_lib.FORMAT_VERSION, 'files': {'model.safetensors': 'x'}}))
   (out_dir / 'notes.txt').write_text('mine')
   before = _bytes(out_dir)
   assert _refused(workdir, out_dir) == (
@@ -131,7 +133,7 @@ def test_a_previous_export_put_back_when_an_export_was_stopped_while_swapping(tm
   old = tmp_path / '.export.old-otherhost-12345-0123abcd'
   old.mkdir()
   (old / 'export.json').write_text('{}')
-  notes = export.clear_leftovers(out_dir)
+  notes = export_folder.clear_leftovers(out_dir)
   assert notes == [f'{old} held the previous export of {out_dir}, moved away by an export that '
                    'was stopped; put back.']
   assert (out_dir / 'export.json').read_text() == '{}' and not old.exists()
@@ -145,7 +147,7 @@ def _quick(monkeypatch):
 
 _KILLED = """
 import os, signal, sys
-from mura_jax import export
+from mura_jax.serving import export
 def killed(*args):
   os.kill(os.getpid(), signal.SIGKILL)
 export.export_torchvision = killed
@@ -178,7 +180,7 @@ def test_an_export_killed_half_way_is_cleaned_up_by_the_next(trained_workdir, tm
       caplog.text)
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['export', live.name])
   assert json.loads((out_dir / 'export.json').read_text()) == manifest
-  assert export.load(out_dir).checkpoint['step'] == manifest['checkpoint']['step']
+  assert exported_lib.load(out_dir).checkpoint['step'] == manifest['checkpoint']['step']
 
 
 def test_a_full_disk_names_the_folder_and_leaves_nothing(trained_workdir, tmp_path, monkeypatch):
@@ -191,7 +193,7 @@ def test_a_full_disk_names_the_folder_and_leaves_nothing(trained_workdir, tmp_pa
   def full(variables, model, folder):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / 'model.safetensors'))
   monkeypatch.setattr(export, 'export_torchvision', full)
-  with pytest.raises(export.ExportError) as raised:
+  with pytest.raises(exported_lib.ExportError) as raised:
     export.export(workdir, 'best', out_dir, config=config)
   message = str(raised.value)
   assert message.startswith(f'Could not write the export to {out_dir} (No space left on device: ')
@@ -219,8 +221,8 @@ def _fake_export(tmp_path, manifest_text, card_text='{"validation": null}'):
 ])
 def test_a_damaged_export_json_is_named(tmp_path, capsys, manifest, why):
   folder = _fake_export(tmp_path, manifest)
-  with pytest.raises(export.ExportError) as raised:
-    export.load(folder)
+  with pytest.raises(exported_lib.ExportError) as raised:
+    exported_lib.load(folder)
   message = str(raised.value)
   assert message.startswith(f'{folder / "export.json"} is damaged (') and why in message
   assert message.endswith('; export the checkpoint again (python -m mura_jax.main --workdir '
@@ -241,8 +243,8 @@ def test_a_damaged_export_json_is_named(tmp_path, capsys, manifest, why):
 ])
 def test_a_damaged_model_card_json_is_named(tmp_path, card, why):
   folder = _fake_export(tmp_path, '{}', card)
-  with pytest.raises(export.ExportError) as raised:
-    export.read_model_card(folder)
+  with pytest.raises(exported_lib.ExportError) as raised:
+    exported_lib.read_model_card(folder)
   message = str(raised.value)
   assert message.startswith(f'{folder / "model_card.json"} is damaged (') and why in message
   assert message.endswith('or copy the whole export folder again.')
@@ -254,16 +256,16 @@ def test_the_previous_export_is_replaced_when_it_is_one(tmp_path, no_work):
   workdir.mkdir()
   out_dir = tmp_path / 'export'
   out_dir.mkdir()
-  export.check_out_dir(out_dir, workdir)
+  export_folder.check_out_dir(out_dir, workdir)
   (out_dir / 'saved_model').mkdir()
   (out_dir / 'model.jax_export').write_bytes(b'x')
   (out_dir / 'export.json').write_text(json.dumps(
-      {'format_version': export.FORMAT_VERSION, 'files': {'model.jax_export': 'x'}}))
-  export.check_out_dir(out_dir, workdir)
+      {'format_version': exported_lib.FORMAT_VERSION, 'files': {'model.jax_export': 'x'}}))
+  export_folder.check_out_dir(out_dir, workdir)
   shutil.rmtree(out_dir / 'saved_model')
   (out_dir / 'model.jax_export.json').write_text('{}')  # not in its files: a user's
-  with pytest.raises(export.ExportError, match='holds model.jax_export.json, which no export'):
-    export.check_out_dir(out_dir, workdir)
+  with pytest.raises(exported_lib.ExportError, match='holds model.jax_export.json, which no export'):
+    export_folder.check_out_dir(out_dir, workdir)
 
 
 def test_a_damaged_validation_report_is_named_before_any_work(tmp_path, no_work):

@@ -48,12 +48,13 @@ import pytest
 
 import conftest
 from mura_jax import checkpoints
-from mura_jax import evaluation
-from mura_jax import input_pipeline
-from mura_jax import loss as loss_lib
 from mura_jax import main
-from mura_jax import train
+from mura_jax import workdir as workdir_lib
+from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError, UserError
+from mura_jax.evaluation import evaluate
+from mura_jax.training import loss as loss_lib
+from mura_jax.training import train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -291,11 +292,11 @@ def test_intended_config_change_is_logged_and_recorded_in_the_report(tmp_path, t
     train.train_and_evaluate(config, str(workdir))
   config.allow_config_change = True
   assert train.train_and_evaluate(config, str(workdir))['status'] == 'done'
-  changes = checkpoints.config_changes(workdir)
+  changes = workdir_lib.config_changes(workdir)
   assert changes[-1]['changes'] == {'optimizer.learning_rate': {'before': 0.001, 'after': 0.01}}
   assert json.loads((workdir / 'config.json').read_text())['optimizer']['learning_rate'] == 0.01
   config.evaluation.bootstrap_resamples = 0
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   assert report['config_changes'] == changes
 
 
@@ -347,7 +348,9 @@ def test_body_part_without_abnormal_images_warns_of_its_zero_weight(caplog):
 
 def test_every_error_class_is_a_user_error():
   """The entry points print these as sentences; each keeps its built-in base for callers."""
-  from mura_jax import export, images, studies  # pylint: disable=g-import-not-at-top
+  from mura_jax.serving import export  # pylint: disable=g-import-not-at-top
+  from mura_jax.data import images  # pylint: disable=g-import-not-at-top
+  from mura_jax.evaluation import studies  # pylint: disable=g-import-not-at-top
   from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
   for cls, base in ((images.ImageError, ValueError), (export.ExportError, ValueError),
                     (studies.PredictionsError, ValueError),

@@ -13,9 +13,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from mura_jax import images
-from mura_jax import predict
+from mura_jax.data import images
 from mura_jax.errors import UserError
+from mura_jax.serving import predict
+from mura_jax.serving import study_folders
 
 from test_images import lut_item, write_dicom
 
@@ -77,11 +78,11 @@ def test_an_out_that_would_lose_or_mix_files_is_refused(tmp_path, capsys, monkey
   assert notes.read_text() == 'my notes'
   assert (foreign / 'studies.csv').read_text() == 'my,own,table\n'
   assert sorted(os.listdir(study)) == ['image1.png']  # no marker, no CSV written among inputs
-  assert not (tmp_path / 'data' / predict.OUTPUT_MARKER).exists()
-  with pytest.raises(predict.OutputError):
+  assert not (tmp_path / 'data' / study_folders.OUTPUT_MARKER).exists()
+  with pytest.raises(study_folders.OutputError):
     predict.main([str(study), '--workdir', str(tmp_path / 'no_run'), '--out', str(notes),
                   '--verbose'])
-  assert issubclass(predict.OutputError, UserError)
+  assert issubclass(study_folders.OutputError, UserError)
   # --cam without --out writes ./cam: a user's own cam folder there is refused the same way.
   _png(tmp_path / 'cam' / 'holiday.png')
   monkeypatch.chdir(tmp_path)
@@ -93,8 +94,8 @@ def test_an_out_that_would_lose_or_mix_files_is_refused(tmp_path, capsys, monkey
 
 _FIND = """
 import sys
-from mura_jax import predict
-studies, problems, _, notes = predict.find_studies(sys.argv[1:])
+from mura_jax.serving import study_folders
+studies, problems, _, notes = study_folders.find_studies(sys.argv[1:])
 print(len(studies), sum(len(s.files) for s in studies), len(problems))
 print('\\n'.join(notes))
 """
@@ -129,7 +130,7 @@ def test_any_failure_reading_one_file_is_that_files_row(tmp_path, monkeypatch):
       raise KeyError('a reader bug')
     return real_read(path)
   monkeypatch.setattr(images, 'read_view', read_view)
-  studies = predict.read_studies(predict.find_studies([str(tmp_path)])[0], None, progress=False)
+  studies = study_folders.read_studies(study_folders.find_studies([str(tmp_path)])[0], None, progress=False)
   assert len(studies) == 1 and len(studies[0].views) == 1
   assert studies[0].errors == [(str(study / 'image2.png'),
                                 f"{study / 'image2.png'}: KeyError: 'a reader bug'")]
@@ -148,7 +149,7 @@ def _dicom_study(folder, parts, uid='1.2.826.0.1.9'):
     (['HAND', 'WRIST', 'HAND'], 'wrist', ['view1.dcm'], 'wrist')])           # --body-part
 def test_a_study_of_mixed_body_parts_leaves_the_others_out(tmp_path, parts, override, kept, part):
   _dicom_study(tmp_path / 'dicom', parts)
-  [study] = predict.read_studies(predict.find_studies([str(tmp_path)])[0], override, False)
+  [study] = study_folders.read_studies(study_folders.find_studies([str(tmp_path)])[0], override, False)
   assert study.body_part == part
   assert [os.path.basename(v.path) for v in study.views] == kept
   assert len(study.left_out) == len(parts) - len(kept)
@@ -158,7 +159,7 @@ def test_a_study_of_mixed_body_parts_leaves_the_others_out(tmp_path, parts, over
 
 def test_views_of_one_other_part_keep_the_users_word(tmp_path):
   _dicom_study(tmp_path / 'XR_ELBOW' / 'dicom', ['HAND', 'HAND'])
-  [study] = predict.read_studies(predict.find_studies([str(tmp_path)])[0], None, False)
+  [study] = study_folders.read_studies(study_folders.find_studies([str(tmp_path)])[0], None, False)
   assert study.body_part == 'elbow' and len(study.views) == 2 and not study.left_out
   assert study.warnings == ['its views name hand, its XR_ folder says elbow: predicted as elbow']
 
@@ -212,7 +213,7 @@ def test_what_a_user_must_see_is_on_stderr_and_nothing_is_counted_twice(
                 'm.dcm: 2 frames: the first is used', 'no body part found: pass --body-part',
                 '1.2.9: its views name different body parts', f'{root / "loop"}: a link to'):
     assert any(words in n for n in notes), (words, notes)
-  assert (root / 'out' / predict.OUTPUT_MARKER).exists()
+  assert (root / 'out' / study_folders.OUTPUT_MARKER).exists()
   assert len(list((root / 'out' / 'cam').rglob('*.png'))) > 5
 
   code, out, err = _run(capsys, *args)
@@ -248,16 +249,16 @@ def test_outputs_of_earlier_runs_are_recognised_without_the_marker(tmp_path):
   _png(tmp_path / 'XR_HAND' / 's1' / 'image1.png')
   old = tmp_path / 'old_out'
   _png(old / 'cam' / 'study_1' / 'image1.png')
-  (old / 'studies.csv').write_text(predict.STUDIES_HEADER + ',warnings,cam,worklist_rank,tier\n')
+  (old / 'studies.csv').write_text(study_folders.STUDIES_HEADER + ',warnings,cam,worklist_rank,tier\n')
   (old / 'views.csv').write_text('study,file,probability,status,warnings\n')
   theirs = tmp_path / 'theirs'
   _png(theirs / 'image1.png')
   (theirs / 'studies.csv').write_text('patient,notes\n')
   (theirs / 'views.csv').write_text('')
-  studies, problems, _, notes = predict.find_studies([str(tmp_path)])
+  studies, problems, _, notes = study_folders.find_studies([str(tmp_path)])
   assert sorted(s.id for s in studies) == [f'{tmp_path}/XR_HAND/s1/', f'{theirs}/'] and not problems
   assert notes == [f'{old}: skipped: mura-predict wrote it (its outputs are no radiographs)']
-  assert predict.is_output_folder(old) and not predict.is_output_folder(theirs)
+  assert study_folders.is_output_folder(old) and not study_folders.is_output_folder(theirs)
 
 
 def test_a_damaged_report_for_the_worklist_stops_before_any_prediction(

@@ -61,8 +61,8 @@ import sys
 import numpy as np
 import pytest
 
-from mura_jax import evaluation
-from mura_jax.scoring import Options
+from mura_jax.evaluation import scorer
+from mura_jax.evaluation.scoring import Options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ def test_shuffled_files_give_the_same_confidence_intervals(tmp_path):
   reports = []
   for seed, order in enumerate([None, *(np.random.default_rng(s).permutation(70) for s in (1, 2))]):
     folder = _files(tmp_path, seed, order, readers=True)
-    reports.append(evaluation.score_files(folder / 'predictions.csv', folder / 'labels.csv',
+    reports.append(scorer.score_files(folder / 'predictions.csv', folder / 'labels.csv',
                                           folder / 'out', folder / 'readers.csv',
                                           options=options))
   for report in reports[1:]:
@@ -122,7 +122,7 @@ def test_the_scorer_repeats_an_evaluation_report(trained_workdir, synthetic_dir,
     rows = list(csv.DictReader(f))
   predictions = tmp_path / 'predictions.csv'
   predictions.write_text(''.join(f'{r["study"]},{r["probability"]}\n' for r in rows[::-1]))
-  scored = evaluation.score_files(
+  scored = scorer.score_files(
       predictions, synthetic_dir / 'MURA-v1.1' / 'valid_labeled_studies.csv', tmp_path / 'out',
       options=Options(num_resamples=config.evaluation.bootstrap_resamples,
                       seed=config.evaluation.seed, threshold=config.evaluation.threshold))
@@ -170,7 +170,7 @@ def test_a_folder_an_empty_file_and_an_unwritable_out(tmp_path):
 
 
 def _main(capsys, *args):
-  code = evaluation.main([*map(str, args), '--bootstrap', '0'])
+  code = scorer.main([*map(str, args), '--bootstrap', '0'])
   return code, capsys.readouterr().err.strip()
 
 
@@ -331,7 +331,7 @@ def test_scoring_again_into_the_same_out_keeps_other_files(tmp_path, capsys):
 def test_a_bad_number_is_named_before_any_work(tmp_path, capsys, args, message):
   """One sentence naming the flag, exit 2, and --out not even created."""
   folder = _files(tmp_path, 0)
-  code = evaluation.main(['--predictions', str(folder / 'predictions.csv'), '--labels',
+  code = scorer.main(['--predictions', str(folder / 'predictions.csv'), '--labels',
                           str(folder / 'labels.csv'), '--out', str(tmp_path / 'out'), *args])
   assert code == 2
   assert capsys.readouterr().err.strip() == f'error: {message}'

@@ -50,6 +50,7 @@ import numpy as np
 import pytest
 
 from mura_jax.errors import UserError
+from mura_jax.models import keras_weights
 from mura_jax.models import weights
 from mura_jax.models.weights import KERAS_URL
 
@@ -116,7 +117,7 @@ def test_a_file_that_is_not_its_format_is_named_before_any_reader(tmp_path, monk
     path.write_bytes(content)
   monkeypatch.setitem(sys.modules, 'torch', None)  # as if not installed: not reached
   monkeypatch.setitem(sys.modules, 'h5py', None)
-  loader = weights.load_torchvision if load == 'torchvision' else weights.load_keras
+  loader = weights.load_torchvision if load == 'torchvision' else keras_weights.load_keras
   with pytest.raises(weights.WeightsFileError) as error:
     loader(path, 'densenet169')
   message = str(error.value)
@@ -126,7 +127,7 @@ def test_a_file_that_is_not_its_format_is_named_before_any_reader(tmp_path, monk
 
 
 def test_a_pth_without_torch_is_checked_first_then_says_how_to_install(tmp_path, monkeypatch):
-  from mura_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from mura_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from mura_jax.configs import base  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'densenet169-b2777c0a.pth'
   path.write_bytes(b'PK\x03\x04' + bytes(100))  # starts as torch.save's zip archive does
@@ -134,7 +135,7 @@ def test_a_pth_without_torch_is_checked_first_then_says_how_to_install(tmp_path,
   config = base.base_config()
   config.model.init = f'torchvision:{path}'
   # main.py's check before any work, and the loader itself, say the same.
-  for call in (lambda: checkpoints.check_named_files(config),
+  for call in (lambda: workdir_lib.check_named_files(config),
                lambda: weights.load_torchvision(path, 'densenet169')):
     with pytest.raises(weights.ReaderNotInstalledError) as error:
       call()
@@ -184,7 +185,7 @@ def test_unreadable_keras_h5(tmp_path):
   path = tmp_path / 'damaged.h5'
   path.write_bytes(b'\x89HDF\r\n\x1a\n' + np.random.default_rng(0).bytes(4088))
   with pytest.raises(weights.WeightsFileError) as error:
-    weights.load_keras(path, 'densenet169')
+    keras_weights.load_keras(path, 'densenet169')
   message = str(error.value)
   assert message.startswith(f'{path} (4,096 bytes) is not a readable Keras HDF5 weights file '
                             '(.h5) (OSError: ')
@@ -197,7 +198,7 @@ def test_a_keras3_archive_is_not_hdf5(tmp_path):
   with zipfile.ZipFile(path, 'w') as z:
     z.writestr('config.json', '{}')
   with pytest.raises(weights.WeightsFileError) as error:
-    weights.load_keras(path, 'densenet169')
+    keras_weights.load_keras(path, 'densenet169')
   message = str(error.value)
   assert message.startswith(f'{path} ({os.path.getsize(path):,} bytes) is not a Keras HDF5 weights '
                             'file (.h5): it is a zip archive (a Keras 3 .keras file?): load it '
@@ -207,7 +208,7 @@ def test_a_keras3_archive_is_not_hdf5(tmp_path):
 def test_a_folder_for_keras(tmp_path):
   with pytest.raises(weights.WeightsNotFoundError, match='is a folder, not a weights file. '
                                                          "Keras' ImageNet densenet169"):
-    weights.load_keras(tmp_path, 'densenet169')
+    keras_weights.load_keras(tmp_path, 'densenet169')
 
 
 def test_a_pickled_whole_model_is_not_a_state_dict(tmp_path):

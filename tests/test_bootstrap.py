@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mura_jax import bootstrap
-from mura_jax import evaluation
-from mura_jax import metrics
-from mura_jax.scoring import Options
-from mura_jax.studies import StudyTable
+from mura_jax.evaluation import bootstrap
+from mura_jax.evaluation import metrics
+from mura_jax.evaluation import reports
+from mura_jax.evaluation.scoring import Options
+from mura_jax.evaluation.studies import StudyTable
 
 NUM_RESAMPLES = 300
 SEED = 7
@@ -171,7 +171,7 @@ def test_cis_bracket_point_values_on_well_behaved_data():
   scores = np.clip(rng.beta(2 + 3 * truth, 5 - 3 * truth), 0, 1)
   paths = [f'MURA-v1.1/valid/XR_{metrics.BODY_PARTS[p].upper()}/patient{i:05d}/study1/'
            for i, p in enumerate(part)]
-  report = evaluation.evaluate(StudyTable.checked(paths, scores, truth),
+  report = reports.evaluate(StudyTable.checked(paths, scores, truth),
                                Options(num_resamples=1000, seed=0))
   for group, section in report['groups'].items():
     for m, entry in section['metrics'].items():

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mura_jax import cam
-from mura_jax import checkpoints
-from mura_jax import inference
-from mura_jax import preprocessing
+from mura_jax.data import preprocessing
+from mura_jax.inference import steps as inference_steps
+from mura_jax.interpretation import cam
+from mura_jax.interpretation import localisation
+from mura_jax.interpretation import maps as maps_lib
 from mura_jax.models import densenet
 
 TINY = {'arch': 'custom', 'in_channels': 3, 'num_classes': 1, 'growth_rate': 4,
@@ -22,7 +23,7 @@ TINY = {'arch': 'custom', 'in_channels': 3, 'num_classes': 1, 'growth_rate': 4,
 
 @pytest.mark.parametrize('resize', ['squash', 'pad'])
 def test_map_mean_plus_bias_is_the_logit(resize):
-  model = checkpoints.create_model(TINY)
+  model = densenet.create_model(TINY)
   variables = densenet.init_variables(model, jax.random.PRNGKey(0), 64, 3)
   # Non-zero bias and randomised batch statistics, so the identity is not trivially 0 = 0.
   variables = jax.tree_util.tree_map_with_path(
@@ -32,15 +33,15 @@ def test_map_mean_plus_bias_is_the_logit(resize):
            rng.integers(0, 256, (200, 300, 1), dtype=np.uint8)]
   spec = preprocessing.Preprocessing(64, resize, 3)
   batch = np.stack([preprocessing.view_input(v, spec) for v in views])
-  logits, maps = jax.device_get(inference.view_maps(variables, batch, model=model, in_channels=3))
+  logits, maps = jax.device_get(inference_steps.view_maps(variables, batch, model=model, in_channels=3))
   assert maps.shape == (2, 8, 8)  # output stride 8 for two dense blocks
-  bias = inference.classifier_bias(variables)
+  bias = inference_steps.classifier_bias(variables)
   np.testing.assert_allclose(maps.mean((1, 2)) + bias, logits, atol=1e-5)
   plain = model.apply(variables, preprocessing.normalize(jnp.asarray(batch), 3))[:, 0]
   np.testing.assert_allclose(logits, plain, atol=1e-5)
   # The display map is the fixed sigmoid scale: a flat map shows the view's probability.
   flat = np.full((8, 8), maps[0].mean())
-  np.testing.assert_allclose(cam.display_map(flat, bias), 1 / (1 + np.exp(-logits[0])), rtol=1e-5)
+  np.testing.assert_allclose(maps_lib.display_map(flat, bias), 1 / (1 + np.exp(-logits[0])), rtol=1e-5)
 
 
 def _aligned_map(image, spec, cells):
@@ -59,11 +60,11 @@ def test_upsampled_map_peaks_on_an_off_centre_marker(rows, columns, resize):
   image[top:top + 60, left:left + 60] = 255
   spec = preprocessing.Preprocessing(128, resize, 3)
   raw = _aligned_map(image, spec, 16)
-  up = cam.upsample(raw, rows, columns, spec)
+  up = maps_lib.upsample(raw, rows, columns, spec)
   assert up.shape == (rows, columns)  # rows x columns, never transposed
   y, x = np.unravel_index(np.argmax(up), up.shape)
   assert top <= y < top + 60 and left <= x < left + 60, (y, x)
-  py, px = cam.peak(raw, rows, columns, spec)
+  py, px = maps_lib.peak(raw, rows, columns, spec)
   assert top - 2 <= py < top + 62 and left - 2 <= px < left + 62, (py, px)
 
 
@@ -71,35 +72,35 @@ def test_peak_of_a_border_cell_is_its_centre_not_the_corner():
   spec = preprocessing.Preprocessing(64, 'squash', 3)
   raw = np.zeros((8, 8))
   raw[0, 0] = 1.0  # the corner cell: the upsampled map is flat out to the image corner
-  assert cam.peak(raw, 400, 320, spec) == (25, 20)  # the cell's centre, 1/16 of each side in
-  hist = cam.peak_histogram(np.stack([raw] * 10))
+  assert maps_lib.peak(raw, 400, 320, spec) == (25, 20)  # the cell's centre, 1/16 of each side in
+  hist = localisation.peak_histogram(np.stack([raw] * 10))
   assert hist[0, 0] == 10 and hist.sum() == 10  # a fixed hotspot fills one bin
 
 
 def test_localisation_measures_on_hand_made_maps():
   box = ('lesion', 40, 20, 60, 50)  # x0, y0, x1, y1
-  assert cam.distance_to_box(30, 50, box) == 0
-  assert cam.distance_to_box(30, 75, box) == pytest.approx(16)  # 16 px right of x1 - 1 = 59
+  assert localisation.distance_to_box(30, 50, box) == 0
+  assert localisation.distance_to_box(30, 75, box) == pytest.approx(16)  # 16 px right of x1 - 1 = 59
   score_map = np.zeros((100, 100))
   score_map[20:50, 40:60] = 1.0
-  result = cam.score_view(score_map, box)
+  result = localisation.score_view(score_map, box)
   assert result == {'pointing': 1.0, 'pointing_15px': 1.0, 'otsu_iou': 1.0, 'otsu_hit': 1.0}
-  miss = cam.score_view(np.roll(score_map, 40, axis=1), box)
+  miss = localisation.score_view(np.roll(score_map, 40, axis=1), box)
   assert miss['pointing'] == 0 and miss['otsu_iou'] == 0
   # Otsu splits a bimodal histogram between its modes.
   low, high = np.random.default_rng(0).normal(0, 0.1, 500), np.random.default_rng(1).normal(
       5, 0.1, 500)
-  assert low.max() < cam.otsu_threshold(np.r_[low, high]) < high.min()
+  assert low.max() < localisation.otsu_threshold(np.r_[low, high]) < high.min()
   # A paired bootstrap of identical scores is exactly 0.
   ones = np.ones(50)
-  assert cam.bootstrap_rate(ones, 100, baseline=ones) == {
+  assert localisation.bootstrap_rate(ones, 100, baseline=ones) == {
       'value': 0.0, 'ci_low': 0.0, 'ci_high': 0.0, 'n_views': 50}
 
 
 def test_randomised_variables_change_the_head_and_last_block_only():
-  model = checkpoints.create_model(TINY)
+  model = densenet.create_model(TINY)
   variables = densenet.init_variables(model, jax.random.PRNGKey(0), 32, 3)
-  randomised = cam.randomised_variables(variables, model, seed=5)
+  randomised = localisation.randomised_variables(variables, model, seed=5)
   features, new = variables['params']['features'], randomised['params']['features']
   assert not np.allclose(variables['params']['classifier']['kernel'],
                          randomised['params']['classifier']['kernel'])
@@ -134,12 +135,12 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
     assert 'study.png' in pngs and any(p.startswith('image') for p in pngs)
   written = json.loads((out / 'localisation.json').read_text())
   local = written['localisation']
-  assert local['n_views'] > 0 and set(local['groups']['all']) == set(cam.METHODS)
+  assert local['n_views'] > 0 and set(local['groups']['all']) == set(localisation.METHODS)
   assert any(g.startswith('abnormality/') for g in local['groups'])
-  for method in cam.METHODS:
+  for method in localisation.METHODS:
     entry = local['groups']['all'][method]['pointing']
     assert 0 <= entry['ci_low'] <= entry['value'] <= entry['ci_high'] <= 1
-  assert set(local['advantage']) == set(cam.METHODS[1:])
+  assert set(local['advantage']) == set(localisation.METHODS[1:])
   sanity = written['sanity']
   assert 0 <= sanity['blank_image']['probability'] <= 1
   assert -1 <= sanity['model_randomisation']['mean_rank_correlation'] <= 1

@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from mura_jax import bootstrap
-from mura_jax import comparison
-from mura_jax import evaluation
-from mura_jax import metrics
-from mura_jax.scoring import Options
-from mura_jax.studies import StudyTable
+from mura_jax.evaluation import bootstrap
+from mura_jax.evaluation import comparison
+from mura_jax.evaluation import metrics
+from mura_jax.evaluation import scorer
+from mura_jax.evaluation.scoring import Options
+from mura_jax.evaluation.studies import StudyTable
 
 
 def _tables(num_studies=150, seed=0):
@@ -88,7 +88,7 @@ def _write_files(tmp_path):
 
 def test_cli_compare_and_threshold_from_another_report(tmp_path, capsys):
   labels, (a, b) = _write_files(tmp_path)
-  code = evaluation.main(['--predictions', str(a), '--compare', str(b), '--labels', str(labels),
+  code = scorer.main(['--predictions', str(a), '--compare', str(b), '--labels', str(labels),
                           '--bootstrap', '100', '--out', str(tmp_path / 'first')])
   assert code == 0
   assert 'Paired comparison A = ' in capsys.readouterr().out
@@ -99,7 +99,7 @@ def test_cli_compare_and_threshold_from_another_report(tmp_path, capsys):
   assert compared['bootstrap']['num_resamples'] == 100
   assert '## Paired comparison' in (tmp_path / 'first' / 'report.md').read_text()
   # The threshold reaching sensitivity 0.95 on the first report, applied to the second scoring.
-  code = evaluation.main(['--predictions', str(b), '--labels', str(labels), '--bootstrap', '0',
+  code = scorer.main(['--predictions', str(b), '--labels', str(labels), '--bootstrap', '0',
                           '--threshold-from', str(tmp_path / 'first' / 'report.json'),
                           '--operating-point', 'sensitivity@0.95',
                           '--out', str(tmp_path / 'second')])
@@ -108,7 +108,7 @@ def test_cli_compare_and_threshold_from_another_report(tmp_path, capsys):
   wanted = [p for p in first['operating_points'] if p['target_metric'] == 'sensitivity'][0]
   assert second['threshold'] == wanted['threshold']
   assert second['threshold_from']['operating_point'] == 'sensitivity@0.95'
-  code = evaluation.main(['--predictions', str(b), '--labels', str(labels), '--bootstrap', '0',
+  code = scorer.main(['--predictions', str(b), '--labels', str(labels), '--bootstrap', '0',
                           '--threshold-from', str(tmp_path / 'first' / 'report.json'),
                           '--operating-point', 'recall@0.9', '--out', str(tmp_path / 'third')])
   err = capsys.readouterr().err

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from mura_jax import checkpoints
-from mura_jax import ensembles
-from mura_jax import evaluation
-from mura_jax import inference
-from mura_jax import input_pipeline
-from mura_jax import loss
-from mura_jax import train
+from mura_jax.data import input_pipeline
+from mura_jax.evaluation import ensembles
+from mura_jax.evaluation import evaluate
+from mura_jax.inference import predictor as predictor_lib
+from mura_jax.inference import steps as inference_steps
+from mura_jax.training import loss
+from mura_jax.training import train
 
 from test_train import tiny_config
 
@@ -71,7 +72,7 @@ def test_a_dataset_of_two_body_parts_trains_and_evaluates(two_part_data_dir, two
     abnormal, normal = sum('_positive/' in r for r in views), sum('_negative/' in r for r in views)
     expected = [abnormal / (abnormal + normal), normal / (abnormal + normal)] if views else [0, 0]
     np.testing.assert_allclose(weights[t], expected, rtol=1e-6, err_msg=part)
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   assert list(report['groups']) == ['humerus', 'wrist', 'all']  # only the evaluated groups
   assert report['num_studies'] == report['groups']['humerus']['n_studies'] + \
       report['groups']['wrist']['n_studies']
@@ -89,10 +90,10 @@ def test_a_requested_body_part_without_training_images_is_an_error(two_part_data
 
 def test_five_best_ensemble_end_to_end_with_its_paired_comparison(five_epoch_run):
   workdir, config = five_epoch_run
-  single = evaluation.evaluate_checkpoint(evaluation.single_checkpoint(config), str(workdir))
+  single = evaluate.evaluate_checkpoint(evaluate.single_checkpoint(config), str(workdir))
   config = tiny_config(config.data.data_dir, **{'evaluation.ensemble': 5,
                                                 'evaluation.bootstrap_resamples': 100})
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   members = report['ensemble']['members']
   assert report['ensemble']['num_members'] == 5 and report['ensemble']['order'] == 'views'
   losses = [m['validation_loss'] for m in members]
@@ -113,7 +114,7 @@ def test_five_best_ensemble_end_to_end_with_its_paired_comparison(five_epoch_run
   assert json.loads((workdir / 'eval' / 'validation' / 'report.json').read_text())['checkpoint']
   # An ensemble of more checkpoints than were kept: one sentence saying so.
   with pytest.raises(checkpoints.CheckpointNotFoundError, match='fewer than the 6 asked for'):
-    evaluation.evaluate_checkpoint(tiny_config(config.data.data_dir,
+    evaluate.evaluate_checkpoint(tiny_config(config.data.data_dir,
                                                **{'evaluation.ensemble': 6}), str(workdir))
 
 
@@ -127,7 +128,7 @@ def test_three_seed_ensemble_and_a_body_part_model(mura_data_dir, five_epoch_run
     assert train.train_and_evaluate(config, str(seeds[-1]))['status'] == 'done'
   config = tiny_config(mura_data_dir, **{'evaluation.workdirs': ','.join(map(str, seeds)),
                                          'evaluation.bootstrap_resamples': 50})
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   names = [m['name'] for m in report['ensemble']['members']]
   assert len(names) == 3 and names[1].startswith('seed1 ') and names[2].startswith('seed2 ')
   assert report['comparison']['b'] == f'single best ({names[0]})'
@@ -135,7 +136,7 @@ def test_three_seed_ensemble_and_a_body_part_model(mura_data_dir, five_epoch_run
   # One run against another, in evaluate mode: the other's best checkpoint on the same views.
   config = tiny_config(mura_data_dir, **{'evaluation.compare': str(seeds[0]),
                                          'evaluation.bootstrap_resamples': 20})
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   assert report['comparison']['b'].startswith('seed1 step') and 'ensemble' not in report
   assert report['comparison']['groups']['all']['auroc']['difference']['ci_low'] is not None
 
@@ -143,7 +144,7 @@ def test_three_seed_ensemble_and_a_body_part_model(mura_data_dir, five_epoch_run
   body_part_model, _ = two_part_run
   config = tiny_config(mura_data_dir, **{'evaluation.workdirs': str(body_part_model),
                                          'evaluation.bootstrap_resamples': 0})
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   full, partial = report['ensemble']['members']
   assert partial['body_parts'] == list(TWO_PARTS)
   assert list(partial['groups']) == ['humerus', 'wrist', 'all']
@@ -182,16 +183,16 @@ def test_ensemble_orders_and_coverage():
 
 def test_flip_tta_averages_a_view_and_its_mirror_on_device(two_part_run):
   workdir, config = two_part_run
-  predictor = inference.Predictor.from_workdir(workdir, 'best', config=config, global_batch=8)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, 'best', config=config, global_batch=8)
   model, variables = predictor.model, predictor.variables
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1)), jnp.uint8)
   batch = {'image': images, 'index': jnp.arange(8), 'mask': jnp.ones(8), 'label': jnp.ones(8),
            'body_part': jnp.full(8, 6)}
-  plain = jax.nn.sigmoid(inference.view_logits(variables, images, model=model, in_channels=3))
-  mirror = jax.nn.sigmoid(inference.view_logits(variables, images[:, :, ::-1], model=model,
+  plain = jax.nn.sigmoid(inference_steps.view_logits(variables, images, model=model, in_channels=3))
+  mirror = jax.nn.sigmoid(inference_steps.view_logits(variables, images[:, :, ::-1], model=model,
                                                 in_channels=3))
   weights = loss.dataset_loss_weights(config.data.data_dir, TWO_PARTS)
-  out = inference.predict_step(variables, batch, model=model, in_channels=3, tta='flip',
+  out = inference_steps.predict_step(variables, batch, model=model, in_channels=3, tta='flip',
                                loss_weights=weights)
   np.testing.assert_allclose(out['probability'], (plain + mirror) / 2, rtol=1e-5, atol=1e-7)
   expected_loss = -weights[6, 1] * np.log((plain + mirror) / 2)
@@ -200,7 +201,7 @@ def test_flip_tta_averages_a_view_and_its_mirror_on_device(two_part_run):
   # Through evaluate mode: its own folder, and the report says so.
   config = tiny_config(config.data.data_dir, **{'evaluation.tta': 'flip',
                                                 'evaluation.bootstrap_resamples': 0})
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   assert report['tta'] == 'flip' and (workdir / 'eval' / 'validation-flip' / 'report.json').exists()
   with pytest.raises(ValueError, match='tta'):
-    inference.predict_step(variables, batch, model=model, in_channels=3, tta='rotate')
+    inference_steps.predict_step(variables, batch, model=model, in_channels=3, tta='rotate')

@@ -11,17 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mura_jax import evaluation
-from mura_jax import metrics
-from mura_jax import prediction_files
-from mura_jax import readers as readers_lib
-from mura_jax import studies
-from mura_jax.scoring import Options
-from mura_jax.studies import LabelsError, PredictionsError, StudyTable
+from mura_jax.evaluation import evaluate
+from mura_jax.evaluation import metrics
+from mura_jax.evaluation import prediction_files
+from mura_jax.evaluation import readers as readers_lib
+from mura_jax.evaluation import reports
+from mura_jax.evaluation import scorer
+from mura_jax.evaluation import scoring
+from mura_jax.evaluation import studies
+from mura_jax.evaluation.scoring import Options
+from mura_jax.evaluation.studies import LabelsError, PredictionsError, StudyTable
 
 
 def _evaluate(paths, scores, truth, readers=None, **options):
-  return evaluation.evaluate(StudyTable.checked(paths, scores, truth), Options(**options),
+  return reports.evaluate(StudyTable.checked(paths, scores, truth), Options(**options),
                              readers=readers)
 
 
@@ -86,7 +89,7 @@ def test_evaluate_views_aggregates_like_pandas(tmp_path):
   table = studies.from_views(
       views['prob'].to_numpy(np.float32), [p.encode() for p in views['study']],
       views['label'].to_numpy(), view_parts)
-  report = evaluation.evaluate(table, Options(num_resamples=50), out_dir=tmp_path, split='valid')
+  report = reports.evaluate(table, Options(num_resamples=50), out_dir=tmp_path, split='valid')
   table = pd.read_csv(tmp_path / 'study_probabilities.csv')
   expected = views.groupby('study')['prob'].apply(
       lambda p: p.astype(np.float32).astype(np.float64).mean())
@@ -217,7 +220,7 @@ def test_bad_predictions_one_error_listing_every_kind(mura_files):
   rows.append(f'{paths[6]}')  # malformed
   predictions = _write(tmp_path / 'p.csv', '\n'.join(rows) + '\n')
   with pytest.raises(PredictionsError) as error:
-    evaluation.score_files(predictions, labels_csv, tmp_path / 'out',
+    scorer.score_files(predictions, labels_csv, tmp_path / 'out',
                            options=Options(num_resamples=0))
   assert error.value.counts == {'out_of_range': 1, 'nan': 1, 'duplicate': 1, 'unknown': 1,
                                 'malformed': 1, 'missing': 3}
@@ -332,7 +335,7 @@ def test_cli_end_to_end_view_level_with_header_crlf_and_readers(mura_files, capl
   readers = _write(tmp_path / 'readers.csv', 'study,r1,r2,r3,r4,r5\n' + ''.join(
       f'{p},' + ','.join(map(str, row)) + '\n' for p, row in zip(read, reader_labels)))
   out = tmp_path / 'eval' / 'valid'
-  code = evaluation.main(['--predictions', str(predictions), '--labels', str(labels_csv),
+  code = scorer.main(['--predictions', str(predictions), '--labels', str(labels_csv),
                           '--readers', str(readers), '--bootstrap', '200', '--seed', '1',
                           '--out', str(out), '--split', 'valid'])
   assert code == 0
@@ -418,10 +421,10 @@ def test_check_config_names_the_key_before_any_work(tmp_path, key, value, messag
   from mura_jax.configs import base  # pylint: disable=g-import-not-at-top
   from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   config = base.base_config()
-  evaluation.check_config(config)  # the defaults pass
+  scoring.check_evaluation_config(config)  # the defaults pass
   config.evaluation[key] = value
   with pytest.raises(ConfigError) as raised:
-    evaluation.evaluate_checkpoint(config, str(tmp_path / 'no-workdir'))
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'no-workdir'))
   assert str(raised.value) == message
 
 
@@ -431,8 +434,8 @@ def test_check_config_operating_point_form():
   config = base.base_config()
   config.evaluation.threshold_from = 'report.json'
   config.evaluation.operating_point = 'specificity@0.9'
-  evaluation.check_config(config)  # a form a report can have: its report says if it has it
+  scoring.check_evaluation_config(config)  # a form a report can have: its report says if it has it
   config.evaluation.operating_point = 'specificity@95'
   with pytest.raises(ConfigError, match=r"^--config.evaluation.operating_point=specificity@95: no "
                                         r"operating point 'specificity@95' can exist"):
-    evaluation.check_config(config)
+    scoring.check_evaluation_config(config)

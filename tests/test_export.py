@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from mura_jax import checkpoints
-from mura_jax import export
-from mura_jax import inference
-from mura_jax import predict
-from mura_jax import preprocessing
+from mura_jax.data import preprocessing
+from mura_jax.inference import exported as exported_lib
+from mura_jax.inference import predictor as predictor_lib
+from mura_jax.inference import steps as inference_steps
+from mura_jax.serving import export
+from mura_jax.serving import predict
 
 from test_train import tiny_config
 
@@ -39,7 +41,7 @@ def exported(trained_workdir, tmp_path_factory):
   workdir, config = trained_workdir
   folder = tmp_path_factory.mktemp('export') / 'export'
   manifest = export.export(workdir, 'best', folder, config=config)
-  predictor = inference.Predictor.from_workdir(workdir, 'best', config=config)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, 'best', config=config)
   rng = np.random.default_rng(0)
   views = [rng.integers(0, 256, (int(rng.integers(40, 90)), int(rng.integers(40, 90)), 1),
                         dtype=np.uint8) for _ in range(5)]  # 5: a batch size never exported
@@ -89,8 +91,8 @@ def test_safetensors_load_back_into_flax(exported):
   folder, _, predictor, _, fitted = exported
   from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
   variables = weights.load_torchvision(folder / 'model.safetensors', arch=predictor.model)
-  logits = inference.view_logits(variables, fitted, model=predictor.model, in_channels=3)
-  live = inference.view_logits(predictor.variables, fitted, model=predictor.model, in_channels=3)
+  logits = inference_steps.view_logits(variables, fitted, model=predictor.model, in_channels=3)
+  live = inference_steps.view_logits(predictor.variables, fitted, model=predictor.model, in_channels=3)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(live), atol=1e-5)
 
 
@@ -204,12 +206,12 @@ def test_export_errors(trained_workdir, exported, tmp_path, monkeypatch):
   newer = tmp_path / 'newer'
   newer.mkdir()
   (newer / 'export.json').write_text(json.dumps({'format_version': 99}))
-  with pytest.raises(export.ExportError, match='newer'):
+  with pytest.raises(exported_lib.ExportError, match='newer'):
     export.export(workdir, 'best', newer, config=config)
-  with pytest.raises(export.ExportError, match='newer'):
-    export.load(newer)
-  with pytest.raises(export.ExportError, match='no export.json'):
-    export.load(tmp_path)
+  with pytest.raises(exported_lib.ExportError, match='newer'):
+    exported_lib.load(newer)
+  with pytest.raises(exported_lib.ExportError, match='no export.json'):
+    exported_lib.load(tmp_path)
   # A failure half-way leaves the previous export intact and nothing that looks complete.
   target = tmp_path / 'again'
   export.export(workdir, 'best', target, config=config)
@@ -227,5 +229,5 @@ def test_export_errors(trained_workdir, exported, tmp_path, monkeypatch):
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(folder, damaged)
   (damaged / 'model.jax_export').write_bytes(b'garbage')
-  with pytest.raises(export.ExportError, match='sha256'):
-    export.load(damaged)
+  with pytest.raises(exported_lib.ExportError, match='sha256'):
+    exported_lib.load(damaged)

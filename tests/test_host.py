@@ -1,4 +1,4 @@
-"""mura_jax.host: the entry points start themselves again, once, with a malloc that keeps XLA:CPU's
+"""mura_jax.runtime.host: the entry points start themselves again, once, with a malloc that keeps XLA:CPU's
 per-step buffers (mimalloc preloaded; else glibc's huge-page tunable), where that changes
 something."""
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from mura_jax import host
+from mura_jax.runtime import host
 
 MADVISE = 'madvise'
 GLIBC = (2, 36)
@@ -88,7 +88,7 @@ def test_kernel_mode_is_the_bracketed_word():
 CHILD = """
 import ctypes, json, os, resource, sys
 print('start', os.getpid(), sys.argv[1:], flush=True)
-from mura_jax import host
+from mura_jax.runtime import host
 host.restart_with_allocator()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

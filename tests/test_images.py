@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from mura_jax import images  # noqa: E402
+from mura_jax.data import images  # noqa: E402
 
 
 def write_dicom(path, pixels, *, bits_stored=None, photometric='MONOCHROME2', window=None,
@@ -221,7 +221,7 @@ class Blocked(importlib.abc.MetaPathFinder):
     if name.split('.')[0] in ('gdcm', 'pylibjpeg', 'libjpeg', 'pyjpegls'):
       raise ImportError(name)
 sys.meta_path.insert(0, Blocked())
-from mura_jax import images
+from mura_jax.data import images
 try:
   images.read_view(sys.argv[1])
 except images.ImageError as e:

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from mura_jax import checkpoints
-from mura_jax import evaluation
-from mura_jax import inference
-from mura_jax import input_pipeline
-from mura_jax import preprocessing
-from mura_jax import studies
-from mura_jax import train
+from mura_jax.data import images
+from mura_jax.data import input_pipeline
+from mura_jax.data import preprocessing
+from mura_jax.evaluation import evaluate
+from mura_jax.evaluation import studies
+from mura_jax.inference import predictor as predictor_lib
+from mura_jax.inference import steps as inference_steps
+from mura_jax.training import train
 
 from test_train import tiny_config
 
@@ -28,18 +30,18 @@ def recorded_run(mura_data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('recorded')
   config = tiny_config(mura_data_dir, **{'train.num_epochs': 3, 'train.keep_best': 2})
   recorded = []
-  real = inference.predict_split
+  real = inference_steps.predict_split
 
   def recording(step, variables, source, **kwargs):
     out = real(step, variables, source, **kwargs)
     recorded.append({'outputs': out})
     return out
 
-  inference.predict_split = recording
+  inference_steps.predict_split = recording
   try:
     summary = train.train_and_evaluate(config, str(workdir))
   finally:
-    inference.predict_split = real
+    inference_steps.predict_split = real
   assert summary['status'] == 'done' and len(recorded) == 3
   steps_per_epoch = summary['step'] // 3
   for epoch, entry in enumerate(recorded):
@@ -52,11 +54,11 @@ def test_evaluate_mode_reproduces_the_training_runs_validation(recorded_run):
   by_step = {r['step']: r['outputs'] for r in recorded}
   for which, step in (('latest', summary['step']), ('best', summary['best_step'])):
     config.evaluation.checkpoint = which
-    report = evaluation.evaluate_checkpoint(config, str(workdir))
+    report = evaluate.evaluate_checkpoint(config, str(workdir))
     assert report['checkpoint']['step'] == step
     # The per-view probabilities of evaluate mode are those of the training run's validation
     # of the same checkpoint, exactly; so are the study probabilities it writes.
-    predictor = inference.Predictor.from_workdir(workdir, which, config=config,
+    predictor = predictor_lib.Predictor.from_workdir(workdir, which, config=config,
                                                  global_batch=config.evaluation.global_batch_size)
     source = input_pipeline.data_source(config.data.data_dir, 'validation')
     np.testing.assert_array_equal(predictor.predict_split(source)['probability'],
@@ -95,14 +97,14 @@ def test_best_checkpoints_keep_k_and_only_what_inference_needs(recorded_run):
 def test_predictor_from_the_checkpoint_alone_and_from_files(recorded_run, synthetic_dir):
   workdir, config, summary, recorded = recorded_run
   # Without a config: model and preprocessing from the checkpoint's spec.
-  predictor = inference.Predictor.from_workdir(workdir, 'best', global_batch=8)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, 'best', global_batch=8)
   assert predictor.preprocessing == preprocessing.Preprocessing(32, 'squash', 3)
   # The inference network, whoever jits it (CAM's checks do): dense blocks unrolled.
   assert predictor.model.scan_segment == 0
-  assert inference.Predictor.from_workdir(workdir, 'best', config=config,
+  assert predictor_lib.Predictor.from_workdir(workdir, 'best', config=config,
                                           global_batch=8).model.scan_segment == 0
   index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
-  views = [preprocessing.read_image(synthetic_dir / p) for p in index.image_path[:13]]
+  views = [images.read_image(synthetic_dir / p) for p in index.image_path[:13]]
   from_files = predictor.predict_views(views)
   best = {r['step']: r['outputs'] for r in recorded}[summary['best_step']]
   np.testing.assert_allclose(from_files, best['probability'][:13], rtol=0, atol=1e-6)
@@ -116,24 +118,24 @@ def test_a_few_views_run_as_the_smallest_batch_that_holds_them(recorded_run, syn
                                                                monkeypatch):
   """mura-predict's one study: 3 views run as a batch of 4 (the tests' 4 devices), not of 32
   mostly padding; the probabilities are the full batch's."""
-  assert [inference.fitted_batch(n, 32, 4) for n in (1, 3, 4, 5, 9, 17, 40)] == [
+  assert [inference_steps.fitted_batch(n, 32, 4) for n in (1, 3, 4, 5, 9, 17, 40)] == [
       4, 4, 4, 8, 16, 32, 32]
-  assert [inference.fitted_batch(n, 6, 2) for n in (1, 3, 5, 7)] == [2, 4, 6, 6]
+  assert [inference_steps.fitted_batch(n, 6, 2) for n in (1, 3, 5, 7)] == [2, 4, 6, 6]
   workdir, config, _, _ = recorded_run
-  predictor = inference.Predictor.from_workdir(workdir, 'best', global_batch=32)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, 'best', global_batch=32)
   index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
-  views = [preprocessing.read_image(synthetic_dir / p) for p in index.image_path[:3]]
-  real, batches = inference.predict_split, []
+  views = [images.read_image(synthetic_dir / p) for p in index.image_path[:3]]
+  real, batches = inference_steps.predict_split, []
 
   def spying(step, variables, source, **kwargs):
     batches.append(kwargs['global_batch'])
     return real(step, variables, source, **kwargs)
-  monkeypatch.setattr(inference, 'predict_split', spying)
+  monkeypatch.setattr(inference_steps, 'predict_split', spying)
   fitted = predictor.predict_views(views)
   with_maps, _ = predictor.predict_views_and_maps(views)
   assert batches == [4, 4]
-  full = real(inference.compile_predict_step(predictor.model, 3, predictor.mesh),
-              predictor.variables, inference.ViewSource(views), mesh=predictor.mesh,
+  full = real(inference_steps.compile_predict_step(predictor.model, 3, predictor.mesh),
+              predictor.variables, inference_steps.ViewSource(views), mesh=predictor.mesh,
               global_batch=32, preprocessing=predictor.preprocessing)['probability']
   np.testing.assert_allclose(fitted, full, rtol=0, atol=1e-6)
   np.testing.assert_allclose(with_maps, full, rtol=0, atol=1e-6)
@@ -143,9 +145,9 @@ def test_checkpoint_errors(recorded_run, tmp_path):
   workdir, config, summary, _ = recorded_run
   other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})
   with pytest.raises(checkpoints.CheckpointMismatchError, match='growth_rate'):
-    inference.Predictor.from_workdir(workdir, 'best', config=other)
+    predictor_lib.Predictor.from_workdir(workdir, 'best', config=other)
   with pytest.raises(checkpoints.CheckpointNotFoundError, match='train first'):
-    inference.Predictor.from_workdir(tmp_path, 'best')
+    predictor_lib.Predictor.from_workdir(tmp_path, 'best')
   with pytest.raises(checkpoints.CheckpointNotFoundError, match='No checkpoint at step 99999'):
     checkpoints.choose(workdir, 99999)
   with pytest.raises(ValueError, match="'best', 'latest' or a step"):
@@ -157,7 +159,7 @@ def test_checkpoint_errors(recorded_run, tmp_path):
   metadata = copy / 'best' / str(summary['best_step']) / 'spec' / 'metadata'
   metadata.write_text(json.dumps({**json.loads(metadata.read_text()), 'spec_version': 99}))
   with pytest.raises(checkpoints.CheckpointMismatchError, match='newer than this mura-jax'):
-    inference.Predictor.from_workdir(copy, summary['best_step'])
+    predictor_lib.Predictor.from_workdir(copy, summary['best_step'])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,11 +185,11 @@ def _computations_calling_convolutions(hlo: str) -> dict[str, list[str]]:
 
 def test_inference_compiles_the_unrolled_network_with_the_same_results():
   import jax  # pylint: disable=g-import-not-at-top
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
   model = densenet.DenseNet(**SCANNED)
-  assert inference.inference_network(model).scan_segment == 0
-  assert inference.inference_network(model).clone(scan_segment=2) == model
+  assert inference_steps.inference_network(model).scan_segment == 0
+  assert inference_steps.inference_network(model).clone(scan_segment=2) == model
   variables = densenet.init_variables(model, jax.random.key(0), 32, in_channels=1)
   mesh = parallel.make_mesh()
   rs = np.random.RandomState(0)
@@ -195,12 +197,12 @@ def test_inference_compiles_the_unrolled_network_with_the_same_results():
   batch = parallel.global_batch(
       {'image': rs.randint(0, 256, (n, 32, 32, 1)).astype(np.uint8),
        'index': np.arange(n, dtype=np.int32), 'mask': np.ones(n, np.float32)}, mesh)
-  step = inference.compile_predict_step(model, 1, mesh)
+  step = inference_steps.compile_predict_step(model, 1, mesh)
   assert 'while' not in step.lower(variables, batch).compile().as_text()  # no scan's loop
-  scanned = jax.jit(functools.partial(inference.predict_step, model=model, in_channels=1))
+  scanned = jax.jit(functools.partial(inference_steps.predict_step, model=model, in_channels=1))
   np.testing.assert_allclose(np.asarray(step(variables, batch)['probability']),
                              np.asarray(scanned(variables, batch)['probability']), atol=1e-6)
-  maps = inference.compile_map_step(model, 1, mesh)(variables, batch)
+  maps = inference_steps.compile_map_step(model, 1, mesh)(variables, batch)
   np.testing.assert_allclose(np.asarray(maps['probability']),
                              np.asarray(scanned(variables, batch)['probability']), atol=1e-6)
 
@@ -217,7 +219,7 @@ def test_cpu_runs_convolutions_on_xlas_own_kernels(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  from mura_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
   if not jaxlib.version.__version__.startswith(parallel.CPU_CONVOLUTION_JAXLIBS):
     pytest.skip(f'the flag is set for jaxlib {parallel.CPU_CONVOLUTION_JAXLIBS} only')
@@ -229,11 +231,11 @@ def test_cpu_runs_convolutions_on_xlas_own_kernels(monkeypatch):
   batch = parallel.global_batch(
       {'image': np.full((n, 32, 32, 1), 7, np.uint8), 'index': np.arange(n, dtype=np.int32),
        'mask': np.ones(n, np.float32)}, mesh)
-  hlo = inference.compile_predict_step(model, 1, mesh).lower(variables, batch).compile().as_text()
+  hlo = inference_steps.compile_predict_step(model, 1, mesh).lower(variables, batch).compile().as_text()
   assert _computations_calling_convolutions(hlo), 'the compiled step has no convolution'
   assert not _ynn_convolutions(hlo)
   # The check sees YNNPACK's convolutions where they are asked for.
-  ynn = jax.jit(functools.partial(inference.predict_step, model=model, in_channels=1),
+  ynn = jax.jit(functools.partial(inference_steps.predict_step, model=model, in_channels=1),
                 compiler_options={'xla_cpu_experimental_ynn_fusion_type':
                                   'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'})
   assert _ynn_convolutions(ynn.lower(variables, batch).compile().as_text())

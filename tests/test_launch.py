@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mura_jax import parallel
+from mura_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import conftest
-from mura_jax import host
+from mura_jax.runtime import host
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mura_jax import evaluation
-from mura_jax import metrics
-from mura_jax.scoring import Options
-from mura_jax.studies import StudyTable
+from mura_jax.evaluation import metrics
+from mura_jax.evaluation import reports
+from mura_jax.evaluation.scoring import Options
+from mura_jax.evaluation.studies import StudyTable
 
 
 def _random_studies(seed, num_studies=600, decimals=2):
@@ -55,7 +55,7 @@ def test_report_values_equal_sklearn_per_group():
   part, y, s = _random_studies(3, num_studies=400)
   paths = [f'MURA-v1.1/valid/XR_{metrics.BODY_PARTS[p].upper()}/patient{i:05d}/study1/'
            for i, p in enumerate(part)]
-  report = evaluation.evaluate(StudyTable.checked(paths, s, y), Options(num_resamples=0))
+  report = reports.evaluate(StudyTable.checked(paths, s, y), Options(num_resamples=0))
   for group in metrics.GROUPS:
     member = np.ones(len(y), bool) if group == 'all' else part == metrics.BODY_PARTS.index(group)
     expected = _sklearn_metrics(y[member], s[member])

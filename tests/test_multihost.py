@@ -11,10 +11,10 @@ import pytest
 
 import conftest
 from mura_jax import checkpoints
-from mura_jax import parallel
-from mura_jax import train
+from mura_jax.runtime import parallel
 
 from test_train import tiny_config
+from mura_jax.training import state as train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,16 +27,16 @@ def _flags(data_dir, workdir):
           '--config.model.bn_size=2', '--config.optimizer.learning_rate=1e-4',
           '--config.train.global_batch_size=16', '--config.train.num_epochs=1',
           '--config.evaluation.global_batch_size=16', '--config.evaluation.bootstrap_resamples=0',
-          '--config.cam.after_training=False']
+          '--config.after_training=evaluate']
 
 
 def _params(workdir, data_dir):
   config = tiny_config(data_dir)  # same model as the flags above
   config.model.growth_rate, config.model.block_config = 4, (1, 1)
   config.model.num_init_features, config.model.bn_size = 8, 2
-  model = train.create_model(config)
+  model = train_state.network_of(config)
   latest, _ = checkpoints.managers(workdir, config)
-  template = jax.eval_shape(lambda: train.initial_state(config, model))
+  template = jax.eval_shape(lambda: train_state.initial_state(config, model))
   state, progress = checkpoints.restore_state(latest, template, checkpoints.model_signature(config),
                                               parallel.replicated(parallel.make_mesh()))
   return jax.device_get((state.params, state.batch_stats)), progress

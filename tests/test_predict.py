@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mura_jax import parallel
-from mura_jax import predict
-from mura_jax.parallel import enable_compilation_cache  # the real one (conftest stubs the name)
+from mura_jax.runtime import parallel
+from mura_jax.serving import predict
+from mura_jax.runtime.parallel import enable_compilation_cache  # the real one (conftest stubs the name)
 from mura_jax.errors import UserError
 
 from test_images import write_dicom
@@ -183,7 +183,7 @@ def test_a_second_run_loads_the_compiled_and_traced_network(trained_workdir, syn
   writes nothing again and prints the same table."""
   workdir, _ = trained_workdir
   cache = tmp_path / 'cache'
-  command = [sys.executable, '-m', 'mura_jax.predict', '--workdir', str(workdir),
+  command = [sys.executable, '-m', 'mura_jax.serving.predict', '--workdir', str(workdir),
              '--compilation-cache', str(cache), str(_image(synthetic_dir).parent)]
   first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
   assert first.returncode == predict.EXIT_OK, first.stderr

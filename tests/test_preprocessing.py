@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mura_jax import input_pipeline
-from mura_jax import preprocessing
+from mura_jax.data import images
+from mura_jax.data import input_pipeline
+from mura_jax.data import preprocessing
 from tfds_mura.grayscale import grayscale_png
 
 
@@ -37,7 +38,7 @@ def test_training_pipeline_and_predict_file_path_give_identical_input(mura_data_
     # ... and evaluation's, and predict's: the original file, read and fitted.
     evaluated = input_pipeline.preprocess_view(view['image'], size, resize)
     spec = preprocessing.Preprocessing(size, resize, 3)
-    predicted = preprocessing.view_input(preprocessing.read_image(synthetic_dir / path), spec)
+    predicted = preprocessing.view_input(images.read_image(synthetic_dir / path), spec)
     np.testing.assert_array_equal(trained, predicted, err_msg=f'{mode} {path}')
     np.testing.assert_array_equal(evaluated, predicted, err_msg=f'{mode} {path}')
     for channels in (1, 3):
@@ -61,7 +62,7 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
   ramp = np.linspace(64, 4080, 40 * 30).reshape(40, 30).astype(np.uint16)
   path = tmp_path / 'twelve_bit.png'
   Image.fromarray(ramp).save(path)
-  gray = preprocessing.read_image(path)
+  gray = images.read_image(path)
   assert gray.dtype == np.uint8 and gray.shape == (40, 30, 1)
   np.testing.assert_array_equal(gray[..., 0], (ramp >> 4).astype(np.uint8))
   assert gray.min() == 4 and gray.max() == 255
@@ -73,7 +74,7 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
   low = np.array([[0, 200]], np.uint16)
   for pixels, expected in ((full, [[0, 255]]), (low, [[0, 200]])):
     Image.fromarray(pixels).save(tmp_path / 'x.png')
-    np.testing.assert_array_equal(preprocessing.read_image(tmp_path / 'x.png')[..., 0], expected)
+    np.testing.assert_array_equal(images.read_image(tmp_path / 'x.png')[..., 0], expected)
 
 
 @pytest.mark.parametrize('height,width', [(517, 389), (389, 517), (300, 300)])

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mura_jax import parallel
-from mura_jax import step_cache
-from mura_jax import train
+from mura_jax.runtime import parallel
+from mura_jax.runtime import step_cache
 
 from test_train import tiny_config  # pylint: disable=g-bad-import-order
+from mura_jax.models import imagenet
+from mura_jax.training import state as train_state
 
 
 @flax.struct.dataclass
@@ -121,7 +122,7 @@ def test_the_cached_train_step_is_the_train_step(mura_data_dir, tmp_path, monkey
   """The real train step (tiny DenseNet, 4 devices): loaded from the file, the same numbers as
   traced here, and not traced at the restart."""
   config = tiny_config(mura_data_dir, **{'model.scan_segment': 1})
-  model = train.create_model(config)
+  model = train_state.network_of(config)
   mesh = parallel.make_mesh(jax.devices()[:4])
   loss_weights = np.linspace(0.2, 0.8, 14, dtype=np.float32).reshape(7, 2)
   rng = np.random.default_rng(0)
@@ -129,12 +130,12 @@ def test_the_cached_train_step_is_the_train_step(mura_data_dir, tmp_path, monkey
                                  'label': rng.integers(0, 2, 8).astype(np.int32),
                                  'body_part': rng.integers(0, 7, 8).astype(np.int32)}, mesh)
   traces = []
-  real_loss = train.weighted_bce
-  monkeypatch.setattr(train, 'weighted_bce', lambda *a: traces.append(1) or real_loss(*a))
+  real_loss = train_state.weighted_bce
+  monkeypatch.setattr(train_state, 'weighted_bce', lambda *a: traces.append(1) or real_loss(*a))
 
   def two_steps(traced_cache):
-    steps = train.compile_steps(config, model, loss_weights, mesh, traced_cache=traced_cache)
-    state = jax.device_put(train.initial_state(config, model), parallel.replicated(mesh))
+    steps = train_state.compile_steps(config, model, loss_weights, mesh, traced_cache=traced_cache)
+    state = jax.device_put(train_state.initial_state(config, model), parallel.replicated(mesh))
     for _ in range(2):
       state, metrics = steps.train(state, batch)
     return jax.device_get((state.params, state.batch_stats, state.opt_state, metrics))
@@ -146,21 +147,20 @@ def test_the_cached_train_step_is_the_train_step(mura_data_dir, tmp_path, monkey
   assert_same(two_steps(tmp_path), plain)
   assert traces == [1, 1], 'the restart traced the train step'
   other = tiny_config(mura_data_dir, **{'model.scan_segment': 1, 'optimizer.learning_rate': 1e-2})
-  train.compile_steps(other, model, loss_weights, mesh, traced_cache=tmp_path).train.lower(
-      train.initial_state(other, model), batch)
+  train_state.compile_steps(other, model, loss_weights, mesh, traced_cache=tmp_path).train.lower(
+      train_state.initial_state(other, model), batch)
   assert traces == [1, 1, 1], 'another learning rate must not reuse the traced step'
   assert len(list(tmp_path.glob('train_step-*.exported'))) == 2
 
 
 def test_random_init_is_flax_init_and_kept(tmp_path, monkeypatch):
-  """train.random_variables: the variables weights.initial_variables('random') gives, and a
+  """train_state.random_variables: the variables imagenet.initial_variables('random') gives, and a
   restart does not trace the model's init."""
   from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
-  from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
   model = densenet.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
                             num_classes=1, scan_segment=2)
   rng = jax.random.PRNGKey(3)
-  reference = weights.initial_variables('random', model, rng, 64, 1)
+  reference = imagenet.initial_variables('random', model, rng, 64, 1)
   monkeypatch.setattr(step_cache, 'default_directory', lambda: tmp_path)
   traces = []
   real = densenet.init_function
@@ -169,8 +169,8 @@ def test_random_init_is_flax_init_and_kept(tmp_path, monkeypatch):
     init = real(*args)
     return lambda r: traces.append(1) or init(r)
   monkeypatch.setattr(densenet, 'init_function', counting)
-  assert_same(train.random_variables(model, rng, 1), reference)
-  assert_same(train.random_variables(model, rng, 1), reference)
+  assert_same(train_state.random_variables(model, rng, 1), reference)
+  assert_same(train_state.random_variables(model, rng, 1), reference)
   assert traces == [1] and len(list(tmp_path.glob('init_variables-*.exported'))) == 1
 
 
@@ -178,27 +178,28 @@ def test_a_warm_predictor_traces_neither_its_steps_nor_the_init(trained_workdir,
                                                                tmp_path, monkeypatch):
   """mura-predict's warm start: the predict and map steps' traced programs, and the init program
   that gives the checkpoint's variable shapes, come from the files; the same probabilities."""
-  from mura_jax import inference  # pylint: disable=g-import-not-at-top
-  from mura_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  from mura_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from mura_jax.inference import steps as inference_steps  # pylint: disable=g-import-not-at-top
+  from mura_jax.data import images  # pylint: disable=g-import-not-at-top
   from mura_jax.models import densenet  # pylint: disable=g-import-not-at-top
   workdir, _ = trained_workdir
   paths = sorted((synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_HAND').rglob('image*.png'))
-  views = [preprocessing.read_image(p) for p in paths if not p.name.startswith('._')][:3]
-  reference = inference.Predictor.from_workdir(workdir, global_batch=8)
+  views = [images.read_image(p) for p in paths if not p.name.startswith('._')][:3]
+  reference = predictor_lib.Predictor.from_workdir(workdir, global_batch=8)
   expected = reference.predict_views(views), reference.predict_views_and_maps(views)
 
   traces = []
 
   def counted(name, fn):  # fn, noting each call: each trace, for what runs only while tracing
     return lambda *args, **kwargs: traces.append(name) or fn(*args, **kwargs)
-  monkeypatch.setattr(inference, 'view_logits', counted('view_logits', inference.view_logits))
-  monkeypatch.setattr(inference, 'view_maps', counted('view_maps', inference.view_maps))
+  monkeypatch.setattr(inference_steps, 'view_logits', counted('view_logits', inference_steps.view_logits))
+  monkeypatch.setattr(inference_steps, 'view_maps', counted('view_maps', inference_steps.view_maps))
   init_function = densenet.init_function  # called outside the trace; the function it returns, in
   monkeypatch.setattr(densenet, 'init_function',
                       lambda *args: counted('init_function', init_function(*args)))
   monkeypatch.setattr(step_cache, 'default_directory', lambda: tmp_path)
   for _ in range(2):  # a cold start, then a warm one (new jitted steps, as a new process has)
-    predictor = inference.Predictor.from_workdir(workdir, global_batch=8)
+    predictor = predictor_lib.Predictor.from_workdir(workdir, global_batch=8)
     probabilities = predictor.predict_views(views)
     with_maps, maps = predictor.predict_views_and_maps(views)
     np.testing.assert_allclose(probabilities, expected[0], rtol=0, atol=1e-6)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mura_jax import synthetic
+from mura_jax.data import synthetic
+from tfds_mura import ANNOTATIONS_FILE
 
 from conftest import STUDIES_PER_PART, VALID_STUDIES_PER_PART
 
@@ -100,7 +101,7 @@ def test_patients_and_study_numbers(synthetic_dir):
 
 
 def test_annotations_mark_abnormal_views_inside_the_image(synthetic_dir):
-  with open(synthetic_dir / synthetic.ANNOTATIONS_CSV) as f:
+  with open(synthetic_dir / ANNOTATIONS_FILE) as f:
     rows = list(csv.DictReader(f))
   assert rows and set(rows[0]) == {'image_path', 'abnormality', 'x0', 'y0', 'x1', 'y1'}
   annotated_studies = set()

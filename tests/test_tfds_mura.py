@@ -12,9 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import tfds_mura
 from tfds_mura import build
 from tfds_mura.mura import mura_dataset_builder as mura
+import tfds_mura
 
 
 def csv_counts(synthetic_dir):

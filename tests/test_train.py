@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 
 from mura_jax import checkpoints
-from mura_jax import evaluation
-from mura_jax import input_pipeline
-from mura_jax import loss
-from mura_jax import parallel
-from mura_jax import studies
-from mura_jax import train
+from mura_jax import cli
 from mura_jax.configs import base
+from mura_jax.data import input_pipeline
 from mura_jax.errors import UserError, WorkdirError
+from mura_jax.evaluation import evaluate
+from mura_jax.evaluation import studies
+from mura_jax.runtime import parallel
+from mura_jax.training import loss
+from mura_jax.training import state as train_state
+from mura_jax.training import train
 
 
 def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
@@ -66,10 +68,10 @@ def test_loss_weights_are_the_papers():
 
 def test_dense_blocks_are_scanned_unless_there_is_dropout():
   config = base.base_config()
-  assert train.create_model(config).scan_segment == config.model.scan_segment > 0
-  assert train.create_model(config).unrolled_blocks == config.model.unrolled_blocks == 2
+  assert train_state.network_of(config).scan_segment == config.model.scan_segment > 0
+  assert train_state.network_of(config).unrolled_blocks == config.model.unrolled_blocks == 2
   config.model.drop_rate = 0.2  # the scanned block has no dropout: the unrolled one runs
-  model = train.create_model(config)
+  model = train_state.network_of(config)
   assert (model.scan_segment, model.drop_rate) == (0, 0.2)
 
 
@@ -115,7 +117,7 @@ def test_epoch_metrics_use_the_configured_threshold_and_aggregation(mura_data_di
 
 def test_plateau_divides_the_learning_rate_by_ten_only_after_a_plateau():
   config = base.base_config()
-  plateau = train.create_plateau(config)
+  plateau = train_state.create_plateau(config)
   state = plateau.init({'w': jnp.zeros(3)})
   scales = []
   for validation_loss in (1.0, 0.8, 0.7, 0.65, 0.66, 0.60, 0.61, 0.62):
@@ -228,7 +230,7 @@ def test_sharded_steps_equal_unsharded(mura_data_dir):
   # lr 1e-2 keeps a real difference (a shard's labels misplaced, statistics of one shard) far
   # above the tolerance.
   config = tiny_config(mura_data_dir, **{'optimizer.learning_rate': 1e-2, 'optimizer.eps': 1e-3})
-  model = train.create_model(config)
+  model = train_state.network_of(config)
   loss_weights = np.linspace(0.2, 0.8, 14, dtype=np.float32).reshape(7, 2)
   rng = np.random.default_rng(0)
   batches = [{'image': rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8),
@@ -237,8 +239,8 @@ def test_sharded_steps_equal_unsharded(mura_data_dir):
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = parallel.make_mesh(devices)
-    steps = train.compile_steps(config, model, loss_weights, mesh)
-    state = jax.device_put(train.initial_state(config, model), parallel.replicated(mesh))
+    steps = train_state.compile_steps(config, model, loss_weights, mesh)
+    state = jax.device_put(train_state.initial_state(config, model), parallel.replicated(mesh))
     for batch in batches:
       state, metrics = steps.train(state, parallel.global_batch(batch, mesh))
     results.append(jax.device_get((state.params, state.batch_stats, metrics['loss'])))
@@ -246,7 +248,7 @@ def test_sharded_steps_equal_unsharded(mura_data_dir):
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert not np.allclose(jax.tree.leaves(one[0])[0], jax.tree.leaves(
-      jax.device_get(train.initial_state(config, model).params))[0]), 'the steps changed the params'
+      jax.device_get(train_state.initial_state(config, model).params))[0]), 'the steps changed the params'
 
 
 def test_batch_size_must_divide_over_devices():
@@ -259,9 +261,9 @@ def test_batch_size_must_divide_over_devices():
 
 
 def _latest_params(workdir, config):
-  model = train.create_model(config)
+  model = train_state.network_of(config)
   latest, _ = checkpoints.managers(workdir, config)
-  template = jax.eval_shape(lambda: train.initial_state(config, model))
+  template = jax.eval_shape(lambda: train_state.initial_state(config, model))
   state, progress = checkpoints.restore_state(latest, template, checkpoints.model_signature(config),
                                               parallel.replicated(parallel.make_mesh()))
   return jax.device_get(state), progress
@@ -342,7 +344,7 @@ def test_evaluate_best_checkpoint_writes_the_report(straight_run, tmp_path):
   (tmp_path / 'readers.csv').write_text('\n'.join(rows) + '\n')
   config = ml_collections.ConfigDict(config.to_dict())
   config.evaluation.readers = str(tmp_path / 'readers.csv')
-  report = evaluation.evaluate_checkpoint(config, str(workdir))
+  report = evaluate.evaluate_checkpoint(config, str(workdir))
   assert report['checkpoint']['step'] == summary['best_step']
   assert report['readers']['names'] == ['r1', 'r2', 'r3']
   assert report['readers']['n_studies'] == len(studies) == report['num_studies']
@@ -351,7 +353,7 @@ def test_evaluate_best_checkpoint_writes_the_report(straight_run, tmp_path):
     assert (out / name).exists(), name
   config.evaluation.checkpoint = '12345'
   with pytest.raises(FileNotFoundError, match='No checkpoint at step 12345'):
-    evaluation.evaluate_checkpoint(config, str(workdir))
+    evaluate.evaluate_checkpoint(config, str(workdir))
 
 
 def test_nan_loss_stops_with_a_clear_error(mura_data_dir, tmp_path):
@@ -370,7 +372,7 @@ def test_a_non_finite_state_is_never_checkpointed(mura_data_dir, tmp_path, monke
   # NaN weights after step 4, between log steps (every 1,000) and checkpoints (every 3).
   config = tiny_config(mura_data_dir, **{'train.num_epochs': 1, 'train.log_every_steps': 1000,
                                          'train.checkpoint_every_steps': 3})
-  real_compile = train.compile_steps
+  real_compile = train_state.compile_steps
 
   def poisoned(*args, **kwargs):
     steps = real_compile(*args, **kwargs)
@@ -385,7 +387,7 @@ def test_a_non_finite_state_is_never_checkpointed(mura_data_dir, tmp_path, monke
     steps.train = train_step
     return steps
 
-  monkeypatch.setattr(train, 'compile_steps', poisoned)
+  monkeypatch.setattr(train_state, 'compile_steps', poisoned)
   with pytest.raises(FloatingPointError, match=r'not finite at step 6 .*nothing was saved: the '
                                                r'last good checkpoint is step 3 in '):
     train.train_and_evaluate(config, str(tmp_path))
@@ -443,7 +445,6 @@ def test_a_full_disk_is_a_sentence_and_the_next_run_cleans_up(mura_data_dir, tmp
 
 def test_orbax_disk_full_tracebacks_are_left_to_the_sentence():
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  from mura_jax import main  # pylint: disable=g-import-not-at-top
   def record(message):
     return absl_logging.logging.LogRecord(
         'absl', 40, '/venv/site-packages/orbax/checkpoint/_src/futures/future.py', 1, message,
@@ -451,9 +452,9 @@ def test_orbax_disk_full_tracebacks_are_left_to_the_sentence():
   full = record("_SignalingThread.run() raised: RESOURCE_EXHAUSTED: ... No space left on device "
                 "[os_error_code='28']")
   other = record('_SignalingThread.run() raised: PERMISSION_DENIED')
-  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  quiet = cli.QuietLibraries()  # pylint: disable=protected-access
   assert not quiet.filter(full) and quiet.filter(other)
-  assert main._QuietLibraries(verbose=True).filter(full)  # pylint: disable=protected-access
+  assert cli.QuietLibraries(verbose=True).filter(full)  # pylint: disable=protected-access
 
 
 def test_unbuilt_dataset_says_how_to_build_it(tmp_path):
@@ -466,17 +467,17 @@ def test_training_from_a_weights_file_resumes_without_it(mura_data_dir, tmp_path
   """config.model.init='torchvision:PATH' starts from the file; later restores never read it."""
   from mura_jax.models import weights  # pylint: disable=g-import-not-at-top
   config = tiny_config(mura_data_dir, **{'train.num_epochs': 1})
-  model = train.create_model(config)
-  pretrained = train.initial_state(tiny_config(mura_data_dir, **{'seed': 7}), model)
+  model = train_state.network_of(config)
+  pretrained = train_state.initial_state(tiny_config(mura_data_dir, **{'seed': 7}), model)
   path = tmp_path / 'tiny_densenet.safetensors'
   weights.save_safetensors({'params': pretrained.params, 'batch_stats': pretrained.batch_stats},
                            path, arch=model)
   config.model.init = f'torchvision:{path}'
-  start = train.initial_state(config, model)
+  start = train_state.initial_state(config, model)
   for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(pretrained.params)):
     np.testing.assert_array_equal(a, b)  # the file's weights, not this seed's random ones
   assert train.train_and_evaluate(config, str(tmp_path / 'work'))['status'] == 'done'
   path.unlink()
   config.evaluation.checkpoint = 'latest'
-  report = evaluation.evaluate_checkpoint(config, str(tmp_path / 'work'))
+  report = evaluate.evaluate_checkpoint(config, str(tmp_path / 'work'))
   assert report['checkpoint']['step'] > 0

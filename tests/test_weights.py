@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from jax import lax
 
+from mura_jax.data import preprocessing
 from mura_jax.models import weights
 from mura_jax.models.densenet import DenseNet, DenseNet121, DenseNet169, variable_shapes
-from mura_jax.models.weights import (
-    WeightsMismatchError, WeightsNotFoundError, adapt_input_channels, initial_variables, load_keras,
-    load_torchvision, model_input, replace_head, save_safetensors, to_torchvision)
+from mura_jax.models.imagenet import adapt_input_channels, initial_variables, replace_head
+from mura_jax.models.keras_weights import load_keras
+from mura_jax.models.weights import (WeightsMismatchError, WeightsNotFoundError, load_torchvision,
+                                     model_input, save_safetensors, to_torchvision)
 
 SIZE = 64  # small images: the networks are full size, only the input is small
 TOLERANCE = 1e-4  # the issue's bound on the max |logit difference|
@@ -377,8 +379,8 @@ def test_folding_is_exact_but_at_conv0_borders():
   # Predicted: sum over conv0 taps in the padding of sum_c w_c (gray_mean - mean_c) / std_c,
   # times norm0's scale / sqrt(var + eps).
   kernel = variables['params']['features']['conv0']['kernel'].astype(np.float64)
-  offset = np.einsum('hwco,c->hwo', kernel, (weights.GRAY_MEAN - np.array(weights.IMAGENET_MEAN))
-                     / np.array(weights.IMAGENET_STD))[:, :, None, :]
+  offset = np.einsum('hwco,c->hwo', kernel, (preprocessing.GRAY_MEAN - np.array(preprocessing.IMAGENET_MEAN))
+                     / np.array(preprocessing.IMAGENET_STD))[:, :, None, :]
   inside = lax.conv_general_dilated(jnp.ones((1, SIZE, SIZE, 1)), jnp.asarray(offset, jnp.float32),
                                     (2, 2), ((3, 3), (3, 3)),
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -399,13 +401,13 @@ def test_folding_error_in_densenet169_logits():
   gray = np.random.RandomState(1).uniform(0, 1, (2, SIZE, SIZE, 1)).astype(np.float32)
   replicated = np.asarray(_forward(variables, model_input(gray, 3)))
   errors = {}
-  for gray_mean, gray_std in ((weights.GRAY_MEAN, weights.GRAY_STD), (0.0, 1.0)):
+  for gray_mean, gray_std in ((preprocessing.GRAY_MEAN, preprocessing.GRAY_STD), (0.0, 1.0)):
     folded = adapt_input_channels(variables, 1, gray_mean=gray_mean, gray_std=gray_std)
     x = model_input(gray, 1, gray_mean=gray_mean, gray_std=gray_std)
     logits = np.asarray(_forward(folded, x))
     errors[gray_mean] = np.abs(logits - replicated).max() / np.std(replicated)
-  assert 0 < errors[weights.GRAY_MEAN] < 0.01
-  assert errors[weights.GRAY_MEAN] < errors[0.0] / 5
+  assert 0 < errors[preprocessing.GRAY_MEAN] < 0.01
+  assert errors[preprocessing.GRAY_MEAN] < errors[0.0] / 5
 
 
 def test_initial_variables_hook(tmp_path):

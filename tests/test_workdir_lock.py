@@ -13,6 +13,7 @@ import pytest
 from mura_jax import main
 from mura_jax.errors import ConfigError, WorkdirError
 from test_train import tiny_config
+from mura_jax import workdir as workdir_lib
 from tfds_mura import folder_lock
 
 HOLD = """
@@ -125,7 +126,7 @@ def test_several_processes_lock_once_on_process_0(tmp_path, monkeypatch, refused
   with contextlib.ExitStack() as stack:
     if refused_on_0:
       with pytest.raises(WorkdirError, match=r'is in use by another run \(process 0 found its '):
-        main._lock_workdir_on_process_0(stack, str(workdir))  # pylint: disable=protected-access
+        workdir_lib.lock_on_process_0(stack, str(workdir))  # pylint: disable=protected-access
     else:
-      main._lock_workdir_on_process_0(stack, str(workdir))  # pylint: disable=protected-access
+      workdir_lib.lock_on_process_0(stack, str(workdir))  # pylint: disable=protected-access
     assert _lock(workdir) is None

@@ -10,11 +10,12 @@ A built dataset is read without this package: `tfds.data_source('mura', data_dir
 
 from tfds_mura.grayscale import grayscale_notes
 from tfds_mura.grayscale import to_grayscale
-from tfds_mura.mura.manual_download import BODY_PARTS
-from tfds_mura.mura.manual_download import LABELS
-from tfds_mura.mura.manual_download import MuraDataError
 from tfds_mura.mura.mura_dataset_builder import Builder as Mura
 from tfds_mura.mura.mura_dataset_builder import image_counts
+from tfds_mura.mura.source import MuraDataError
+from tfds_mura.paths import ANNOTATIONS_FILE
+from tfds_mura.paths import BODY_PARTS
+from tfds_mura.paths import LABELS
 
 __all__ = ['BODY_PARTS', 'LABELS', 'Mura', 'MuraDataError', 'grayscale_notes', 'image_counts',
            'to_grayscale']

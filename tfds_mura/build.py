@@ -22,6 +22,7 @@ import time
 
 from tfds_mura import folder_lock
 from tfds_mura.mura import mura_dataset_builder as mura
+from etils import epath
 
 
 def summary_table(info) -> str:
@@ -107,7 +108,6 @@ def _cannot_write(e: OSError, data_dir: str) -> OSError | mura.MuraDataError:
 def _being_built(data_dir: str) -> str:
   """' (a dataset build into it is under way: pid ...; wait for it)' when a live build holds
   data_dir's lock; '' otherwise."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     record = json.loads((epath.Path(data_dir) / folder_lock.LOCK_NAME).read_text())
   except (OSError, ValueError):
@@ -127,7 +127,6 @@ def _under(path, folder: str) -> bool:
 def data_dir_of_built(path_given: str) -> tuple[str, str] | None:
   """(which folder it is, the data_dir meant) when `path_given` is a built dataset's own mura/ or
   mura/<version>/ folder rather than the data_dir holding it; None otherwise."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path, version = epath.Path(path_given).expanduser(), str(mura.Builder.VERSION)
   if path.name == 'mura' and (path / version / 'dataset_info.json').exists():
     return 'mura/', str(path.parent)

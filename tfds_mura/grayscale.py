@@ -1,7 +1,7 @@
 """The dataset's one rule for 8-bit grayscale views, shared with prediction.
 
-The builder stores every view through `grayscale_png`; `mura_jax.preprocessing` and
-`mura_jax.images` apply `to_grayscale` and `grayscale_notes` to files given for prediction, so a
+The builder stores every view through `grayscale_png`; `mura_jax.data.preprocessing` and
+`mura_jax.data.images` apply `to_grayscale` and `grayscale_notes` to files given for prediction, so a
 view stored in the dataset and the same file read at prediction time give identical pixels and
 the same warnings.
 """
@@ -16,7 +16,7 @@ import numpy as np
 def to_grayscale(image):
   """The dataset's one rule for 8-bit grayscale, from a decoded PIL image of any MURA-like mode.
 
-  `mura_jax.preprocessing` applies the same function to files given for prediction, so a view
+  `mura_jax.data.preprocessing` applies the same function to files given for prediction, so a view
   stored here and the same file read at prediction time give the network identical pixels.
     L                    kept as it is.
     RGB, RGBA, LA, P, 1  ITU-R 601 luma (exact for MURA's RGB files, whose channels are equal).

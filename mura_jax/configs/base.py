@@ -8,6 +8,8 @@ import functools
 import math
 
 import ml_collections
+from mura_jax.errors import ConfigError
+from mura_jax.models.densenet import ARCHS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,13 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'     # compute dtype; 'bfloat16' on accelerators
   config.model.drop_rate = 0.0
   config.model.remat = False         # memory-efficient DenseNet
-  # Dense layers per jax.lax.scan (models/densenet.py ScannedDenseBlock): the same results,
-  # densenet169's train step compiled in 21 s instead of 40-44 (2 CPU cores); 0 compiles every
-  # layer on its own, as does a drop_rate > 0 (the scanned block has no dropout).
+  # Dense layers per jax.lax.scan (models/scanned_block.py): the same results, a train step that
+  # compiles in about half the time (BENCHMARKS.md, "DenseNet-169: throughput and compile
+  # time"); 0 compiles every layer on its own, as does a drop_rate > 0 (no dropout in the scan).
   config.model.scan_segment = 8
   # With the scan, the first blocks stay unrolled (DenseNet.unrolled_blocks): at 56 x 56 and
-  # 28 x 28 the scan's padded channels cost more than their 18 layers' compile (4.3-4.4 against
-  # 3.6-3.9 img/s on 2 CPU cores, the same 21 s of compile).
+  # 28 x 28 the scan's padded channels cost more than their 18 layers' compile (same section).
   config.model.unrolled_blocks = 2
   config.model.growth_rate = 32
   config.model.block_config = (6, 12, 32, 32)
@@ -100,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluation.threshold_from = ''   # a report.json whose operating point sets the threshold
   config.evaluation.operating_point = ''  # its name: specificity@0.95 (default), worklist, ...
 
+  # What runs after a finished training, in order: evaluate (the best checkpoint; with
+  # evaluation.ensemble > 1 then the ensemble of the best kept), cam. '' = nothing.
+  config.after_training = 'evaluate'  # the demo adds cam
   config.cam = ml_collections.ConfigDict()  # class activation maps (mode cam; cam.py)
   config.cam.split = 'validation'
   config.cam.checkpoint = 'best'
@@ -108,7 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.cam.num_uncertain = 4     # the studies closest to the threshold
   config.cam.annotations = ''      # boxes CSV; '' = MANUAL_DIR/synthetic_annotations.csv if there
   config.cam.bootstrap_resamples = 2_000
-  config.cam.after_training = False  # the demo draws and measures its maps after training
 
   config.export = ml_collections.ConfigDict()  # mode export (export.py)
   config.export.checkpoint = 'best'  # best | latest | a step
@@ -118,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------------
 # The values each key allows, checked by main.py before any work: a bad one is a sentence naming
-# the key, not a ZeroDivisionError an hour later. (evaluation.*'s other keys: evaluation.py.)
+# the key, not a ZeroDivisionError an hour later. (evaluation.*'s other keys:
+# scoring.check_evaluation_config.)
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -131,7 +135,6 @@ def _range_text(low, high, low_open, high_open) -> str:
 
 def _check_number(config, key: str, *, integer: bool, low, high=None, low_open=False,
                   high_open=False, why: str = '') -> None:
-  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   section, _, name = key.rpartition('.')
   node = config[section] if section else config
   if name not in node:
@@ -155,7 +158,6 @@ def _check_number(config, key: str, *, integer: bool, low, high=None, low_open=F
 
 
 def _check_choice(config, key: str, choices, why: str = '') -> None:
-  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   section, _, name = key.rpartition('.')
   if name not in config[section]:
     return
@@ -167,9 +169,7 @@ def _check_choice(config, key: str, choices, why: str = '') -> None:
 
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises errors.ConfigError naming the first key whose value cannot be used, and what it
-  allows. Only the values: files are checked by checkpoints.check_named_files."""
-  from mura_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from mura_jax.models.densenet import ARCHS  # pylint: disable=g-import-not-at-top
+  allows. Only the values: files are checked by workdir.check_named_files."""
   integer = functools.partial(_check_number, config, integer=True)
   number = functools.partial(_check_number, config, integer=False)
   for key in ('train.global_batch_size', 'evaluation.global_batch_size'):

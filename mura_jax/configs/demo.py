@@ -32,5 +32,5 @@ def get_config():
   # After training: the best checkpoint alone (eval/validation/), then the later paper's
   # 5-best ensemble (eval/validation-ensemble/) with its paired comparison against it.
   config.evaluation.ensemble = 5
-  config.cam.after_training = True
+  config.after_training = 'evaluate,cam'  # the demo draws and measures its maps too
   return config

@@ -28,17 +28,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from mura_jax.preprocessing import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
-from mura_jax.preprocessing import model_input  # noqa: F401  (re-exported)
-from mura_jax.models.densenet import (
-    ARCHS, DenseNet, classifier_bias_init, classifier_kernel_init, create_model, init_variables,
-    variable_shapes)
+from mura_jax.data.preprocessing import model_input  # noqa: F401  (re-exported)
 from mura_jax.errors import UserError
+from mura_jax.models.densenet import ARCHS, DenseNet, create_model, variable_shapes
 
 Variables = dict[str, Any]
 
@@ -445,186 +441,7 @@ def save_safetensors(variables: Variables, path: str | os.PathLike,
 
 # --- Keras ----------------------------------------------------------------------------------------
 
-_KERAS_MODULES = {'conv1_conv': ('features', 'conv0'), 'conv1_bn': ('features', 'norm0'),
-                  'bn': ('features', 'norm5'), 'predictions': ('classifier',),
-                  'fc1000': ('classifier',)}  # fc1000: keras_applications' name for the classifier
-_KERAS_LAYER_PARTS = {'0_bn': 'norm1', '1_conv': 'conv1', '1_bn': 'norm2', '2_conv': 'conv2'}
-_KERAS_WEIGHTS = {'kernel': ('params', 'kernel'), 'bias': ('params', 'bias'),
-                  'gamma': ('params', 'scale'), 'beta': ('params', 'bias'),
-                  'moving_mean': ('batch_stats', 'mean'), 'moving_variance': ('batch_stats', 'var')}
-
-
-def _keras_module(layer: str) -> tuple[str, ...] | None:
-  """Keras layer name -> Flax module path: conv3_block2_1_conv -> denseblock2/denselayer2/conv1.
-
-  Keras 2's files spell the stem 'conv1/conv', 'conv1/bn'; Keras 3 'conv1_conv', 'conv1_bn'.
-  Keras numbers blocks after the stem (conv2..conv5, pool2..pool4), torchvision from 1.
-  """
-  layer = layer.replace('/', '_')
-  if layer in _KERAS_MODULES:
-    return _KERAS_MODULES[layer]
-  if m := re.fullmatch(r'conv(\d+)_block(\d+)_(0_bn|1_conv|1_bn|2_conv)', layer):
-    return ('features', f'denseblock{int(m[1]) - 1}', f'denselayer{m[2]}', _KERAS_LAYER_PARTS[m[3]])
-  if m := re.fullmatch(r'pool(\d+)_(bn|conv)', layer):
-    return ('features', f'transition{int(m[1]) - 1}', {'bn': 'norm', 'conv': 'conv'}[m[2]])
-  return None
-
-
-def _weight_name(name: str) -> str:
-  """'conv1/bn/gamma:0' (Keras 2) or 'gamma' (Keras 3) -> 'gamma'."""
-  return name.split('/')[-1].split(':')[0]
-
-
-def _keras_layers(path_or_model, model: DenseNet) -> tuple[dict[str, dict[str, np.ndarray]], str]:
-  """{layer name: {weight name: array}} from a Keras model or a Keras h5 weights file."""
-  if hasattr(path_or_model, 'layers'):
-    return ({layer.name: {_weight_name(w.name): np.asarray(w.numpy()) for w in layer.weights}
-             for layer in path_or_model.layers}, f'Keras model {path_or_model.name!r}')
-  path = check_weights_file(path_or_model, model, 'keras', reader=False)
-  h5py = _import_h5py()
-  layers = {}
-  fp = path.open('rb')
-  try:
-    f = h5py.File(fp, 'r')
-  except Exception as e:  # pylint: disable=broad-except  (h5py's OSError for a bad signature)
-    fp.close()
-    why = ''
-    if path.suffix.lower() == '.keras' or path.read_bytes()[:4] == b'PK\x03\x04':
-      why = ('a Keras 3 .keras file is a zip archive, not HDF5: load it with '
-             'keras.saving.load_model and pass that model, or pass the .h5 file')
-    raise _unreadable(path, 'Keras HDF5 weights file (.h5)', e, _arch_name(model), 'keras',
-                      why=why) from e
-  with fp, f:
-    root = f['model_weights'] if 'model_weights' in f else f  # model.save() vs save_weights()
-    if 'layer_names' not in root.attrs:
-      raise WeightsFileError(
-          f'{path} is not a Keras h5 weights file with layer names (a Keras 3 .weights.h5 names '
-          'layers by class: load it into keras.applications.DenseNet169(weights=None) with '
-          'load_weights and pass that model instead).')
-    for layer in root.attrs['layer_names']:
-      layer = layer.decode() if isinstance(layer, bytes) else str(layer)
-      group = root[layer]
-      layers[layer] = {_weight_name(n.decode() if isinstance(n, bytes) else str(n)):
-                       np.asarray(group[n]) for n in group.attrs['weight_names']}
-  return layers, str(path)
-
-
-def load_keras(path_or_model, arch: str | DenseNet = 'densenet169',
-               num_classes: int | None = None) -> Variables:
-  """Variables of `arch` from keras.applications' DenseNet: an h5 weights file or a model.
-
-  Keras' batch norms use epsilon 1.001e-5, torchvision's 1e-5. The difference is added to the
-  running variances (var + 1.001e-5 = (var + 1e-8) + 1e-5), so a Keras-initialised model is
-  the same DenseNet with torch's epsilon and evaluates as Keras does (exactly up to float32
-  rounding of var + 1e-8). In training, where batch variances replace running ones, the
-  denominators differ by 1e-8 in sqrt(var + eps): negligible.
-
-  A `_notop` file has no classifier: the result then has none either (see `replace_head`).
-  """
-  model = _model(arch)
-  layers, source = _keras_layers(path_or_model, model)
-  flat, unexpected = {}, {}
-  for layer, weights in layers.items():
-    module = _keras_module(layer)
-    for name, value in weights.items():
-      if module is None or name not in _KERAS_WEIGHTS:
-        unexpected[f'{layer}/{name} (Keras)'] = value.shape
-        continue
-      collection, leaf = _KERAS_WEIGHTS[name]
-      value = value.astype(np.float32)
-      if name == 'moving_variance':
-        value = value + np.float32(KERAS_BN_EPSILON - model.bn_epsilon)
-      flat[(collection, *module, leaf)] = value
-  has_top = ('params', 'classifier', 'kernel') in flat
-  if num_classes is None and has_top:
-    num_classes = flat['params', 'classifier', 'kernel'].shape[1]
-  model = _model(model, num_classes)
-  conv0 = flat.get(('params', 'features', 'conv0', 'kernel'))
-  expected = _flat_shapes(model, conv0.shape[2] if conv0 is not None and conv0.ndim == 4 else 3)
-  if not has_top and num_classes is None:  # a _notop file: the backbone only
-    expected = {p: s for p, s in expected.items() if 'classifier' not in p}
-  _check({**{'/'.join(p): v.shape for p, v in flat.items()}, **unexpected},
-         {'/'.join(p): s for p, s in expected.items()}, source, model, 'keras')
-  return _unflatten(flat)
-
 
 # --- Adapting ImageNet weights to MURA ------------------------------------------------------------
 
-def replace_head(variables: Variables, num_classes: int, rng: jax.Array) -> Variables:
-  """A new classifier with `num_classes` outputs, initialised as DenseNet initialises it; the
-  backbone and its batch statistics are kept. Works on variables without a classifier too."""
-  num_features = variables['params']['features']['norm5']['scale'].shape[0]
-  classifier = {
-      'kernel': np.asarray(classifier_kernel_init(rng, (num_features, num_classes), np.float32)),
-      'bias': np.asarray(classifier_bias_init(rng, (num_classes,), np.float32)),
-  }
-  return {**variables, 'params': {**variables['params'], 'classifier': classifier}}
 
-
-def adapt_input_channels(variables: Variables, in_channels: int, *, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, gray_mean: float = GRAY_MEAN,
-                         gray_std: float = GRAY_STD) -> Variables:
-  """RGB ImageNet weights for MURA's gray radiographs, taken as `in_channels` channels.
-
-  in_channels=3 (replicate): the variables are returned unchanged and the gray image is
-    replicated to RGB before the per-channel ImageNet normalisation (`model_input`). Exact: the
-    network sees what it would see for a gray photograph.
-  in_channels=1 (fold): conv0 takes the gray image normalised once, x = (g - gray_mean) / gray_std.
-    The replicated, normalised input of channel c is x * gray_std / std_c + (gray_mean - mean_c)
-    / std_c, and conv0 is linear, so conv0 becomes sum_c w_c * gray_std / std_c, and the
-    constant sum_{c, taps} w_c * (gray_mean - mean_c) / std_c moves into norm0's running mean
-    (batch statistics absorb a constant in training).
-    Exact except at conv0's border: torch zero-pads the normalised RGB (a different gray per
-    channel), the folded model zero-pads x (gray = gray_mean), so conv0 outputs whose 7x7 window
-    reaches the padding (the first 2 and the last 1 or 2 rows and columns of its output) differ by
-    the folded constant's padded taps. Choosing gray_mean close to every mean_c keeps that small
-    (tests/test_weights.py measures it); gray_mean=0, gray_std=1 takes raw [0, 1] gray input at a
-    border error about 20 times larger. Measured on torchvision-initialised densenet169 with
-    random batch-norm statistics (no ImageNet file here): max |logit change| / std(logits) was
-    0.06% at 224 x 224 and 0.5% at 64 x 64 (1.6% and 11% with raw gray input). Folding saves
-    two thirds of conv0's FLOPs: 2.3% of densenet169's 6.66 GFLOP per 224 x 224 image, not
-    measurable on a 2-core CPU (BENCHMARKS.md).
-  """
-  kernel = np.asarray(variables['params']['features']['conv0']['kernel'], np.float64)
-  if kernel.shape[2] == in_channels:
-    return variables
-  if (kernel.shape[2], in_channels) != (3, 1):
-    raise ValueError(f'conv0 takes {kernel.shape[2]} channels; only 3 can be folded to 1, '
-                     f'not to {in_channels}.')
-  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-  folded = np.sum(kernel * (gray_std / std)[:, None], axis=2, keepdims=True)
-  shift = np.einsum('hwco,c->o', kernel, (gray_mean - mean) / std)
-  norm0 = variables['batch_stats']['features']['norm0']
-  params = {**variables['params'], 'features': {**variables['params']['features'],
-                                                'conv0': {'kernel': folded.astype(np.float32)}}}
-  batch_stats = {**variables['batch_stats'], 'features': {
-      **variables['batch_stats']['features'],
-      'norm0': {**norm0, 'mean': (np.float64(norm0['mean']) - shift).astype(np.float32)}}}
-  return {**variables, 'params': params, 'batch_stats': batch_stats}
-
-
-def initial_variables(init: str, model: DenseNet, rng: jax.Array, image_size: int = 224,
-                      in_channels: int = 3, num_classes: int | None = None) -> Variables:
-  """The variables `config.model.init` asks for: 'random', 'torchvision:PATH' or 'keras:PATH'.
-
-  ImageNet weights keep their backbone; conv0 is folded to one channel when in_channels=1
-  (`adapt_input_channels`); the classifier is re-initialised unless it already has
-  `num_classes` (default: model.num_classes) outputs.
-  """
-  if num_classes is not None and num_classes != model.num_classes:
-    raise ValueError(f'num_classes={num_classes} but the model has {model.num_classes}.')
-  kind, _, path = init.partition(':')
-  if init == 'random':
-    return init_variables(model, rng, image_size, in_channels)
-  if kind == 'torchvision' and path:
-    variables = load_torchvision(path, arch=model)
-  elif kind == 'keras' and path:
-    variables = load_keras(path, arch=model)
-  else:
-    raise ValueError(f"config.model.init must be 'random', 'torchvision:PATH' or 'keras:PATH', "
-                     f'not {init!r}.')
-  variables = adapt_input_channels(variables, in_channels)
-  classifier = variables['params'].get('classifier')
-  if classifier is None or classifier['kernel'].shape[1] != model.num_classes:
-    variables = replace_head(variables, model.num_classes, rng)
-  return variables

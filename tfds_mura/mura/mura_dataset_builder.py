@@ -18,11 +18,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_mura import folder_lock
-from tfds_mura.mura.manual_download import (BODY_PARTS, HOMEPAGE, INSTRUCTIONS, LABELS, SPLITS,
-                                            SYNTHETIC_MARKER, ImageReport, MuraDataError, Source,
-                                            View, changed_images, check_split, count_images,
-                                            count_studies, encode_views, raise_for_images, warn,
-                                            warn_for_notes)
+from tfds_mura.mura.manual_download import (ImageReport, View, changed_images,
+                                            check_split, count_images, count_studies,
+                                            encode_views, raise_for_images, warn, warn_for_notes)
+from tfds_mura.mura.source import INSTRUCTIONS, MuraDataError, Source
+from tfds_mura.paths import ANNOTATIONS_FILE, BODY_PARTS, HOMEPAGE, LABELS, SPLITS
 
 _DESCRIPTION = """\
 MURA (musculoskeletal radiographs) is a large dataset of bone X-rays: 40,561 multi-view radiographs
@@ -211,7 +211,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata['study_counts'] = {SPLITS[s]: count_studies(v) for s, v in views.items()}
     # mura_jax's synthetic MURA writes its boxes beside MURA-v1.1/: say so, so that nobody takes
     # a model of it for one of the real data (model cards, licence terms).
-    self.info.metadata['synthetic'] = source.exists(SYNTHETIC_MARKER)
+    self.info.metadata['synthetic'] = source.exists(ANNOTATIONS_FILE)
     # What it was built from: a later build into this data_dir reuses it only from the same CSVs
     # and image files (IMAGE_RECORD). Stat before reading: a file changed during the build then
     # has a new time, and a reuse compares its bytes with those built (CRC-32).

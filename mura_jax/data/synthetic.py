@@ -1,0 +1,374 @@
+"""A synthetic MURA-v1.1: same layout, CSV format and quirks as the real one, with learnable abnormalities.
+
+The real MURA needs registration and may not be redistributed, so tests, CI, the demo and the
+benchmarks run on this tree instead. It mirrors what code reading MURA trips over:
+
+- `MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/imageN.png`, patients
+  unique across splits, 1..11 views per study distributed as in the real train split;
+- the four CSVs without a header, study paths ending in '/', grouped by body part in MURA's own
+  (unsorted) order;
+- 8-bit grayscale PNGs mixed with 8-bit RGB PNGs whose channels are equal (about 40%), a few RGBA;
+- one patient with studies under several body parts that share the same `studyK` number;
+- macOS `._imageN.png` sidecars (not images, not in the CSVs), as in some redistributed copies.
+
+Abnormal studies carry a localised abnormality (metal hardware, a fracture gap or a lytic lesion)
+in their views; its box is written to `OUT_DIR/synthetic_annotations.csv`, outside `MURA-v1.1/`, so
+that learning and CAM localisation can be checked for real.
+
+    python -m mura_jax.data.synthetic OUT_DIR [--studies-per-part N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from etils import epath
+from PIL import Image
+from tfds_mura import paths
+from tqdm import tqdm
+from mura_jax.errors import ConfigError
+
+# MURA's folder names of the dataset's body parts: XR_ELBOW, ..., XR_WRIST.
+PART_FOLDERS = tuple(paths.part_folder(part) for part in paths.BODY_PARTS)
+
+# Row order of the body parts in the official CSVs (grouped, not sorted).
+CSV_PART_ORDER = {
+    'train': ('XR_SHOULDER', 'XR_HUMERUS', 'XR_FINGER', 'XR_ELBOW', 'XR_WRIST', 'XR_FOREARM', 'XR_HAND'),
+    'valid': ('XR_WRIST', 'XR_FOREARM', 'XR_ELBOW', 'XR_FINGER', 'XR_HAND', 'XR_HUMERUS', 'XR_SHOULDER'),
+}
+
+# MURA's Table 1 image counts (normal, abnormal): the abnormal fraction per split and body part.
+TABLE1_IMAGES = {
+    'train': {'XR_ELBOW': (2925, 2006), 'XR_FINGER': (3138, 1968), 'XR_FOREARM': (1164, 661),
+              'XR_HAND': (4059, 1484), 'XR_HUMERUS': (673, 599), 'XR_SHOULDER': (4211, 4168),
+              'XR_WRIST': (5765, 3987)},
+    'valid': {'XR_ELBOW': (235, 230), 'XR_FINGER': (214, 247), 'XR_FOREARM': (150, 151),
+              'XR_HAND': (271, 189), 'XR_HUMERUS': (148, 140), 'XR_SHOULDER': (285, 278),
+              'XR_WRIST': (364, 295)},
+}
+
+# Views per study in the real train split: 1: 8%, 2: 28%, 3: 48%, 4: 14%, 5..11: 2%.
+VIEW_COUNTS = np.arange(1, 12)
+VIEW_PROBS = np.array([0.08, 0.28, 0.48, 0.14] + [0.02 / 7] * 7)
+
+RGB_FRACTION = 0.4     # real MURA: about 40% of the PNGs are RGB with three equal channels
+RGBA_FRACTION = 0.02   # a few RGBA
+SIDECAR_FRACTION = 0.05  # studies that carry `._imageN.png` files
+SHARED_STUDY_FRACTION = 0.3  # studies whose patient also has `studyK` under another body part
+ABNORMALITIES = ('hardware', 'fracture', 'lesion')
+
+# The AppleDouble header macOS writes into `._name` files: bytes, not a PNG.
+_APPLEDOUBLE = b'\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ' + bytes(64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  split: str          # 'train' | 'valid' (MURA's folder names)
+  body_part: str      # 'XR_WRIST', ...
+  patient: int
+  number: int         # the K of studyK
+  abnormal: bool
+  num_views: int
+  abnormality: str | None
+  seed: int           # per-study seed: images depend on it alone, so workers need no shared state
+
+  @property
+  def path(self) -> str:
+    """The study path as in `*_labeled_studies.csv` (trailing '/')."""
+    label = 'positive' if self.abnormal else 'negative'
+    return (f'MURA-v1.1/{self.split}/{self.body_part}/patient{self.patient:05d}/'
+            f'study{self.number}_{label}/')
+
+
+def plan_studies(studies_per_part: int, valid_studies_per_part: int, seed: int) -> list[Study]:
+  """Decides every study (patient, number, label, views, abnormality) before any pixel is drawn."""
+  rng = np.random.default_rng([seed, 0])
+  studies = []
+  next_patient = 1
+  for split, n in (('train', studies_per_part), ('valid', valid_studies_per_part)):
+    # patient -> {body_part: [study numbers]}; patients never cross splits.
+    patients: dict[int, dict[str, list[int]]] = {}
+    for part in PART_FOLDERS:
+      normal, abnormal = TABLE1_IMAGES[split][part]
+      num_abnormal = int(round(n * abnormal / (normal + abnormal)))
+      if n >= 2:
+        num_abnormal = min(max(num_abnormal, 1), n - 1)
+      labels = np.array([True] * num_abnormal + [False] * (n - num_abnormal))
+      rng.shuffle(labels)
+      for abnormal_study in labels:
+        others = [p for p, parts in patients.items() if part not in parts]
+        if others and rng.random() < SHARED_STUDY_FRACTION:
+          # Same patient, another body part, and the same studyK number as there.
+          patient = others[rng.integers(len(others))]
+          number = next(iter(patients[patient].values()))[0]
+        elif patients and rng.random() < 0.1:
+          # A follow-up study of a patient already imaged for this part, or a first one.
+          patient = list(patients)[rng.integers(len(patients))]
+          number = len(patients[patient].get(part, [])) + 1
+        else:
+          patient, number = next_patient, 1
+          next_patient += 1
+        patients.setdefault(patient, {}).setdefault(part, []).append(number)
+        studies.append(Study(
+            split=split, body_part=part, patient=patient, number=number,
+            abnormal=bool(abnormal_study),
+            num_views=int(rng.choice(VIEW_COUNTS, p=VIEW_PROBS)),
+            abnormality=str(rng.choice(ABNORMALITIES)) if abnormal_study else None,
+            seed=int(rng.integers(2**31))))
+  return studies
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing: a radiograph is a dark field, a dim soft-tissue envelope and bright bones (capsules).
+
+
+def _capsule_distance(yy, xx, p, q):
+  """Distance of every pixel to the segment p-q (points as (y, x))."""
+  p, q = np.asarray(p, np.float32), np.asarray(q, np.float32)
+  d = q - p
+  t = ((yy - p[0]) * d[0] + (xx - p[1]) * d[1]) / max(float(d @ d), 1e-6)
+  t = np.clip(t, 0.0, 1.0)
+  return np.hypot(yy - (p[0] + t * d[0]), xx - (p[1] + t * d[1]))
+
+
+def _bone_layout(body_part: str, rng) -> list[tuple[tuple[float, float], tuple[float, float], float]]:
+  """Bones as (start, end, radius) in unit coordinates (y, x in [0, 1]); differs per body part."""
+  j = lambda s=0.03: rng.normal(0.0, s)  # noqa: E731 (pose jitter)
+  if body_part == 'XR_FINGER':  # three phalanges in a row
+    x = 0.5 + j()
+    return [((0.08 + 0.3 * i + j(0.01), x + j(0.02)), (0.33 + 0.3 * i, x + j(0.02)), 0.05)
+            for i in range(3)]
+  if body_part == 'XR_HAND':  # five metacarpals fanning out of a carpal cluster
+    bones = [((0.75, 0.5 + j()), (0.85, 0.5 + j()), 0.12)]
+    for k in range(5):
+      angle = -0.5 + 0.25 * k + j(0.03)
+      bones.append(((0.68, 0.5 + 0.08 * angle), (0.2, 0.5 + 0.6 * np.sin(angle)), 0.035))
+    return bones
+  if body_part == 'XR_WRIST':  # radius and ulna ends below a cluster of carpal bones
+    bones = [((0.95, 0.38 + j()), (0.55, 0.4), 0.09), ((0.95, 0.64 + j()), (0.58, 0.62), 0.06)]
+    for k in range(4):
+      c = (0.42 + 0.06 * (k % 2) + j(0.01), 0.35 + 0.1 * k + j(0.01))
+      bones.append((c, (c[0] + 0.03, c[1]), 0.05))
+    return bones
+  if body_part == 'XR_FOREARM':  # two long parallel bones
+    return [((0.03, 0.4 + j()), (0.97, 0.38 + j()), 0.06), ((0.03, 0.6 + j()), (0.97, 0.64 + j()), 0.05)]
+  if body_part == 'XR_ELBOW':  # humerus meeting radius/ulna at an angle
+    bend = 0.25 + j(0.05)
+    return [((0.02, 0.5 + j()), (0.5, 0.5), 0.09),
+            ((0.5, 0.5), (0.98, 0.5 + bend), 0.06), ((0.52, 0.45), (0.98, 0.38 + bend), 0.05)]
+  if body_part == 'XR_HUMERUS':  # one thick long bone with a rounded head
+    return [((0.12, 0.5 + j()), (0.95, 0.5 + j()), 0.08), ((0.1, 0.5), (0.12, 0.5), 0.15)]
+  if body_part == 'XR_SHOULDER':  # humeral head, glenoid, clavicle
+    return [((0.45 + j(), 0.55), (0.47, 0.55), 0.16), ((0.55, 0.6), (0.98, 0.62 + j()), 0.08),
+            ((0.25, 0.3), (0.6, 0.35 + j()), 0.06), ((0.15, 0.05), (0.25, 0.95 + j()), 0.035)]
+  raise ValueError(f'unknown body part {body_part!r}; expected one of {PART_FOLDERS}')
+
+
+def _image_shape(rng) -> tuple[int, int]:
+  """(height, width): long side 512 px in most images, the short side 89..512 px."""
+  long_side = 512 if rng.random() < 0.85 else int(rng.integers(256, 512))
+  short_side = int(np.clip(long_side * rng.uniform(0.45, 1.0), 89, long_side))
+  if rng.random() < 0.05:  # a few very narrow views, as in real MURA
+    short_side = int(rng.integers(89, 160))
+  return (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
+
+
+def draw_view(body_part: str, abnormality: str | None, rng) -> tuple[np.ndarray, tuple | None]:
+  """One radiograph (uint8, HxW) and the abnormality's box (x0, y0, x1, y1; x1, y1 exclusive)."""
+  h, w = _image_shape(rng)
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  scale = min(h, w)
+  # Dark field with a soft-tissue envelope around the limb.
+  img = np.full((h, w), 12.0, np.float32)
+  bones = [((a[0] * h, a[1] * w), (b[0] * h, b[1] * w), r * scale * rng.uniform(0.9, 1.1))
+           for a, b, r in _bone_layout(body_part, rng)]
+  distances = [_capsule_distance(yy, xx, a, b) for a, b, _ in bones]
+  # Soft tissue: a dim glow around the bones.
+  outside = np.min([d - r for d, (_, _, r) in zip(distances, bones)], axis=0)
+  img += 45.0 * np.exp(-np.maximum(outside, 0.0) / (0.12 * scale))
+  # Bones: bright cortex, a slightly darker medulla.
+  for d, (_, _, r) in zip(distances, bones):
+    inside = d < r
+    img[inside] += 110.0 + 40.0 * (d[inside] / r) ** 2
+  box = None
+  if abnormality is not None:
+    img, box = _draw_abnormality(img, abnormality, bones, yy, xx, rng)
+  # Exposure, a low-frequency gradient and noise.
+  img *= rng.uniform(0.8, 1.15)
+  img += 15.0 * (yy / h - 0.5) * rng.uniform(-1, 1)
+  img += rng.integers(-3, 4, size=img.shape, dtype=np.int8)
+  return np.clip(img, 0, 255).astype(np.uint8), box
+
+
+def _draw_abnormality(img, kind, bones, yy, xx, rng):
+  """Puts one localised abnormality on a random bone; returns the image and its box."""
+  h, w = img.shape
+  scale = min(h, w)
+  a, b, r = bones[rng.integers(len(bones))]
+  t = rng.uniform(0.3, 0.7)
+  cy, cx = a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
+  if kind == 'hardware':  # a bright metal plate along the bone, with screws
+    half_len, half_wid = 0.22 * scale, max(0.05 * scale, 4)
+    d = np.array([b[0] - a[0], b[1] - a[1]], np.float32)
+    d /= max(np.linalg.norm(d), 1e-6)
+    p, q = (cy - d[0] * half_len, cx - d[1] * half_len), (cy + d[0] * half_len, cx + d[1] * half_len)
+    mask = _capsule_distance(yy, xx, p, q) < half_wid
+    img = np.where(mask, 250.0, img)
+    for s in np.linspace(-0.8, 0.8, 4):
+      sy, sx = cy + s * d[0] * half_len, cx + s * d[1] * half_len
+      img = np.where(np.hypot(yy - sy, xx - sx) < half_wid * 0.5, 120.0, img)
+  elif kind == 'fracture':  # a dark gap across the bone, with a displaced bright edge
+    d = np.array([b[0] - a[0], b[1] - a[1]], np.float32)
+    d /= max(np.linalg.norm(d), 1e-6)
+    n = np.array([-d[1], d[0]])
+    tilt = rng.uniform(-0.5, 0.5)
+    across = n + tilt * d
+    half_len, gap = 1.6 * r + 0.05 * scale, max(0.03 * scale, 3)
+    p = (cy - across[0] * half_len, cx - across[1] * half_len)
+    q = (cy + across[0] * half_len, cx + across[1] * half_len)
+    dist = _capsule_distance(yy, xx, p, q)
+    img = np.where(dist < gap, 5.0, img)
+    img = np.where((dist >= gap) & (dist < 2.2 * gap), np.minimum(img + 80.0, 255.0), img)
+    mask = dist < 2.2 * gap
+  else:  # 'lesion': a dark lytic lesion with a sclerotic bright rim
+    rad = max(0.09 * scale, r * 0.9, 5)
+    dist = np.hypot(yy - cy, xx - cx)
+    img = np.where(dist < rad, 20.0, np.where(dist < 1.4 * rad, 230.0, img))
+    mask = dist < 1.4 * rad
+  ys, xs = np.nonzero(mask)
+  if len(ys) == 0:  # the abnormality fell outside the view: put the lesion at the centre instead
+    return _draw_abnormality(img, 'lesion', [((h / 2, w / 2), (h / 2, w / 2), 0.1 * scale)], yy, xx, rng)
+  return img, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def _encode_png(pixels: np.ndarray, mode: str) -> bytes:
+  """Gray pixels as an 8-bit 'L', 'RGB' (equal channels) or 'RGBA' PNG."""
+  if mode == 'RGB':
+    pixels = np.repeat(pixels[..., None], 3, axis=-1)
+  elif mode == 'RGBA':
+    pixels = np.concatenate([np.repeat(pixels[..., None], 3, axis=-1),
+                             np.full(pixels.shape + (1,), 255, np.uint8)], axis=-1)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels, mode=None).save(buffer, format='PNG', compress_level=3)
+  return buffer.getvalue()
+
+
+def write_study(root: str, study: Study) -> list[tuple[str, tuple | None]]:
+  """Writes one study's views (and maybe sidecars); returns (image path, box) per view."""
+  rng = np.random.default_rng([study.seed, 1])
+  folder = epath.Path(root) / study.path
+  folder.mkdir(parents=True, exist_ok=True)
+  # Abnormal studies show their abnormality in most views, and always in at least one.
+  visible = rng.random(study.num_views) < 0.9
+  visible[rng.integers(study.num_views)] = True
+  sidecars = rng.random() < SIDECAR_FRACTION
+  views = []
+  for view in range(1, study.num_views + 1):
+    kind = study.abnormality if (study.abnormal and visible[view - 1]) else None
+    pixels, box = draw_view(study.body_part, kind, rng)
+    u = rng.random()
+    mode = 'RGBA' if u < RGBA_FRACTION else 'RGB' if u < RGBA_FRACTION + RGB_FRACTION else 'L'
+    (folder / f'image{view}.png').write_bytes(_encode_png(pixels, mode))
+    if sidecars:
+      (folder / f'._image{view}.png').write_bytes(_APPLEDOUBLE)
+    views.append((f'{study.path}image{view}.png', box))
+  return views
+
+
+def _write_study_star(args):
+  return write_study(*args)
+
+
+def _write_csvs(mura_dir: epath.Path, studies: Sequence[Study], views_per_study: Sequence[list]):
+  """The four official CSVs: no header, study paths with a trailing '/', grouped by body part."""
+  for split in ('train', 'valid'):
+    order = {part: i for i, part in enumerate(CSV_PART_ORDER[split])}
+    rows = sorted(
+        [(s, v) for s, v in zip(studies, views_per_study) if s.split == split],
+        key=lambda sv: (order[sv[0].body_part], sv[0].patient, sv[0].number))
+    (mura_dir / f'{split}_image_paths.csv').write_text(
+        ''.join(f'{path}\n' for _, views in rows for path, _ in views))
+    (mura_dir / f'{split}_labeled_studies.csv').write_text(
+        ''.join(f'{s.path},{int(s.abnormal)}\n' for s, _ in rows))
+
+
+def make_synthetic_mura(out_dir: str | os.PathLike, studies_per_part: int = 20,
+                        valid_studies_per_part: int | None = None, seed: int = 0,
+                        num_workers: int | None = None, progress: bool = True) -> dict:
+  """Writes `out_dir/MURA-v1.1/` and `out_dir/synthetic_annotations.csv`; returns a summary.
+
+  `studies_per_part` studies per body part in train, `valid_studies_per_part` (default a third of
+  that, at least 4) in valid. The same arguments give the same bytes on every machine.
+  """
+  if valid_studies_per_part is None:
+    valid_studies_per_part = max(4, studies_per_part // 3)
+  if studies_per_part < 1 or valid_studies_per_part < 1:
+    raise ConfigError('studies_per_part and valid_studies_per_part must be >= 1, got '
+                     f'{studies_per_part} and {valid_studies_per_part}')
+  out_dir = epath.Path(out_dir)
+  mura_dir = out_dir / 'MURA-v1.1'
+  if mura_dir.exists() and any(mura_dir.iterdir()):
+    raise FileExistsError(f'{mura_dir} exists and is not empty; choose another OUT_DIR or remove it')
+  mura_dir.mkdir(parents=True, exist_ok=True)
+  studies = plan_studies(studies_per_part, valid_studies_per_part, seed)
+  start = time.time()
+  jobs = [(os.fspath(out_dir), s) for s in studies]
+  num_workers = num_workers or os.cpu_count() or 1
+  bar = tqdm(total=sum(s.num_views for s in studies), unit='img', desc='synthetic MURA',
+             disable=not progress)
+  views_per_study = []
+  if num_workers > 1:
+    with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
+      for views in pool.imap(_write_study_star, jobs, chunksize=4):
+        views_per_study.append(views)
+        bar.update(len(views))
+  else:
+    for job in jobs:
+      views_per_study.append(write_study(*job))
+      bar.update(len(views_per_study[-1]))
+  bar.close()
+  _write_csvs(mura_dir, studies, views_per_study)
+  with (out_dir / paths.ANNOTATIONS_FILE).open('w') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(['image_path', 'abnormality', 'x0', 'y0', 'x1', 'y1'])
+    for study, views in zip(studies, views_per_study):
+      for path, box in views:
+        if box is not None:
+          writer.writerow([path, study.abnormality, *box])
+  num_images = sum(len(v) for v in views_per_study)
+  return {
+      'root': os.fspath(mura_dir), 'annotations': os.fspath(out_dir / paths.ANNOTATIONS_FILE),
+      'studies': {split: sum(s.split == split for s in studies) for split in ('train', 'valid')},
+      'images': {split: sum(len(v) for s, v in zip(studies, views_per_study) if s.split == split)
+                 for split in ('train', 'valid')},
+      'seconds': time.time() - start, 'images_per_second': num_images / (time.time() - start),
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m mura_jax.data.synthetic', description=__doc__.split('\n')[0])
+  parser.add_argument('out_dir', help='writes OUT_DIR/MURA-v1.1/ and OUT_DIR/synthetic_annotations.csv')
+  parser.add_argument('--studies-per-part', type=int, default=20, help='train studies per body part')
+  parser.add_argument('--valid-studies-per-part', type=int, default=None,
+                      help='valid studies per body part (default: a third of train, at least 4)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
+  args = parser.parse_args(argv)
+  summary = make_synthetic_mura(args.out_dir, args.studies_per_part, args.valid_studies_per_part,
+                                args.seed, args.workers)
+  print(f"Wrote {summary['root']}: train {summary['studies']['train']} studies / "
+        f"{summary['images']['train']} images, valid {summary['studies']['valid']} studies / "
+        f"{summary['images']['valid']} images in {summary['seconds']:.1f} s "
+        f"({summary['images_per_second']:.0f} images/s); boxes in {summary['annotations']}")
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,115 @@
+"""The CAM job (`--config.mode=cam`, and after training where config.after_training lists cam):
+class activation maps of a checkpoint on a split, overlays of the chosen studies, and how well the
+maps localise (localisation.py) -> WORKDIR/cam/<split>/. The maps: maps.py; pictures: pictures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+from tfds_mura import ANNOTATIONS_FILE, BODY_PARTS
+
+from mura_jax.data import dataset as data_lib
+from mura_jax.data import input_pipeline
+from mura_jax.errors import ConfigError
+from mura_jax.evaluation import scoring
+from mura_jax.evaluation import studies
+from mura_jax.inference import predictor as predictor_lib
+from mura_jax.interpretation import localisation as localisation_lib
+from mura_jax.interpretation import pictures
+
+check = scoring.check_evaluation_config  # the studies drawn and their verdicts use its threshold
+
+
+def _study_folder(study_id: str) -> str:
+  return study_id.replace('/', '_')
+
+
+def choose_studies(probabilities: np.ndarray, study_ids, threshold: float, chosen: str,
+                   num_abnormal: int, num_uncertain: int) -> list[int]:
+  """Study indices to draw: the listed ones (comma-separated ids), else the most confidently
+  abnormal and the most uncertain (closest to the threshold)."""
+  if chosen:
+    wanted = [s.strip().strip('/').removeprefix('MURA-v1.1/') for s in chosen.split(',')]
+    position = {s: i for i, s in enumerate(study_ids)}
+    unknown = [s for s in wanted if s not in position]
+    if unknown:
+      raise ConfigError(f'config.cam.studies names studies not in the split: {unknown[:5]} '
+                       f'(ids look like {study_ids[0]!r})')
+    return [position[s] for s in wanted]
+  order = list(np.argsort(-probabilities, kind='stable')[:num_abnormal])
+  for s in np.argsort(np.abs(probabilities - threshold), kind='stable'):
+    if len(order) >= num_abnormal + num_uncertain:
+      break
+    if s not in order:
+      order.append(s)
+  return [int(s) for s in order]
+
+
+def run(config, workdir: str) -> dict:
+  """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), peaks.png,
+  and localisation.json / localisation.md (with the pointing and Otsu figures where the split's
+  boxes are known); prints the table."""
+  c = config.cam
+  manual_dir, data_dir = data_lib.dataset_dirs(config, workdir)
+  source = input_pipeline.data_source(data_dir, c.split)
+  index = input_pipeline.read_split_index(data_dir, c.split)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, c.checkpoint, config=config,
+                                               global_batch=config.evaluation.global_batch_size)
+  spec, bias = predictor.preprocessing, predictor.classifier_bias
+  start = time.perf_counter()
+  out = predictor.map_split(source, num_workers=config.data.num_workers)
+  seconds = time.perf_counter() - start
+  maps = out['map']
+
+  def image(i):
+    return np.asarray(source[int(i)]['image'])[..., 0]
+
+  summary = {'split': c.split, 'checkpoint': predictor.checkpoint, 'n_views': len(index),
+             'map_shape': list(maps.shape[1:]), 'seconds': seconds,
+             'views_per_second': len(index) / seconds, 'studies': []}
+  out_dir = epath.Path(workdir) / 'cam' / c.split
+  table = studies.from_split(index, out['probability'], config.evaluation.aggregation)
+  threshold = config.evaluation.threshold
+  is_main = jax.process_index() == 0
+  for s in choose_studies(table.probability, index.studies, threshold, c.studies,
+                          c.num_abnormal, c.num_uncertain):
+    views = sorted(np.flatnonzero(index.study_index == s),  # image1, image2, ... as on disk
+                   key=lambda v: (len(index.image_path[v]), index.image_path[v]))
+    folder = out_dir / 'studies' / _study_folder(index.studies[s])
+    verdict = 'abnormal' if table.probability[s] > threshold else 'normal'
+    title = (f'{index.studies[s]}\nstudy probability {table.probability[s]:.3f} -> {verdict} '
+             f'(> {threshold:g}); {config.evaluation.aggregation} of {len(views)} views; '
+             f'label {"abnormal" if table.label[s] else "normal"}')
+    names = [index.image_path[v].rsplit('/', 1)[-1] for v in views]
+    pictures.draw_study(folder, title, [
+        (name, name, image(v), maps[v], out['probability'][v]) for name, v in zip(names, views)],
+                        spec, bias, write=is_main)
+    summary['studies'].append(str(folder))
+  annotations = epath.Path(c.annotations or epath.Path(manual_dir) / ANNOTATIONS_FILE)
+  boxes = localisation_lib.read_boxes(annotations) if annotations.exists() else {}
+  annotated = [i for i, path in enumerate(index.image_path) if path in boxes]
+  if boxes:
+    summary['annotations'] = str(annotations)
+    summary['localisation'] = localisation_lib.localisation(
+        maps, image, index.image_path, [BODY_PARTS[b] for b in index.body_part], boxes, bias, spec,
+        num_resamples=c.bootstrap_resamples, seed=config.evaluation.seed)
+  else:
+    logging.info('No boxes for the %s split (%s): localisation is not measured.', c.split,
+                 annotations)
+  summary['sanity'] = localisation_lib.sanity_checks(predictor, maps, image, annotated,
+                                    lambda i: boxes[index.image_path[i]])
+  text = localisation_lib.format_localisation(summary)
+  if is_main:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    histogram = np.asarray(summary['sanity']['peak_histogram'])
+    pictures.save_png(out_dir / 'peaks.png', pictures.peak_figure(histogram))
+    (out_dir / 'localisation.json').write_text(json.dumps(summary, indent=2) + '\n')
+    (out_dir / 'localisation.md').write_text(text)
+    print(text)
+  return summary

@@ -1,0 +1,308 @@
+"""How well class activation maps point: localisation on annotated boxes (the synthetic MURA's
+`synthetic_annotations.csv`), per view with an abnormality:
+  pointing game   the upsampled raw map's argmax lies inside the box (tolerance 0), or within
+                  15 px of it at original resolution;
+  Otsu IoU        the raw map thresholded by Otsu's method, its largest connected region's
+                  bounding box against the box: IoU, and a hit when IoU >= 0.5.
+Beside the same figures for three baselines that use no model: a random map, a centred Gaussian,
+the image intensity. Each rate comes with a bootstrap CI over views, and the model's advantage
+over each baseline with a paired CI (the same resampled views).
+The sanity checks: a blank image's map, where the peaks fall, the model randomisation test.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mura_jax.data import preprocessing
+from mura_jax.errors import DataError
+from mura_jax.evaluation import bootstrap
+from mura_jax.interpretation.maps import display_map, peak, upsample
+from etils import epath
+from scipy import ndimage
+
+
+POINTING_TOLERANCE_PX = 15
+IOU_HIT = 0.5
+
+
+def read_boxes(path) -> dict[str, tuple[str, int, int, int, int]]:
+  """{image path: (abnormality, x0, y0, x1, y1)} of `synthetic_annotations.csv` (x1, y1
+  exclusive)."""
+  boxes = {}
+  with epath.Path(path).open() as f:
+    for number, row in enumerate(csv.DictReader(f), start=2):
+      try:
+        boxes[row['image_path']] = (row['abnormality'], int(row['x0']), int(row['y0']),
+                                    int(row['x1']), int(row['y1']))
+      except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f'{path} row {number}: expected image_path,abnormality,x0,y0,x1,y1 '
+                         f'({type(e).__name__}: {e})') from None
+  return boxes
+
+
+def distance_to_box(row: int, column: int, box) -> float:
+  """Pixels from (row, column) to the box (0 inside)."""
+  _, x0, y0, x1, y1 = box
+  dy = max(y0 - row, 0, row - (y1 - 1))
+  dx = max(x0 - column, 0, column - (x1 - 1))
+  return float(np.hypot(dy, dx))
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+  """Otsu's threshold: the split of the values' histogram with the largest between-class
+  variance."""
+  values = np.asarray(values, np.float64).ravel()
+  low, high = values.min(), values.max()
+  if high <= low:
+    return float(high)
+  counts, edges = np.histogram(values, bins=bins, range=(low, high))
+  centres = (edges[:-1] + edges[1:]) / 2
+  weight = np.cumsum(counts)
+  mean = np.cumsum(counts * centres)
+  total_weight, total_mean = weight[-1], mean[-1]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    between = (total_mean * weight - mean * total_weight) ** 2 / (
+        weight * (total_weight - weight))
+  between[~np.isfinite(between)] = -1
+  return float(edges[int(np.argmax(between)) + 1])
+
+
+def region_box(score_map: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(x0, y0, x1, y1) of the largest connected region above the map's Otsu threshold."""
+  labels, count = ndimage.label(score_map > otsu_threshold(score_map))
+  if count == 0:
+    return None
+  largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+  rows, columns = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+  return columns.start, rows.start, columns.stop, rows.stop
+
+
+def iou(a, b) -> float:
+  if a is None:
+    return 0.0
+  x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+  inter = max(x1 - x0, 0) * max(y1 - y0, 0)
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return inter / union if union else 0.0
+
+
+def baseline_maps(image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Maps that use no model, at the radiograph's resolution: what a CAM must beat."""
+  rows, columns = image.shape
+  yy, xx = np.mgrid[0:rows, 0:columns]
+  sigma = 0.25 * min(rows, columns)
+  return {
+      'random': rng.random((rows, columns)),
+      'centre_gaussian': np.exp(-((yy - (rows - 1) / 2) ** 2 + (xx - (columns - 1) / 2) ** 2)
+                                / (2 * sigma ** 2)),
+      'image_intensity': image.astype(np.float64),
+  }
+
+
+def score_view(score_map: np.ndarray, box, point=None) -> dict[str, float]:
+  """Pointing (tolerance 0 and 15 px) and Otsu IoU of one full-resolution map against a box."""
+  if point is None:
+    point = np.unravel_index(int(np.argmax(score_map)), score_map.shape)
+  distance = distance_to_box(int(point[0]), int(point[1]), box)
+  overlap = iou(region_box(score_map), box[1:])
+  return {'pointing': float(distance == 0),
+          'pointing_15px': float(distance <= POINTING_TOLERANCE_PX),
+          'otsu_iou': overlap, 'otsu_hit': float(overlap >= IOU_HIT)}
+
+
+def bootstrap_rate(values: np.ndarray, num_resamples: int = 2000, seed: int = 0,
+                   baseline: np.ndarray | None = None, level: float = 0.95) -> dict:
+  """Mean of per-view values with a percentile CI over resampled views; with `baseline`, the
+  paired difference (values - baseline on the same resampled views)."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return {'value': None, 'ci_low': None, 'ci_high': None, 'n_views': 0}
+  # The evaluation's resampling (bootstrap.py): the same draws for the same seed and size.
+  draws = bootstrap.resample_indices(seed, values.size, 0, num_resamples)
+  target = values if baseline is None else values - np.asarray(baseline, np.float64)
+  low, high, _ = bootstrap.percentile_ci(target[draws].mean(1), level)
+  return {'value': float(target.mean()), 'ci_low': float(low), 'ci_high': float(high),
+          'n_views': int(values.size)}
+
+
+METHODS = ('cam', 'random', 'centre_gaussian', 'image_intensity')
+MEASURES = ('pointing', 'pointing_15px', 'otsu_hit', 'otsu_iou')
+
+
+def localisation(maps: np.ndarray, images, image_paths, body_parts, boxes: dict, bias: float,
+                 spec: preprocessing.Preprocessing, *, num_resamples: int = 2000,
+                 seed: int = 0) -> dict:
+  """Pointing game and Otsu IoU of the CAMs and the three baselines on every annotated view.
+
+  Args:
+    maps: (V, h, w) raw maps of the split's views.
+    images: callable i -> uint8 (rows, columns) radiograph of view i.
+    image_paths, body_parts: (V,) per view (MURA image paths as in the annotations, part names).
+    boxes: `read_boxes(...)`; views without a box (normal views) are not scored.
+  Returns the "localisation" dict of localisation.json (see `format_localisation`).
+  """
+  rng = np.random.default_rng(seed)
+  scores = {m: {k: [] for k in MEASURES} for m in METHODS}
+  groups = {'all': []}
+  for i, path in enumerate(image_paths):
+    box = boxes.get(path)
+    if box is None:
+      continue
+    image = images(i)
+    rows, columns = image.shape
+    # Otsu on the raw map: the display map's sigmoid saturates, which merges regions.
+    cam_map = upsample(maps[i], rows, columns, spec)
+    per_method = {'cam': score_view(cam_map, box, peak(maps[i], rows, columns, spec))}
+    for name, baseline in baseline_maps(image, rng).items():
+      per_method[name] = score_view(baseline, box)
+    for name, result in per_method.items():
+      for measure, value in result.items():
+        scores[name][measure].append(value)
+    n = len(groups['all'])
+    for group in ('all', f'body_part/{body_parts[i]}', f'abnormality/{box[0]}'):
+      groups.setdefault(group, []).append(n)
+  result = {'n_views': len(groups['all']), 'groups': {}}
+  for group, members in groups.items():
+    members = np.asarray(members, np.int64)
+    result['groups'][group] = {
+        name: {measure: bootstrap_rate(np.asarray(values)[members], num_resamples, seed)
+               for measure, values in per_measure.items()}
+        for name, per_measure in scores.items()}
+  cam_pointing = np.asarray(scores['cam']['pointing'])
+  result['advantage'] = {  # CAM minus baseline, paired over the same resampled views
+      name: bootstrap_rate(cam_pointing, num_resamples, seed,
+                           baseline=np.asarray(scores[name]['pointing']))
+      for name in METHODS[1:]}
+  return result
+
+
+def peak_histogram(maps: np.ndarray, bins: int = 8) -> np.ndarray:
+  """(bins, bins) counts of where each view's map peaks, in relative map coordinates: a fixed
+  hotspot (the corner bug of some CAM tools) shows up as one full bin."""
+  h, w = maps.shape[1:]
+  flat = maps.reshape(len(maps), -1).argmax(1)
+  i, j = np.divmod(flat, w)
+  counts = np.zeros((bins, bins), np.int64)
+  np.add.at(counts, ((i * bins) // h, (j * bins) // w), 1)
+  return counts
+
+
+def randomised_variables(variables, model, seed: int = 1):
+  """The model-randomisation test's network: the classifier and the last dense block
+  re-initialised, the rest kept. Maps that do not change are not explanations of the model."""
+  fresh = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  last_block = max((k for k in variables['params']['features'] if k.startswith('denseblock')),
+                   key=lambda k: int(k[len('denseblock'):]))
+  params = dict(variables['params'])
+  params['classifier'] = fresh['classifier']
+  params['features'] = {**params['features'], last_block: fresh['features'][last_block]}
+  return {'params': params, 'batch_stats': variables['batch_stats']}
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman's correlation of two maps' values."""
+  ranks = [np.argsort(np.argsort(x.ravel())).astype(np.float64) for x in (a, b)]
+  if ranks[0].std() == 0 or ranks[1].std() == 0:
+    return 0.0
+  return float(np.corrcoef(*ranks)[0, 1])
+
+
+def sanity_checks(predictor, maps, images, annotated: list[int], boxes_of, seed: int = 1) -> dict:
+  """The blank image's map, the map's peak histogram, and the model-randomisation test."""
+  spec = predictor.preprocessing
+  blank = np.full((1, spec.image_size, spec.image_size, 1), 128, np.uint8)
+  blank_logit, blank_map = predictor.view_maps(blank)
+  bias = predictor.classifier_bias
+  histogram = peak_histogram(maps)
+  sample = annotated[:64]
+  result = {
+      'blank_image': {'probability': float(1 / (1 + np.exp(-blank_logit[0]))),
+                      'raw_min': float(blank_map.min()), 'raw_max': float(blank_map.max()),
+                      'display_min': float(display_map(blank_map.min(), bias)),
+                      'display_max': float(display_map(blank_map.max(), bias))},
+      'peak_histogram': histogram.tolist(),
+      'peak_histogram_largest_share': float(histogram.max() / max(histogram.sum(), 1)),
+  }
+  # Views with an abnormality apart from the others: a map without evidence anywhere peaks at
+  # its weak maximum, wherever that is, which says nothing about localisation.
+  others = np.setdiff1d(np.arange(len(maps)), annotated)
+  for name, members in (('annotated', annotated), ('other', others)):
+    if len(members):
+      counts = peak_histogram(maps[np.asarray(members)])
+      result[f'peak_largest_share_{name}'] = float(counts.max() / counts.sum())
+      result[f'peak_mean_max_{name}'] = float(maps[np.asarray(members)].max((1, 2)).mean())
+  if sample:
+    inputs = np.stack([preprocessing.view_input(images(i)[..., None], spec) for i in sample])
+    randomised = predictor.with_variables(
+        randomised_variables(predictor.variables, predictor.model, seed))
+    _, random_maps = randomised.view_maps(inputs)
+    correlations = [rank_correlation(maps[i], m) for i, m in zip(sample, random_maps)]
+    hits = []
+    for i, m in zip(sample, random_maps):
+      rows, columns = images(i).shape
+      hits.append(distance_to_box(*peak(m, rows, columns, spec), boxes_of(i)) == 0)
+    result['model_randomisation'] = {
+        'n_views': len(sample), 'randomised': 'classifier and the last dense block',
+        'mean_rank_correlation': float(np.mean(correlations)),
+        'pointing_randomised': float(np.mean(hits)),
+        'pointing_trained': float(np.mean([distance_to_box(*peak(
+            maps[i], *images(i).shape, spec), boxes_of(i)) == 0 for i in sample]))}
+  return result
+
+
+def format_localisation(summary: dict) -> str:
+  """localisation.md: the table of pointing and Otsu figures, then the sanity checks."""
+  def cell(entry):
+    if entry['value'] is None:
+      return 'n/a'
+    return f'{entry["value"]:.3f} ({entry["ci_low"]:.3f}-{entry["ci_high"]:.3f})'
+  lines = [f'# CAM localisation: {summary["split"]}, {summary["checkpoint"]["which"]} checkpoint '
+           f'(step {summary["checkpoint"]["step"]})', '']
+  local = summary.get('localisation')
+  if local:
+    lines += [f'{local["n_views"]} abnormal views with a box; 95% CIs from bootstrap resamples of '
+              'views. Pointing: the map\'s peak inside the box (or within '
+              f'{POINTING_TOLERANCE_PX} px); Otsu: the largest region above Otsu\'s threshold, '
+              f'its box against the box (hit: IoU >= {IOU_HIT}).', '',
+              '| method | pointing | pointing 15 px | Otsu hit | mean Otsu IoU |',
+              '|---|---|---|---|---|']
+    for method in METHODS:
+      row = local['groups']['all'][method]
+      lines.append(f'| {method} | ' + ' | '.join(cell(row[m]) for m in MEASURES) + ' |')
+    lines += ['', '| group | views | CAM pointing | best baseline pointing |', '|---|---:|---|---|']
+    for group, entry in local['groups'].items():
+      if group == 'all':
+        continue
+      best = max(METHODS[1:], key=lambda m: entry[m]['pointing']['value'])
+      lines.append(f'| {group} | {entry["cam"]["pointing"]["n_views"]} | '
+                   f'{cell(entry["cam"]["pointing"])} | {best} {cell(entry[best]["pointing"])} |')
+    lines += ['', 'CAM pointing minus each baseline\'s, paired over the same resampled views:', '']
+    lines += [f'- {name}: {cell(entry)}' for name, entry in local['advantage'].items()]
+  sanity = summary['sanity']
+  blank = sanity['blank_image']
+  lines += ['', '## Sanity checks', '',
+            f'- Blank (uniform gray) image: probability {blank["probability"]:.3f}, display map '
+            f'{blank["display_min"]:.3f}..{blank["display_max"]:.3f}.',
+            f'- Peak positions over {summary["n_views"]} views (peaks.png): the fullest of 8 x 8 '
+            f'bins holds {sanity["peak_histogram_largest_share"]:.1%} (a fixed hotspot would hold '
+            '~100%).']
+  if 'peak_largest_share_annotated' in sanity and 'peak_largest_share_other' in sanity:
+    lines.append(f'  Views with a box: {sanity["peak_largest_share_annotated"]:.1%} in the '
+                 f'fullest bin, mean map maximum {sanity["peak_mean_max_annotated"]:.1f}; the '
+                 f'other views: {sanity["peak_largest_share_other"]:.1%}, mean maximum '
+                 f'{sanity["peak_mean_max_other"]:.1f} (no evidence anywhere: their weak peak '
+                 'falls where it may).')
+  random = sanity.get('model_randomisation')
+  if random:
+    lines.append(f'- Model randomisation ({random["randomised"]} re-initialised, '
+                 f'{random["n_views"]} views): mean rank correlation with the trained maps '
+                 f'{random["mean_rank_correlation"]:.3f}; pointing {random["pointing_trained"]:.3f}'
+                 f' trained vs {random["pointing_randomised"]:.3f} randomised.')
+  lines += ['', f'Maps of {summary["n_views"]} views ({summary["map_shape"]} per view) in '
+            f'{summary["seconds"]:.1f} s: {summary["views_per_second"]:.0f} views/s.']
+  return '\n'.join(lines) + '\n'

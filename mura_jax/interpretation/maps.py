@@ -1,0 +1,64 @@
+"""Class activation maps (Zhou et al., 2016), as the MURA paper draws them: the map arithmetic.
+
+    M(X) = sum_k w_k f_k(X)
+
+f_k(X) are the final feature maps (after the last BN + ReLU: what global pooling averages) and w_k
+the classifier's weights, so the spatial mean of M plus the classifier's bias is the view's logit
+exactly (`inference.steps.view_maps`). Two maps per view:
+  raw      M in logit units, for measuring;
+  display  sigmoid(M + b) on the fixed scale [0, 1]: a confident normal view is dark everywhere,
+           never stretched per image (min-max normalising every map turns any view, normal ones
+           included, into a full-range hotspot).
+Maps are upsampled bilinearly (half-pixel centres) to the radiograph's own rows x columns through
+the inverse of the preprocessing's `fit` (squash: the whole map stretches over the image; pad: the
+padded square is undone), never transposed: `upsample` takes (rows, columns) and returns them.
+
+
+How well they point: localisation.py; the pictures: pictures.py; the job: cam.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from mura_jax.data import preprocessing
+
+
+def display_map(raw_map, bias: float):
+  """sigmoid(M + b): the map on the probability scale, the same for every view."""
+  return 1.0 / (1.0 + np.exp(-(np.asarray(raw_map, np.float64) + bias)))
+
+
+def upsample(raw_map: np.ndarray, rows: int, columns: int,
+             spec: preprocessing.Preprocessing) -> np.ndarray:
+  """A map of the network's S x S input -> float32 (rows, columns) over the original radiograph.
+
+  The inverse of `preprocessing.fit`: 'squash' stretched the image to the square, so the map is
+  stretched back; 'pad' centred it in a black square of side max(rows, columns), so the map is
+  brought to that square and the image's part cut out.
+  """
+  pil = Image.fromarray(np.asarray(raw_map, np.float32), mode='F')
+  if spec.resize == 'squash':
+    return np.asarray(pil.resize((columns, rows), Image.Resampling.BILINEAR), np.float32)
+  side = max(rows, columns)
+  square = np.asarray(pil.resize((side, side), Image.Resampling.BILINEAR), np.float32)
+  top, left = (side - rows) // 2, (side - columns) // 2
+  return square[top:top + rows, left:left + columns]
+
+
+def peak(raw_map: np.ndarray, rows: int, columns: int,
+         spec: preprocessing.Preprocessing) -> tuple[int, int]:
+  """(row, column) in the original radiograph of the upsampled map's maximum.
+
+  Bilinear upsampling never exceeds the map's values, so the maximum is the largest cell's
+  centre; cells at the border are flat out to the edge, where a plain argmax of the upsampled
+  map would take the plateau's first pixel (a corner): the cell centre is the point meant.
+  """
+  h, w = raw_map.shape
+  i, j = np.unravel_index(int(np.argmax(raw_map)), raw_map.shape)
+  # The centre of cell (i, j) in the network input's pixels, then through the inverse of `fit`.
+  y, x = (i + 0.5) * spec.image_size / h, (j + 0.5) * spec.image_size / w
+  top, left, height, width = preprocessing.fit_box(rows, columns, spec.image_size, spec.resize)
+  row = int(np.floor((y - top) / height * rows))
+  column = int(np.floor((x - left) / width * columns))
+  return int(np.clip(row, 0, rows - 1)), int(np.clip(column, 0, columns - 1))

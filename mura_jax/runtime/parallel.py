@@ -1,0 +1,174 @@
+"""Devices, mesh and shardings, stated once: the batch is split over every device on axis `data`.
+
+One code path from one CPU to a pod: `jax.jit` with `NamedSharding`s over a `Mesh` of all devices
+(of all hosts). Parameters are replicated; batch statistics and the loss are reduced over the
+global batch by XLA, so N devices compute what one device would (up to the order of float32
+sums: collectives and the CPU thread count; tests/test_multihost.py).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from mura_jax.errors import ConfigError
+import jaxlib
+from jax._src import xla_bridge
+import flax, optax
+
+DATA_AXIS = 'data'
+
+
+DISTRIBUTED_MODES = ('auto', 'on', 'off')
+
+
+def expected_processes(env=None) -> int | None:
+  """How many processes the launcher started, where it says: MURA_JAX_NUM_PROCESSES (set by
+  launch/), JAX_NUM_PROCESSES, Slurm's SLURM_NTASKS, GKE's TPU_WORKER_HOSTNAMES."""
+  env = os.environ if env is None else env
+  for key in ('MURA_JAX_NUM_PROCESSES', 'JAX_NUM_PROCESSES', 'SLURM_NTASKS'):
+    if env.get(key, '').strip().isdigit():
+      return int(env[key])
+  if env.get('TPU_WORKER_HOSTNAMES'):
+    return len(env['TPU_WORKER_HOSTNAMES'].split(','))
+  return None
+
+
+def initialize_distributed(mode: str = 'auto', env=None) -> dict:
+  """Starts jax.distributed as `mode` (config.distributed) says; returns what was decided.
+
+  'on': always (launch/tpu_vm.sh and launch/gpu_multinode.sbatch set it): with
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID explicitly (local multi-process),
+  else JAX's own cluster detection (TPU VMs, Slurm, GKE, Open MPI). 'off': never. 'auto': when the
+  explicit variables are set or the launcher says there are several processes (Slurm, GKE).
+  Where the launcher says how many processes there are, a different count after the start is an
+  error: each host alone would silently train its own model.
+  """
+  env = os.environ if env is None else env
+  if mode not in DISTRIBUTED_MODES:
+    raise ConfigError(f'config.distributed={mode!r}; expected one of {DISTRIBUTED_MODES}')
+  expected = expected_processes(env)
+  explicit = bool(env.get('JAX_COORDINATOR_ADDRESS'))
+  start = mode == 'on' or (mode == 'auto' and (explicit or (expected or 1) > 1))
+  if start:
+    if env.get('JAX_CPU_COLLECTIVES', '') == 'gloo':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    if explicit:
+      jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                                 num_processes=int(env['JAX_NUM_PROCESSES']),
+                                 process_id=int(env['JAX_PROCESS_ID']))
+    else:
+      jax.distributed.initialize()
+  decided = {'mode': mode, 'started': start, 'expected_processes': expected,
+             'process_count': jax.process_count(), 'global_devices': jax.device_count(),
+             'local_devices': jax.local_device_count()}
+  logging.info('Distributed: mode %s, jax.distributed %s; process %d of %d (launcher says %s); '
+               '%d local / %d global devices.', mode, 'started' if start else 'not started',
+               jax.process_index(), jax.process_count(), expected or 'nothing',
+               jax.local_device_count(), jax.device_count())
+  if expected is not None and expected != jax.process_count():
+    raise RuntimeError(
+        f'The launcher started {expected} processes but this one sees {jax.process_count()} '
+        f'process(es) and only {jax.device_count()} device(s): each host would train alone. '
+        + ('Set --config.distributed=on (or auto with the launcher\'s variables).'
+           if not start else 'Check that every host runs the same command and can reach the '
+           'coordinator.'))
+  return decided
+
+
+def enable_compilation_cache(directory: str, warn=logging.warning,
+                             flag: str = '--config.compilation_cache_dir') -> str | None:
+  """JAX's persistent compilation cache in `directory` ('' = ~/.cache/mura_jax/jax, 'none' =
+  off): a restart after preemption, an evaluation or a resume loads the compiled steps instead of
+  compiling them again. A folder that cannot be made or written (a read-only home, a file in the
+  way) leaves the cache off, with one `warn` saying why, instead of a warning at every compile."""
+  if directory.lower() == 'none':
+    return None
+  directory = directory or os.path.join(os.path.expanduser('~'), '.cache', 'mura_jax', 'jax')
+  problem = cache_problem(directory)
+  if problem:
+    warn(f'no compilation cache: {problem}; running without it (every start compiles again). '
+         f'Pass {flag} a folder you can write to, or none.')
+    return None
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return directory
+
+
+def cache_problem(directory: str) -> str | None:
+  """Why `directory` cannot hold a cache (made if missing, a file written and removed), or None."""
+  folder = epath.Path(directory)
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f'.write-test-{uuid.uuid4().hex}'  # unique across processes and hosts
+    probe.write_text('')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (OSError locally, others from gs://)
+    return f'{directory} cannot be written ({type(e).__name__}: {e})'
+  return None
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh) -> None:
+  devices = mesh.devices.size
+  if global_batch % devices or global_batch % jax.process_count():
+    raise ConfigError(
+        f'The global batch size {global_batch} must be divisible by the {devices} devices and '
+        f'{jax.process_count()} processes; set --config.train.global_batch_size to a multiple of '
+        f'{devices}.')
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This host's part of a batch -> one global array per key, sharded over `data`."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+# XLA:CPU's convolutions. jaxlib 0.10 to 0.12 send convolutions, matmuls and reductions to
+# YNNPACK; its own (Eigen) convolutions run densenet169's train step and forward pass faster on
+# the project's CPU (BENCHMARKS.md, "XLA:CPU's convolutions" and "Newer jaxlibs"; Python >= 3.12
+# installs the newer jaxlibs).
+# The flag is experimental and XLA stops at one it does not know, so it is set only for the
+# jaxlibs it was measured on; XLA_FLAGS that name it are the user's choice.
+CPU_CONVOLUTION_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+CPU_CONVOLUTION_JAXLIBS = ('0.10.', '0.11.', '0.12.')
+
+
+def use_xla_cpu_convolutions(env=None) -> bool:
+  """Adds CPU_CONVOLUTION_FLAG to XLA_FLAGS, which XLA reads when JAX starts its backends: call
+  it before anything asks for a device. True when it did (accelerators ignore the flag)."""
+  env = os.environ if env is None else env
+  flags = env.get('XLA_FLAGS', '')
+  if ('xla_cpu_experimental_ynn_fusion_type' in flags
+      or not jaxlib.version.__version__.startswith(CPU_CONVOLUTION_JAXLIBS)
+      or xla_bridge.backends_are_initialized()):
+    return False
+  env['XLA_FLAGS'] = f'{flags} {CPU_CONVOLUTION_FLAG}'.strip()
+  return True
+
+
+def log_topology(mesh: Mesh) -> None:
+  logging.info('JAX %s, Flax %s, Optax %s; process %d of %d; %d local / %d global devices (%s); '
+               'mesh %s', jax.__version__, flax.__version__, optax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))

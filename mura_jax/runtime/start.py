@@ -1,0 +1,22 @@
+"""What every entry point sets up in its process before the work: XLA:CPU's convolutions, the
+malloc in use (host.py restarted the process with it), JAX's persistent compilation cache; the
+distributed start is `parallel.initialize_distributed` (workdir.held calls it around the lock)."""
+
+from absl import logging
+
+from mura_jax.runtime import host
+from mura_jax.runtime import parallel
+
+
+def start(config) -> None:
+  """The process-wide set-up every mode shares: logs, malloc, the compilation cache."""
+  if parallel.use_xla_cpu_convolutions():
+    logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
+                 parallel.CPU_CONVOLUTION_FLAG)
+  allocator = host.allocator_in_use()
+  if allocator:
+    logging.info('malloc: %s, for XLA:CPU\'s step buffers (host.py; MURA_JAX_MALLOC=system '
+                 'turns it off).', allocator)
+  cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
+  logging.info('Compilation cache: %s', cache or 'off')
+  logging.info('Config:\n%s', config)
