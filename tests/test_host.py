@@ -68,7 +68,7 @@ def test_accelerators_known_from_jax_platforms_or_the_installed_plugins(monkeypa
 
 def test_unknown_choice_is_named():
   text = subprocess.run(
-      [sys.executable, '-c', 'from mura_jax import host; host.allocator_environment()'],
+      [sys.executable, '-c', 'from mura_jax.runtime import host; host.allocator_environment()'],
       capture_output=True, text=True, env={**os.environ, 'MURA_JAX_MALLOC': 'tcmalloc'},
       check=True).stderr
   assert "MURA_JAX_MALLOC='tcmalloc' is not one of mimalloc, glibc, system" in text
