@@ -278,28 +278,69 @@ def straight_run(mura_data_dir, tmp_path_factory):
   return workdir, config, summary
 
 
-def test_resume_after_sigterm_is_exact(straight_run, mura_data_dir, tmp_path, monkeypatch):
-  straight_dir, config, summary = straight_run
-  real_batches_of = input_pipeline.batches_of
-  calls = {'batches': 0}
+def _preempted_then_resumed(config, workdir, monkeypatch, signal_at_step):
+  """Trains with a real SIGTERM as the `signal_at_step`-th training batch is read (the loop
+  trains it, sees the notice, saves and stops), then again to the end. Returns (first summary,
+  second summary, the progress record the second run restored)."""
+  real_batches_of, real_restore = input_pipeline.batches_of, checkpoints.restore_state
+  calls, restored = {'batches': 0}, []
 
-  def preempted_in_epoch_two(dataset):  # a real SIGTERM after 3 batches of the second epoch
+  def preempted(dataset):
     for batch in real_batches_of(dataset):
-      calls['batches'] += 1
-      yield batch
-      if calls['batches'] == summary['step'] // 2 + 3:
+      calls['batches'] += 'mask' not in batch  # training batches; validation's have a mask
+      if calls['batches'] == signal_at_step and 'mask' not in batch:
         os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
 
-  monkeypatch.setattr(input_pipeline, 'batches_of', preempted_in_epoch_two)
-  first = train.train_and_evaluate(config, str(tmp_path))
-  assert first['status'] == 'preempted' and 0 < first['step'] < summary['step']
+  def recording_restore(*args, **kwargs):
+    state, progress = real_restore(*args, **kwargs)
+    restored.append(dict(progress))
+    return state, progress
+
+  monkeypatch.setattr(input_pipeline, 'batches_of', preempted)
+  first = train.train_and_evaluate(config, str(workdir))
   monkeypatch.setattr(input_pipeline, 'batches_of', real_batches_of)
-  second = train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(checkpoints, 'restore_state', recording_restore)
+  second = train.train_and_evaluate(config, str(workdir))
+  assert len(restored) == 1
+  return first, second, restored[0]
+
+
+def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch):
+  straight_dir, config, summary = straight_run
+  steps_per_epoch = summary['step'] // config.train.num_epochs
+  # A real SIGTERM at the third batch of the second epoch.
+  config = tiny_config(config.data.data_dir, **{'train.checkpoint_every_steps': 0})
+  first, second, progress = _preempted_then_resumed(config, tmp_path, monkeypatch,
+                                                    steps_per_epoch + 3)
+  # No periodic checkpoint (checkpoint_every_steps=0): the only save after epoch 1's end is the
+  # one SIGTERM makes. Resuming from epoch 1's end instead would replay the 3 batches and still
+  # end bitwise equal (training is deterministic): only the restored step tells them apart.
+  assert first['status'] == 'preempted' and first['step'] == steps_per_epoch + 3
+  assert progress['step'] == first['step'], 'resumed from the SIGTERM save'
+  assert (progress['epoch'], progress['batch_in_epoch']) == (1, 3)
   assert second['status'] == 'done' and second['step'] == summary['step']
   straight, _ = _latest_params(straight_dir, config)
   resumed, progress = _latest_params(tmp_path, config)
   assert progress['epoch'] == config.train.num_epochs
-  # Bitwise on CPU: same data order, augmentation, dropout keys and optimizer/plateau state.
+  # Bitwise on CPU: same data order, augmentation and optimizer/plateau state.
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_dropout_and_unrolled_blocks_is_exact(mura_data_dir, tmp_path, monkeypatch):
+  """The dropout keys (fold_in(state.rng, step)) come back with the state: a resumed run draws
+  the masks the straight run drew. Dropout turns the scan off (every block unrolled)."""
+  config = tiny_config(mura_data_dir, **{'model.drop_rate': 0.3, 'train.num_epochs': 1,
+                                         'train.checkpoint_every_steps': 0})
+  assert train.create_model(config).scan_segment == 0
+  summary = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  first, second, progress = _preempted_then_resumed(config, tmp_path / 'resumed', monkeypatch, 5)
+  assert first['status'] == 'preempted' and first['step'] == 5
+  assert progress['step'] == 5 and progress['batch_in_epoch'] == 5, 'resumed from the SIGTERM save'
+  assert second['status'] == 'done' and second['step'] == summary['step']
+  straight, _ = _latest_params(tmp_path / 'straight', config)
+  resumed, _ = _latest_params(tmp_path / 'resumed', config)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 
