@@ -1,8 +1,10 @@
 """Body-part subsets, ensembles (K best of a run, several runs, body-part models) and flip TTA,
 trained and evaluated end to end on the synthetic MURA."""
 
+import csv
 import json
 import shutil
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +88,60 @@ def test_a_requested_body_part_without_training_images_is_an_error(two_part_data
   assert '\n' not in str(error.value)
   with pytest.raises(ValueError, match='unknown one'):
     train.train_and_evaluate(tiny_config(data_dir, **{'data.body_parts': 'knee'}), str(tmp_path))
+
+
+def _csv_rows(path):
+  with open(path, encoding='utf-8') as f:
+    return list(csv.DictReader(f))
+
+
+def test_body_parts_of_the_full_dataset_train_only_those_parts(mura_data_dir, synthetic_dir,
+                                                               tmp_path, monkeypatch):
+  """data.body_parts=humerus,wrist on the full synthetic MURA (all seven parts): the other parts
+  weigh 0 in the loss, every training batch holds only those parts' views, an epoch has the
+  steps their views fill, and the reports score only their groups."""
+  config = tiny_config(mura_data_dir, **{'data.body_parts': 'humerus,wrist',
+                                         'train.num_epochs': 1,
+                                         'evaluation.bootstrap_resamples': 0})
+  real_compile, seen = train.compile_steps, {'weights': [], 'parts': []}
+
+  def recording(config_, model, loss_weights, mesh, *args, **kwargs):
+    seen['weights'].append(np.asarray(loss_weights))
+    steps = real_compile(config_, model, loss_weights, mesh, *args, **kwargs)
+    real_train = steps.train
+
+    def train_step(state, batch):
+      seen['parts'].append(np.asarray(jax.device_get(batch['body_part'])))
+      return real_train(state, batch)
+    train_step.lower = real_train.lower  # compiled ahead of the first batch, as the real one
+    steps.train = train_step
+    return steps
+
+  monkeypatch.setattr(train, 'compile_steps', recording)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  # The expectations from the tree's CSVs, which hold all seven parts.
+  mura = synthetic_dir / 'MURA-v1.1'
+  rows = (mura / 'train_image_paths.csv').read_text().split()
+  assert {r.split('/')[2] for r in rows} == {f'XR_{p.upper()}' for p in train.BODY_PARTS}
+  (weights,) = seen['weights']
+  for t, part in enumerate(train.BODY_PARTS):
+    views = [r for r in rows if f'/XR_{part.upper()}/' in r] if part in TWO_PARTS else []
+    abnormal, normal = sum('_positive/' in r for r in views), sum('_negative/' in r for r in views)
+    expected = [abnormal / (abnormal + normal), normal / (abnormal + normal)] if views else [0, 0]
+    np.testing.assert_allclose(weights[t], expected, rtol=1e-6, atol=0, err_msg=part)
+  # Batches of 8 views of the two parts only; the last partial batch is left out.
+  num_views = sum(f'/XR_{p.upper()}/' in r for r in rows for p in TWO_PARTS)
+  assert summary['step'] == len(seen['parts']) == num_views // 8
+  parts = np.concatenate(seen['parts'])
+  assert {train.BODY_PARTS[p] for p in parts} == set(TWO_PARTS) and parts.size == 8 * summary['step']
+  # The epoch's metrics and evaluate mode: only those groups, only their validation studies.
+  epoch, = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+            if 'validation_loss' in l]
+  assert {k.split('/')[1] for k in epoch if k.startswith('auroc/')} == {*TWO_PARTS, 'all'}
+  report = evaluation.evaluate_checkpoint(config, str(tmp_path))
+  assert list(report['groups']) == [*TWO_PARTS, 'all']
+  valid = (mura / 'valid_labeled_studies.csv').read_text().split()
+  assert report['num_studies'] == sum(f'/XR_{p.upper()}/' in r for r in valid for p in TWO_PARTS)
 
 
 def test_five_best_ensemble_end_to_end_with_its_paired_comparison(five_epoch_run):
