@@ -174,6 +174,62 @@ def test_five_best_ensemble_end_to_end_with_its_paired_comparison(five_epoch_run
                                                **{'evaluation.ensemble': 6}), str(workdir))
 
 
+def _member_views(data_dir, workdir, step):
+  """A member's probabilities of every validation view, through the inference API alone."""
+  predictor = inference.Predictor.from_workdir(workdir, step, global_batch=16)
+  source = input_pipeline.data_source(str(data_dir), 'validation')
+  return np.asarray(predictor.predict_split(source, progress=False)['probability'], np.float64)
+
+
+def _views_by_study(data_dir):
+  index = input_pipeline.read_split_index(str(data_dir), 'validation')
+  views = {}
+  for v, s in enumerate(index.study_index):
+    views.setdefault(f'MURA-v1.1/{index.studies[s]}/', []).append(v)
+  return views
+
+
+# The members' probabilities are float32 (eps 6e-8) from another compiled program than evaluate
+# mode's (without the loss): they may round differently in the last bits. Members differ from
+# each other by far more (asserted), so 1e-6 still tells the combination from any one member.
+MEMBER_ATOL = 1e-6
+
+
+def test_ensemble_probabilities_combine_its_members(five_epoch_run):
+  """study_probabilities.csv of a 3-best ensemble against the members recomputed one by one
+  through inference.Predictor and combined by a plain loop, in both orders."""
+  workdir, config = five_epoch_run
+  data_dir = config.data.data_dir
+  epochs = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+            if 'validation_loss' in l]
+  best3 = [r['step'] for r in sorted(epochs, key=lambda r: r['validation_loss'])[:3]]
+  members = [_member_views(data_dir, workdir, step) for step in best3]
+  views_of = _views_by_study(data_dir)
+  combined = {}
+  for order, aggregation in (('views', 'mean'), ('views', 'max'), ('studies', 'max')):
+    run = tiny_config(data_dir, **{'evaluation.ensemble': 3, 'evaluation.ensemble_order': order,
+                                   'evaluation.aggregation': aggregation,
+                                   'evaluation.bootstrap_resamples': 0})
+    report = evaluation.evaluate_checkpoint(run, str(workdir))
+    assert [m['checkpoint']['step'] for m in report['ensemble']['members']] == best3
+    aggregate = statistics.fmean if aggregation == 'mean' else max
+    written = {r['study']: float(r['probability']) for r in _csv_rows(
+        workdir / 'eval' / 'validation-ensemble' / 'study_probabilities.csv')}
+    assert written.keys() == views_of.keys()
+    for study, views in views_of.items():
+      if order == 'views':  # each view: the mean over the members; then the study's views
+        expected = aggregate([statistics.fmean(m[v] for m in members) for v in views])
+      else:  # each member's study probability; then the mean over the members
+        expected = statistics.fmean(aggregate(m[v] for v in views) for m in members)
+      assert written[study] == pytest.approx(expected, abs=MEMBER_ATOL), (order, study)
+    combined[order, aggregation] = written
+  first = {s: statistics.fmean(members[0][v] for v in views) for s, views in views_of.items()}
+  assert max(abs(combined['views', 'mean'][s] - first[s]) for s in first) > 100 * MEMBER_ATOL
+  # With max the orders differ (max of means vs mean of maxima): both were told apart.
+  assert max(abs(combined['views', 'max'][s] - combined['studies', 'max'][s])
+             for s in first) > 100 * MEMBER_ATOL
+
+
 def test_three_seed_ensemble_and_a_body_part_model(mura_data_dir, five_epoch_run, two_part_run,
                                                   tmp_path):
   workdir, _ = five_epoch_run
@@ -208,6 +264,25 @@ def test_three_seed_ensemble_and_a_body_part_model(mura_data_dir, five_epoch_run
                                                    report['groups']['wrist']['n_studies'])
   assert full['groups']['all']['n_studies'] == report['num_studies']
   assert report['comparison']['n_studies'] == report['num_studies']
+  # Its probabilities: humerus and wrist studies the mean of the two models' (views order, mean
+  # aggregation: the mean of the two study means), every other study the full model's alone.
+  views_of = _views_by_study(mura_data_dir)
+  full_views = _member_views(mura_data_dir, workdir, full['checkpoint']['step'])
+  partial_views = _member_views(mura_data_dir, body_part_model, partial['checkpoint']['step'])
+  written = {r['study']: float(r['probability']) for r in _csv_rows(
+      workdir / 'eval' / 'validation-ensemble' / 'study_probabilities.csv')}
+  assert written.keys() == views_of.keys()
+  differ = 0
+  for study, views in views_of.items():
+    alone = statistics.fmean(full_views[v] for v in views)
+    if study.split('/')[2] in ('XR_HUMERUS', 'XR_WRIST'):
+      other = statistics.fmean(partial_views[v] for v in views)
+      expected = (alone + other) / 2
+      differ += abs(expected - alone) > 100 * MEMBER_ATOL
+    else:
+      expected = alone
+    assert written[study] == pytest.approx(expected, abs=MEMBER_ATOL), study
+  assert differ, 'the body-part model moved its studies'
 
 
 def test_ensemble_orders_and_coverage():
