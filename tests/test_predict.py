@@ -175,6 +175,24 @@ def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_pa
   assert out.splitlines()[0].startswith('rank')
 
 
+@pytest.mark.parametrize('high,low,expected', [
+    # Apart: > 0.7 read first, <= 0.2 deprioritise, between read (both boundaries included).
+    (0.7, 0.2, ['read first', 'read', 'read', 'deprioritise', 'deprioritise']),
+    # Overlapping (specificity 0.95's threshold below sensitivity 0.95's, as on a weak model):
+    # 0.7 and 0.5 are both > 0.3 and <= 0.6: 'read first' wins; 0.2 is not > 0.3.
+    (0.3, 0.6, ['read first', 'read first', 'read first', 'deprioritise', 'deprioritise'])])
+def test_worklist_tiers_by_hand(high, low, expected):
+  probabilities = [0.9, 0.7, 0.5, 0.2, 0.1]
+  found = [predict.Study(f's{k}', [], probability=p) for k, p in enumerate(probabilities)]
+  failed = predict.Study('broken', [], status='error')
+  points = [{'target_metric': 'specificity', 'target': 0.95, 'threshold': high},
+            {'target_metric': 'sensitivity', 'target': 0.95, 'threshold': low}]
+  predictor = type('Predictor', (), {'checkpoint': {'step': 7}})()
+  notes = predict.worklist([failed] + found[::-1], ('report.json', points, 7), predictor)
+  assert [s.tier for s in found] == expected and [s.rank for s in found] == [1, 2, 3, 4, 5]
+  assert (failed.tier, failed.rank) == ('', None) and len(notes) == 1
+
+
 def test_a_second_run_loads_the_compiled_and_traced_network(trained_workdir, synthetic_dir,
                                                              tmp_path):
   """--compilation-cache: the first run keeps the traced programs (the predict step, the init
