@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mura_jax.evaluation import bootstrap
 from mura_jax.evaluation import evaluate
 from mura_jax.evaluation import metrics
 from mura_jax.evaluation import prediction_files
@@ -185,12 +186,47 @@ def test_reader_comparison_hand_worked():
   assert normal['groups']['all']['f1']['per_reader']['A']['reader']['value'] == pytest.approx(0.5)
 
 
-def test_reader_comparison_bootstrap_and_significance():
-  readers = _reader_report(num_resamples=200)
-  diff = readers['groups']['all']['f1']['difference']
-  assert diff['ci_low'] <= diff['value'] <= diff['ci_high']
-  assert diff['significant'] == (diff['ci_low'] > 0 or diff['ci_high'] < 0)
-  assert isinstance(diff['significant'], bool)
+def test_reader_comparison_cis_equal_a_loop_over_the_same_resamples():
+  """Every reader CI against scikit-learn's F1 and kappa on each resample that
+  `bootstrap.resample_indices` hands out, majorities by a plain vote, percentiles by numpy."""
+  from sklearn.metrics import cohen_kappa_score, f1_score  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  n, names, seed, num_resamples = 90, ('A', 'B', 'C'), 5, 100
+  truth = rng.integers(0, 2, n)
+  labels = np.where(rng.random((n, 3)) < 0.8, truth[:, None], 1 - truth[:, None])
+  model = np.where(rng.random(n) < 0.85, truth, 1 - truth)
+  part = rng.choice([metrics.BODY_PARTS.index('hand'), metrics.BODY_PARTS.index('wrist')], n)
+  section = readers_lib.reader_comparison(model, truth, part, labels, names,
+                                          num_resamples=num_resamples, seed=seed)
+  # Reader r's reference: the vote of the other two; a tie (1 against 1) counts abnormal.
+  majority = [[int(2 * (labels[i].sum() - labels[i, r]) >= 2) for i in range(n)] for r in range(3)]
+  majority = np.asarray(majority)
+  scorers = {'f1': f1_score, 'kappa': cohen_kappa_score}
+  for group, in_group in (('all', np.ones(n, bool)), ('hand', part == part[0])):
+    samples = {(m, who, r): [] for m in scorers for who in ('reader', 'model') for r in range(3)}
+    for drawn in bootstrap.resample_indices(seed, n, 0, num_resamples):
+      drawn = drawn[in_group[drawn]]  # the group's studies in this resample, repeats and all
+      for (m, who, r), values in samples.items():
+        predicted = labels[drawn, r] if who == 'reader' else model[drawn]
+        values.append(scorers[m](majority[r, drawn], predicted))
+    for m in scorers:
+      entry = section['groups'][group][m]
+      per = {key: np.asarray(v) for key, v in samples.items() if key[0] == m}
+      assert all(np.isfinite(v).all() for v in per.values())  # no undefined resample here
+      readers_mean = np.mean([per[m, 'reader', r] for r in range(3)], 0)
+      model_mean = np.mean([per[m, 'model', r] for r in range(3)], 0)
+      expected = {'readers_mean': readers_mean, 'model_mean': model_mean,
+                  'difference': model_mean - readers_mean}
+      for r, name in enumerate(names):
+        expected[name] = per[m, 'model', r] - per[m, 'reader', r]
+      for key, values in expected.items():
+        got = entry[key] if key in entry else entry['per_reader'][key]['difference']
+        low, high = np.percentile(values, [2.5, 97.5])
+        # scikit-learn reaches F1 through precision and recall: equal up to rounding.
+        assert (got['ci_low'], got['ci_high']) == pytest.approx((low, high), rel=1e-12,
+                                                               abs=1e-12), (group, m, key)
+        if 'significant' in got:
+          assert got['significant'] == bool(low > 0 or high < 0), (group, m, key)
 
 
 # ---------------------------------------------------------------------------------------------
