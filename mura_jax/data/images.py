@@ -51,6 +51,8 @@ IMAGE_SUFFIXES = PICTURE_SUFFIXES + DICOM_SUFFIXES
 DICOM_BODY_PARTS = {'ELBOW': 'elbow', 'FINGER': 'finger', 'FOREARM': 'forearm', 'HAND': 'hand',
                     'HUMERUS': 'humerus', 'UPPERARM': 'humerus', 'SHOULDER': 'shoulder',
                     'WRIST': 'wrist'}
+# Photometric Interpretations whose pixel_array pydicom returns as RGB (pixel_array's as_rgb).
+_RGB_AFTER_DECODING = ('RGB', 'YBR_FULL', 'YBR_FULL_422', 'YBR_RCT', 'YBR_ICT')
 # Which package decodes which compressed transfer syntax (all with licences that fit Apache-2.0).
 _DECODERS = {'JPEG Baseline': 'Pillow (installed with mura-jax)',
              'JPEG Extended': 'Pillow (installed with mura-jax)',
@@ -161,7 +163,10 @@ def _read_dicom(path) -> View:
     warnings.append(f'{frames} frames: the first is used')
   if photometric not in ('MONOCHROME1', 'MONOCHROME2'):
     if arr.ndim == 3:
-      rgb = pixels.convert_color_space(arr, photometric, 'RGB') if photometric != 'RGB' else arr
+      # pydicom (>= 3) hands over RGB already: it converts YBR_FULL and YBR_FULL_422 itself, and
+      # JPEG 2000's decoders undo YBR_RCT and YBR_ICT; converting again would corrupt it.
+      rgb = arr if photometric in _RGB_AFTER_DECODING else pixels.convert_color_space(
+          arr, photometric, 'RGB')
       warnings += _colour_warning(rgb)
       gray = preprocessing.to_gray(Image.fromarray(np.asarray(rgb, np.uint8), 'RGB'))
       return View(os.fspath(path), np.asarray(gray, np.uint8)[..., None], warnings,
