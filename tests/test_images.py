@@ -2,8 +2,10 @@
 MONOCHROME1/2, VOI LUT, windows, RLE), PNG/JPEG quirks, and every unreadable kind of file."""
 
 import io
+import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -204,6 +206,80 @@ def test_rle_compressed_equals_uncompressed(tmp_path):
   plain = images.read_view(write_dicom(tmp_path / 'p.dcm', pixels, bits_stored=12))
   rle = images.read_view(write_dicom(tmp_path / 'r.dcm', pixels, bits_stored=12, rle=True))
   np.testing.assert_array_equal(plain.pixels, rle.pixels)
+
+
+# pydicom's own small test files (offline, in the wheel): compressed ones beside a lossless twin
+# of the same image, decoded by other means (uncompressed, or RLE, which pydicom decodes itself).
+def _pydicom_file(name):
+  from pydicom.data import get_testdata_file  # pylint: disable=g-import-not-at-top
+  path = get_testdata_file(name)
+  assert path and os.path.exists(path), f'{name} is not among pydicom\'s offline test files'
+  return path
+
+
+@pytest.mark.parametrize('compressed,syntax,twin', [
+    ('MR_small_jpeg_ls_lossless.dcm', '1.2.840.10008.1.2.4.80', 'MR_small.dcm'),  # JPEG-LS
+    ('MR_small_jp2klossless.dcm', '1.2.840.10008.1.2.4.90', 'MR_small.dcm'),  # JPEG 2000
+    ('SC_rgb_jpeg_gdcm.dcm', '1.2.840.10008.1.2.4.70', 'SC_rgb_rle.dcm'),  # JPEG Lossless SV1
+])
+def test_the_dicom_extra_decodes_lossless_jpegs_exactly(compressed, syntax, twin):
+  pytest.importorskip('gdcm', reason='python-gdcm (pip install "mura-jax[dicom]", as CI does)')
+  path = _pydicom_file(compressed)
+  assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+  view, reference = images.read_view(path), images.read_view(_pydicom_file(twin))
+  np.testing.assert_array_equal(view.pixels, reference.pixels)
+  assert len(np.unique(view.pixels)) > 8  # an image, not a constant
+
+
+def test_deflated_dicom_equals_its_inflated_twin(tmp_path):
+  """Deflated Explicit VR Little Endian: everything after the file meta is raw deflate. The twin
+  is that stream inflated here by zlib, under the uncompressed transfer syntax."""
+  from pydicom.filereader import read_dataset, read_file_meta_info  # pylint: disable=g-import-not-at-top
+  path = _pydicom_file('image_dfl.dcm')
+  meta = read_file_meta_info(path)
+  assert meta.TransferSyntaxUID == '1.2.840.10008.1.2.1.99'
+  raw = open(path, 'rb').read()
+  meta_end = 132 + 12 + int.from_bytes(raw[140:144], 'little')  # (0002,0000) UL: group length
+  body = zlib.decompress(raw[meta_end:], -15)
+  twin = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True)
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  twin.file_meta = meta
+  twin.save_as(tmp_path / 'inflated.dcm', enforce_file_format=True)
+  view = images.read_view(path)
+  np.testing.assert_array_equal(view.pixels, images.read_view(tmp_path / 'inflated.dcm').pixels)
+  assert view.pixels.shape == (512, 512, 1) and len(np.unique(view.pixels)) > 8
+
+
+def test_a_gray_radiograph_stored_as_ybr_full_reads_back_exactly(tmp_path):
+  """Y with Cb = Cr = 128 is gray: YCbCr -> RGB (PS3.3 C.7.6.3.1.2) gives R = G = B = Y, so the
+  view is Y exactly and carries no colour warning."""
+  y = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (20, 1))  # the whole range: 0 .. 252
+  path = write_dicom(tmp_path / 'ybr.dcm', y)
+  ds = pydicom.dcmread(path)
+  ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PhotometricInterpretation = 3, 0, 'YBR_FULL'
+  ds.PixelData = np.stack([y, np.full_like(y, 128), np.full_like(y, 128)], -1).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+  view = images.read_view(path)
+  np.testing.assert_array_equal(view.pixels[..., 0], y)
+  assert view.warnings == []
+
+
+# JPEG baseline in YCbCr against the same picture's RGB (RLE, lossless). Lossy: measured max 2
+# (YBR_FULL) and 8 (YBR_FULL_422: chroma halved) of 255, mean < 0.5; converting YCbCr twice
+# (pydicom already returns RGB) was off by ~100.
+@pytest.mark.parametrize('name', ['SC_rgb_jpeg_dcmtk.dcm', 'SC_rgb_dcmtk_+eb+cy+np.dcm'])
+def test_ycbcr_jpeg_dicom_is_its_rgb_twin_within_jpegs_loss(name):
+  view = images.read_view(_pydicom_file(name))
+  reference = images.read_view(_pydicom_file('SC_rgb_rle.dcm'))
+  difference = np.abs(view.pixels.astype(int) - reference.pixels)
+  assert difference.max() <= 10 and difference.mean() < 1, (difference.max(), difference.mean())
+
+
+def test_jpeg_2000_in_reversible_colour_reads():
+  """YBR_RCT (JPEG 2000 lossless colour): the decoder undoes the transform; no offline twin."""
+  pytest.importorskip('gdcm', reason='python-gdcm (pip install "mura-jax[dicom]", as CI does)')
+  view = images.read_view(_pydicom_file('GDCMJ2K_TextGBR.dcm'))
+  assert view.pixels.shape == (400, 400, 1) and len(np.unique(view.pixels)) > 8
 
 
 def test_dicom_without_pixels_and_not_dicom(tmp_path):
