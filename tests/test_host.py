@@ -136,7 +136,10 @@ def test_glibc_restarts_with_huge_pages():
   # glibc: mapped afresh, faulted in again, on 2 MiB pages.
   starts, (_, _, allocator, faults_again) = _child(MURA_JAX_MALLOC='glibc')
   assert len(starts) == 2 and allocator == 'glibc with transparent huge pages'
-  assert faults_again >= 32  # 64 MiB of 2 MiB pages
+  # 64 MiB is 32 faults on 2 MiB pages, 16,384 on 4 KiB ones (what the tunable left out gives).
+  # Measured 544 on a THP-madvise host (the unaligned ends on 4 KiB pages); under half of the
+  # 4 KiB count means most of it came on huge pages, leaving room for a fragmented host.
+  assert 32 <= faults_again < 16384 // 2, faults_again
 
 
 def test_a_failed_restart_goes_on_without_and_says_so(monkeypatch, capsys):
