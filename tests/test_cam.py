@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mura_jax import checkpoints
 from mura_jax.data import input_pipeline
 from mura_jax.data import preprocessing
 from mura_jax.inference import steps as inference_steps
@@ -183,7 +182,7 @@ def test_cam_mode_pointing_beats_the_random_baseline_with_maps_that_point(
   shapes = {p: Image.open(synthetic_dir / p).size[::-1] for p in boxes}  # (rows, columns)
   spec = preprocessing.Preprocessing.from_config(config)
   pointing = _pointing_maps(index.image_path, boxes, shapes, spec, cells=64)
-  real_predict_split, real_sanity_checks, model_maps = inference.predict_split, cam.sanity_checks, {}
+  real_predict_split, real_sanity_checks, model_maps = inference_steps.predict_split, localisation.sanity_checks, {}
 
   def predict_split(*args, **kwargs):
     out = real_predict_split(*args, **kwargs)
@@ -193,8 +192,8 @@ def test_cam_mode_pointing_beats_the_random_baseline_with_maps_that_point(
   def sanity_checks(predictor, maps, *args, **kwargs):  # they compare with the model's own maps
     return real_sanity_checks(predictor, model_maps['map'], *args, **kwargs)
 
-  monkeypatch.setattr(inference, 'predict_split', predict_split)
-  monkeypatch.setattr(cam, 'sanity_checks', sanity_checks)
+  monkeypatch.setattr(inference_steps, 'predict_split', predict_split)
+  monkeypatch.setattr(localisation, 'sanity_checks', sanity_checks)
   run = config.copy_and_resolve_references()
   run.cam.annotations = str(synthetic_dir / 'synthetic_annotations.csv')
   run.cam.num_abnormal, run.cam.num_uncertain, run.cam.bootstrap_resamples = 1, 0, 200

@@ -18,6 +18,7 @@ from mura_jax.evaluation import evaluate
 from mura_jax.inference import predictor as predictor_lib
 from mura_jax.inference import steps as inference_steps
 from mura_jax.training import loss
+from mura_jax.training import state as train_state
 from mura_jax.training import train
 
 from test_train import tiny_config
@@ -103,7 +104,7 @@ def test_body_parts_of_the_full_dataset_train_only_those_parts(mura_data_dir, sy
   config = tiny_config(mura_data_dir, **{'data.body_parts': 'humerus,wrist',
                                          'train.num_epochs': 1,
                                          'evaluation.bootstrap_resamples': 0})
-  real_compile, seen = train.compile_steps, {'weights': [], 'parts': []}
+  real_compile, seen = train_state.compile_steps, {'weights': [], 'parts': []}
 
   def recording(config_, model, loss_weights, mesh, *args, **kwargs):
     seen['weights'].append(np.asarray(loss_weights))
@@ -117,7 +118,7 @@ def test_body_parts_of_the_full_dataset_train_only_those_parts(mura_data_dir, sy
     steps.train = train_step
     return steps
 
-  monkeypatch.setattr(train, 'compile_steps', recording)
+  monkeypatch.setattr(train_state, 'compile_steps', recording)
   summary = train.train_and_evaluate(config, str(tmp_path))
   # The expectations from the tree's CSVs, which hold all seven parts.
   mura = synthetic_dir / 'MURA-v1.1'
@@ -138,7 +139,7 @@ def test_body_parts_of_the_full_dataset_train_only_those_parts(mura_data_dir, sy
   epoch, = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
             if 'validation_loss' in l]
   assert {k.split('/')[1] for k in epoch if k.startswith('auroc/')} == {*TWO_PARTS, 'all'}
-  report = evaluation.evaluate_checkpoint(config, str(tmp_path))
+  report = evaluate.evaluate_checkpoint(config, str(tmp_path))
   assert list(report['groups']) == [*TWO_PARTS, 'all']
   valid = (mura / 'valid_labeled_studies.csv').read_text().split()
   assert report['num_studies'] == sum(f'/XR_{p.upper()}/' in r for r in valid for p in TWO_PARTS)
@@ -176,7 +177,7 @@ def test_five_best_ensemble_end_to_end_with_its_paired_comparison(five_epoch_run
 
 def _member_views(data_dir, workdir, step):
   """A member's probabilities of every validation view, through the inference API alone."""
-  predictor = inference.Predictor.from_workdir(workdir, step, global_batch=16)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, step, global_batch=16)
   source = input_pipeline.data_source(str(data_dir), 'validation')
   return np.asarray(predictor.predict_split(source, progress=False)['probability'], np.float64)
 
@@ -199,7 +200,7 @@ APART = 1e-4
 
 def test_ensemble_probabilities_combine_its_members(five_epoch_run):
   """study_probabilities.csv of a 3-best ensemble against the members recomputed one by one
-  through inference.Predictor and combined by a plain loop, in both orders."""
+  through predictor_lib.Predictor and combined by a plain loop, in both orders."""
   workdir, config = five_epoch_run
   data_dir = config.data.data_dir
   epochs = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
@@ -212,7 +213,7 @@ def test_ensemble_probabilities_combine_its_members(five_epoch_run):
     run = tiny_config(data_dir, **{'evaluation.ensemble': 3, 'evaluation.ensemble_order': order,
                                    'evaluation.aggregation': aggregation,
                                    'evaluation.bootstrap_resamples': 0})
-    report = evaluation.evaluate_checkpoint(run, str(workdir))
+    report = evaluate.evaluate_checkpoint(run, str(workdir))
     assert [m['checkpoint']['step'] for m in report['ensemble']['members']] == best3
     aggregate = statistics.fmean if aggregation == 'mean' else max
     written = {r['study']: float(r['probability']) for r in _csv_rows(

@@ -14,6 +14,7 @@ from PIL import Image
 
 from mura_jax.runtime import parallel
 from mura_jax.serving import predict
+from mura_jax.serving import study_folders
 from mura_jax.runtime.parallel import enable_compilation_cache  # the real one (conftest stubs the name)
 from mura_jax.errors import UserError
 
@@ -183,8 +184,8 @@ def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_pa
     (0.3, 0.6, ['read first', 'read first', 'read first', 'deprioritise', 'deprioritise'])])
 def test_worklist_tiers_by_hand(high, low, expected):
   probabilities = [0.9, 0.7, 0.5, 0.2, 0.1]
-  found = [predict.Study(f's{k}', [], probability=p) for k, p in enumerate(probabilities)]
-  failed = predict.Study('broken', [], status='error')
+  found = [study_folders.Study(f's{k}', [], probability=p) for k, p in enumerate(probabilities)]
+  failed = study_folders.Study('broken', [], status='error')
   points = [{'target_metric': 'specificity', 'target': 0.95, 'threshold': high},
             {'target_metric': 'sensitivity', 'target': 0.95, 'threshold': low}]
   predictor = type('Predictor', (), {'checkpoint': {'step': 7}})()

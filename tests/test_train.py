@@ -333,7 +333,7 @@ def test_resume_with_dropout_and_unrolled_blocks_is_exact(mura_data_dir, tmp_pat
   the masks the straight run drew. Dropout turns the scan off (every block unrolled)."""
   config = tiny_config(mura_data_dir, **{'model.drop_rate': 0.3, 'train.num_epochs': 1,
                                          'train.checkpoint_every_steps': 0})
-  assert train.create_model(config).scan_segment == 0
+  assert train_state.network_of(config).scan_segment == 0
   summary = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   first, second, progress = _preempted_then_resumed(config, tmp_path / 'resumed', monkeypatch, 5)
   assert first['status'] == 'preempted' and first['step'] == 5
