@@ -3,6 +3,7 @@ way, one door into a model, one home per fact, thin entry points."""
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -183,6 +184,18 @@ def _definitions(name: str) -> list[str]:
     'Predictor', 'MuraDataError', 'is_disk_full'])
 def test_each_fact_is_defined_once(name):
   assert len(_definitions(name)) == 1, _definitions(name)
+
+
+def test_the_layout_map_names_every_module():
+  # docs/layout.md's tree is the map a newcomer reads: every module of the packages is on it,
+  # and every module it names exists.
+  text = (REPO / 'docs' / 'layout.md').read_text()
+  tree = text[text.index('```\nconfigs/'):]
+  named = set(re.findall(r'\b(\w+\.py)\b', tree[:tree.index('```', 4)]))
+  modules = {p.name for p in _sources() if p.name not in ('__init__.py', '__main__.py')}
+  configs = {p.name for p in (REPO / 'configs').glob('*.py')}
+  assert modules - named == set()
+  assert named - modules - configs - {'test_layout.py'} == set()
 
 
 def test_configs_are_importable_from_the_package():
