@@ -54,6 +54,7 @@ MODES = {mode: functools.partial(_run_job, mode) for mode in JOBS}
 def run(config, workdir):
   """Checks what can be checked before any computation, locks the workdir, then runs config.mode
   and, after training, the jobs config.after_training lists."""
+  start.before_jax()
   if config.mode not in MODES:
     raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
   jobs = [config.mode] + (after_training(config) if config.mode == 'train' else [])

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import conftest
+import jaxlib
 from mura_jax.runtime import host
+from mura_jax.runtime import parallel
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +48,9 @@ def test_demo_chain_end_to_end_without_tensorflow(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   assert 'no TensorBoard files' in out.stderr and not list(tmp_path.glob('events.out.tfevents*'))
   assert 'AUROC' in out.stdout and 'all ' in out.stdout  # the final table
+  # XLA_FLAGS without it (run_main): main.py adds XLA:CPU's own convolutions before JAX starts.
+  if jaxlib.version.__version__.startswith(parallel.CPU_CONVOLUTION_JAXLIBS):
+    assert 'XLA:CPU runs convolutions on its own kernels' in out.stderr
   restart = host.allocator_environment()
   if restart is not None:  # main.py started itself again with it
     assert ('malloc: mimalloc 3.' if 'libmimalloc' in restart.get('LD_PRELOAD', '') else

@@ -2,15 +2,24 @@
 malloc in use (host.py restarted the process with it), JAX's persistent compilation cache; the
 distributed start is `parallel.initialize_distributed` (workdir.held calls it around the lock)."""
 
+import os
+
 from absl import logging
 
 from mura_jax.runtime import host
 from mura_jax.runtime import parallel
 
 
+def before_jax() -> None:
+  """First of all: XLA reads XLA_FLAGS once, when JAX starts its backends, and the checks before
+  any work, the distributed start and the lock may start them (they once did, and main.py's runs
+  lost XLA:CPU's own convolutions: tests/test_main.py checks the log line now)."""
+  parallel.use_xla_cpu_convolutions()
+
+
 def start(config) -> None:
   """The process-wide set-up every mode shares: logs, malloc, the compilation cache."""
-  if parallel.use_xla_cpu_convolutions():
+  if parallel.CPU_CONVOLUTION_FLAG in os.environ.get('XLA_FLAGS', ''):
     logging.info('XLA:CPU runs convolutions on its own kernels (%s).',
                  parallel.CPU_CONVOLUTION_FLAG)
   allocator = host.allocator_in_use()
