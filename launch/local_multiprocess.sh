@@ -42,7 +42,8 @@ echo "logs: ${logs}"
 pids=()
 for (( i = num_processes - 1; i >= 0; i-- )); do
   command=(env "JAX_COORDINATOR_ADDRESS=localhost:${port}" "JAX_NUM_PROCESSES=${num_processes}"
-           "JAX_PROCESS_ID=${i}" JAX_CPU_COLLECTIVES=gloo JAX_PLATFORMS=cpu
+           "JAX_PROCESS_ID=${i}" JAX_CPU_COLLECTIVES=gloo JAX_PLATFORMS=cpu MURA_JAX_PLATFORM=cpu
+           "MURA_JAX_LOCAL_DEVICES=${devices}"
            "XLA_FLAGS=--xla_force_host_platform_device_count=${devices}"
            "${python}" -m mura_jax.main "$@")
   printf '+'; printf ' %q' "${command[@]}"; printf ' > %q 2>&1 &\n' "${logs}/process_${i}.log"

@@ -123,7 +123,9 @@ train() {
   main+=("${extra[@]}")
   # Detached, so that the ssh session may end; `logs` follows it.
   local line
-  line="cd mura-jax && MURA_JAX_NUM_PROCESSES=$hosts nohup $(remote "${main[@]}")"
+  # JAX on the TPU or not at all: no quiet fall-back to the CPU (parallel.check_devices).
+  line="cd mura-jax && MURA_JAX_NUM_PROCESSES=$hosts JAX_PLATFORMS=tpu MURA_JAX_PLATFORM=tpu"
+  line+=" nohup $(remote "${main[@]}")"
   ssh_workers all "${line}> ../mura-train.log 2>&1 &"
 }
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from mura_jax.errors import ConfigError
 from mura_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,9 +87,13 @@ def test_tpu_vm_refuses_local_paths():
 
 
 def test_slurm_and_local_dry_runs():
-  (srun,) = _dry_run('gpu_multinode.sbatch', '--dry-run', '--nodes', '4', '--workdir', '/s/run',
-                     '--data-dir', '/s/tfds', '--weights', '/s/w.pth', '--', AWKWARD)
-  assert srun[:4] == ['env', 'MURA_JAX_NUM_PROCESSES=4', 'srun', '--ntasks-per-node=1']
+  (srun,) = _dry_run('gpu_multinode.sbatch', '--dry-run', '--nodes', '4', '--gpus-per-node', '8',
+                     '--workdir', '/s/run', '--data-dir', '/s/tfds', '--weights', '/s/w.pth', '--',
+                     AWKWARD)
+  # One process per GPU, each checked for its one GPU; every log line names its task.
+  assert srun[:8] == ['env', 'MURA_JAX_NUM_PROCESSES=32', 'MURA_JAX_LOCAL_DEVICES=1',
+                      'MURA_JAX_PLATFORM=gpu', 'JAX_PLATFORMS=cuda', 'srun', '--label',
+                      '--ntasks-per-node=8']
   assert srun[srun.index('--config') + 1] == 'configs/gpu_cluster.py'
   assert '--config.model.init=torchvision:/s/w.pth' in srun and srun[-1] == AWKWARD
   commands = _dry_run('local_multiprocess.sh', '--processes', '3', '--devices', '2', '--dry-run',
@@ -96,6 +101,7 @@ def test_slurm_and_local_dry_runs():
   assert len(commands) == 3
   assert sorted(c[3] for c in commands) == [f'JAX_PROCESS_ID={i}' for i in range(3)]
   assert all(c[c.index('>') - 1] == AWKWARD and 'JAX_NUM_PROCESSES=3' in c for c in commands)
+  assert all({'MURA_JAX_PLATFORM=cpu', 'MURA_JAX_LOCAL_DEVICES=2'} <= set(c) for c in commands)
 
 
 def test_distributed_start_refuses_a_host_that_sees_only_itself():
@@ -108,6 +114,19 @@ def test_distributed_start_refuses_a_host_that_sees_only_itself():
   assert parallel.expected_processes({'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}) == 4
 
 
+def test_a_process_on_other_devices_than_the_launcher_gave_it_stops_with_a_sentence():
+  # The test process has 4 CPU devices (conftest), as a 4-GPU host would have 4 GPUs.
+  parallel.check_devices({'MURA_JAX_PLATFORM': 'cpu', 'MURA_JAX_LOCAL_DEVICES': '4'})
+  parallel.check_devices({})  # no launcher: nothing to check
+  with pytest.raises(ConfigError, match=r'drives 4 local device\(s\), but the launcher gave it 1 '):
+    parallel.check_devices({'MURA_JAX_LOCAL_DEVICES': '1'})  # Slurm: one GPU per task
+  with pytest.raises(ConfigError, match='JAX runs on cpu, but the launcher expects gpu'):
+    parallel.check_devices({'MURA_JAX_PLATFORM': 'gpu'})  # CUDA failed, JAX fell back
+  # The distributed start checks them too, before any work.
+  with pytest.raises(ConfigError, match='but the launcher gave it 2'):
+    parallel.initialize_distributed('auto', env={'MURA_JAX_LOCAL_DEVICES': '2'})
+
+
 def _run(script, *args):
   return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], capture_output=True,
                         text=True, timeout=60, cwd=REPO)
@@ -118,8 +137,8 @@ def _run(script, *args):
                        ('create', 'setup ', 'build ', 'train ', 'logs ', 'resume', 'delete')]),
     ('tpu_vm.sh', ('train', '--zone', 'z'), ['launch/tpu_vm.sh train  --tpu NAME --zone ZONE']),
     ('gpu_multinode.sbatch', ('--nodes', '4'),
-     ['sbatch --nodes=4 --gpus-per-node=8 launch/gpu_multinode.sbatch --workdir',
-      'launch/gpu_multinode.sbatch --dry-run --nodes 4 --workdir ... --data-dir ...']),
+     ['sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 launch/gpu_multinode.sbatch',
+      'launch/gpu_multinode.sbatch --dry-run --nodes 4 --gpus-per-node 8 --workdir ...']),
     ('local_multiprocess.sh', ('--processes', '3'),
      ['launch/local_multiprocess.sh [--processes N] [--devices D] [--dry-run]',
       '-- --workdir DIR [flags...]']),
@@ -146,6 +165,8 @@ def test_help_prints_the_usage_before_any_other_check(script, args, usage_lines,
     ('tpu_vm.sh', ('train', '--zone', 'z', '--tpu'), 'error: --tpu needs a value (see --help)'),
     ('gpu_multinode.sbatch', ('--dry-run', '--workdir'),
      'error: --workdir needs a value (see --help)'),
+    ('gpu_multinode.sbatch', ('--dry-run', '--nodes', '4', '--workdir', '/s/run', '--data-dir', '/t'),
+     'error: GPUs per node unknown: sbatch --gpus-per-node=N'),
     ('local_multiprocess.sh', ('--dry-run', '--devices'),
      'error: --devices needs a value (see --help)'),
 ])
@@ -156,7 +177,8 @@ def test_a_missing_or_wrong_flag_is_still_an_error(script, args, error):
 
 
 def test_help_after_the_separator_goes_to_mura_jax_main():
-  (srun,) = _dry_run('gpu_multinode.sbatch', '--dry-run', '--nodes', '2', '--workdir', '/s/run',
+  (srun,) = _dry_run('gpu_multinode.sbatch', '--dry-run', '--nodes', '2', '--gpus-per-node', '1',
+                     '--workdir', '/s/run',
                      '--data-dir', '/s/tfds', '--', '--help')
   assert srun[-1] == '--help'
   (process,) = _dry_run('local_multiprocess.sh', '--processes', '1', '--dry-run', '--', '-h')

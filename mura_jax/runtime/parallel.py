@@ -9,6 +9,7 @@ sums: collectives and the CPU thread count; tests/test_multihost.py).
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 import jax
@@ -41,6 +42,34 @@ def expected_processes(env=None) -> int | None:
   return None
 
 
+def check_devices(env=None) -> None:
+  """Stops with a sentence when this process's devices are not what the launcher gave it: the
+  platform (MURA_JAX_PLATFORM: gpu, tpu or cpu; JAX falls back to the CPU without a word when
+  CUDA or libtpu cannot open its devices) and the number of local devices
+  (MURA_JAX_LOCAL_DEVICES: one per process on Slurm, where JAX's cluster start gives each task
+  the GPU of its SLURM_LOCALID). Set by launch/; nothing to check without them."""
+  env = os.environ if env is None else env
+  platform, count = env.get('MURA_JAX_PLATFORM', ''), env.get('MURA_JAX_LOCAL_DEVICES', '')
+  host = socket.gethostname()
+  try:
+    devices = jax.local_devices()
+  except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start
+    raise ConfigError(f'{host}: JAX could not start its devices ({e}); check the CUDA or libtpu '
+                      'install on this host (JAX_PLATFORMS, MURA_JAX_PLATFORM).') from e
+  if platform and devices[0].platform != platform:
+    raise ConfigError(
+        f'{host}: JAX runs on {devices[0].platform}, but the launcher expects {platform} '
+        '(MURA_JAX_PLATFORM): its CUDA or libtpu could not open the devices and JAX fell back. '
+        'Check the accelerator install on this host (jax[cuda12] or jax[tpu]) and that no other '
+        'process holds the devices.')
+  if count.strip().isdigit() and len(devices) != int(count):
+    raise ConfigError(
+        f'{host}: this process drives {len(devices)} local device(s), but the launcher gave it '
+        f'{int(count)} (MURA_JAX_LOCAL_DEVICES): the global batch and the learning rate would '
+        'not be the documented ones. Start one process per GPU (srun --ntasks-per-node = GPUs '
+        'per node) or set MURA_JAX_LOCAL_DEVICES to what each process should drive.')
+
+
 def initialize_distributed(mode: str = 'auto', env=None) -> dict:
   """Starts jax.distributed as `mode` (config.distributed) says; returns what was decided.
 
@@ -66,6 +95,7 @@ def initialize_distributed(mode: str = 'auto', env=None) -> dict:
                                  process_id=int(env['JAX_PROCESS_ID']))
     else:
       jax.distributed.initialize()
+  check_devices(env)
   decided = {'mode': mode, 'started': start, 'expected_processes': expected,
              'process_count': jax.process_count(), 'global_devices': jax.device_count(),
              'local_devices': jax.local_device_count()}
