@@ -193,5 +193,3 @@ def _base_comments() -> dict[str, str]:
   with open(path, encoding='utf-8') as f:
     return {m[1]: m[2].strip() for m in re.finditer(r'^\s*config\.(\S+) = [^#\n]*#(.*)$',
                                                       f.read(), re.M)}
-
-

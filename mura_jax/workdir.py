@@ -264,5 +264,3 @@ def lock_on_process_0(stack: contextlib.ExitStack, workdir) -> None:
         'log names the holder). One workdir holds one run at a time.')
   if refusal is not None:
     raise refusal
-
-

@@ -96,8 +96,6 @@ def test_another_process_reads_without_importing_tfds_mura(mura_data_dir):
 # Manual-dir variants: the zip, header rows and CRLF line ends of redistributed copies.
 
 
-
-
 def _build(manual_dir, data_dir, **kw):
   return build.build(str(manual_dir), str(data_dir), num_workers=1, **kw)
 

@@ -29,7 +29,6 @@ from mura_jax.evaluation.studies import (LabelsError, PredictionsError, aggregat
                                          body_part_of, study_key, study_path)
 
 
-
 def _read_rows(path, what: str) -> list[tuple[int, list[str]]]:
   """(row number, fields) of the non-empty rows of a CSV file; warns about CRLF line ends."""
   if not epath.Path(path).is_file():
@@ -204,5 +203,3 @@ def read_predictions(path, label_paths: Sequence[str], aggregation: str = 'mean'
   scores[study_index] = values
   kind = 'labels' if np.isin(scores, (0.0, 1.0)).all() else 'probabilities'
   return scores, kind, None, None
-
-

@@ -30,7 +30,6 @@ class Readers(NamedTuple):
   labels: np.ndarray
 
 
-
 def reference_majorities(reader_labels, tie_break: str = 'abnormal') -> np.ndarray:
   """(R, K): for each reader r, the majority vote of the other K-1 readers on each study.
 
@@ -140,7 +139,6 @@ def match_readers(readers: Readers, study_paths) -> np.ndarray:
   if unknown:
     raise LabelsError('readers (rows are 0-based entries)', unknown)
   return np.asarray([index[study_key(p)] for p in readers.studies], np.int64)
-
 
 
 def compare(table: StudyTable, readers: Readers, options: scoring.Options) -> dict:

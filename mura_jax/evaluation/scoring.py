@@ -107,7 +107,6 @@ def _choose_thresholds(scores, truth, wanted, with_scores):
   return chosen
 
 
-
 def score(table: StudyTable, options: Options = Options(), split: str | None = None) -> dict:
   """The report dict (report.json's content, `readers` None) of a study table."""
   table = table.in_study_order()  # the CIs must not depend on the input's row order
@@ -281,4 +280,3 @@ def check_evaluation_config(config) -> None:
       problem = operating_point_problem(key('operating_point', point), point)
   if problem:
     raise ConfigError(problem)
-

@@ -209,7 +209,6 @@ def _check_studies(study_paths, probabilities, abnormal, body_parts):
   return study_paths, probabilities, abnormal.astype(np.int64), np.asarray(parts, np.int64)
 
 
-
 def from_views(view_probabilities, view_study_paths, view_abnormal, view_body_parts=None, *,
                view_mask=None, aggregation: str = 'mean') -> StudyTable:
   """Aggregates per-view probabilities to a StudyTable, grouping views by their study path.

@@ -164,4 +164,3 @@ class Predictor:
     """Study probabilities: the mean (the paper) or max of each study's views."""
     return studies.aggregate_float64(view_probabilities, view_study_index, num_studies,
                                      None, aggregation)[0]
-

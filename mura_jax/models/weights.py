@@ -15,8 +15,10 @@ Conversion is a renaming, because densenet.py names its modules as torchvision d
     features.transition1.conv.weight            params/features/transition1/conv/kernel
     classifier.weight (O, I) / .bias            params/classifier/kernel (I, O) / bias
 
-Keras layer names map onto the same tree (conv1_conv -> conv0, conv2_block1_0_bn -> denseblock1/
-denselayer1/norm1, pool2_conv -> transition1/conv, bn -> norm5, predictions -> classifier).
+Keras layer names map onto the same tree (keras_weights.py: conv1_conv -> conv0, conv2_block1_0_bn ->
+denseblock1/denselayer1/norm1, pool2_conv -> transition1/conv, bn -> norm5, predictions ->
+classifier); imagenet.py adapts either to MURA (one logit, gray conv0). This module holds the
+torchvision side and what both share (file checks, shapes, errors).
 
 Loaders return {'params', 'batch_stats'} as float32 numpy arrays.
 """
@@ -437,11 +439,3 @@ def save_safetensors(variables: Variables, path: str | os.PathLike,
   """Writes `to_torchvision(variables, arch)` as safetensors (loadable without pickle or JAX)."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   epath.Path(path).write_bytes(safetensors.numpy.save(to_torchvision(variables, arch)))
-
-
-# --- Keras ----------------------------------------------------------------------------------------
-
-
-# --- Adapting ImageNet weights to MURA ------------------------------------------------------------
-
-

@@ -197,11 +197,7 @@ def export_saved_model(serve, variables, spec: preprocessing_lib.Preprocessing,
 
 
 # ------------------------------------------------------------------------------------------------
-# The model card.
-
-
-# ------------------------------------------------------------------------------------------------
-# Writing an export folder, and reading one back.
+# Writing an export folder (export_folder.py: where it may go; model_card.py: its card).
 
 
 def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dict:

@@ -75,11 +75,7 @@ TIERS = ('read first', 'read', 'deprioritise')
 
 
 # ------------------------------------------------------------------------------------------------
-# Finding studies.
-
-
-# ------------------------------------------------------------------------------------------------
-# Predicting.
+# Predicting (the studies come from study_folders.py).
 
 
 def predict(predictor, studies: list[study_folders.Study], threshold: float, cam_dir=None) -> None:

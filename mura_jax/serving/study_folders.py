@@ -16,7 +16,6 @@ from mura_jax.errors import UserError
 from tfds_mura.paths import body_part_of_path
 
 
-
 OUTPUT_MARKER = '.mura-predict-output'  # in --out and the cam folder: skipped as input
 
 

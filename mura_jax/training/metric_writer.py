@@ -14,7 +14,6 @@ from absl import logging
 from etils import epath
 
 
-
 def _import_clu_writers():
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)

@@ -35,10 +35,6 @@ class View:
 
 
 # ------------------------------------------------------------------------------------------------
-# Where the files are: an extracted `MURA-v1.1/` folder or the official zip, read in place.
-
-
-# ------------------------------------------------------------------------------------------------
 # The CSVs: no header, study paths end in '/'. Redistributed copies add a header or CRLF endings.
 
 
