@@ -221,7 +221,7 @@ def held(config, workdir):
   sentence naming the last good checkpoint."""
   with contextlib.ExitStack() as stack:
     mode = config.get('distributed', 'auto')
-    distributed = starts_distributed(mode)
+    distributed = parallel.starts_distributed(mode)
     if not distributed:
       stack.enter_context(lock(workdir))
     parallel.initialize_distributed(mode)
@@ -238,14 +238,6 @@ def held(config, workdir):
 
 def lock(workdir):
   return folder_lock.held(workdir, 'mura-jax run', error=WorkdirError)
-
-
-def starts_distributed(mode: str, env=None) -> bool:
-  """Whether parallel.initialize_distributed(mode) will start jax.distributed (its rule)."""
-  env = os.environ if env is None else env
-  expected = parallel.expected_processes(env)
-  return mode == 'on' or (mode == 'auto' and (bool(env.get('JAX_COORDINATOR_ADDRESS'))
-                                               or (expected or 1) > 1))
 
 
 def lock_on_process_0(stack: contextlib.ExitStack, workdir) -> None:

@@ -70,6 +70,15 @@ def check_devices(env=None) -> None:
         'per node) or set MURA_JAX_LOCAL_DEVICES to what each process should drive.')
 
 
+def starts_distributed(mode: str, env=None) -> bool:
+  """Whether `initialize_distributed(mode)` starts jax.distributed (the workdir's lock is taken
+  before JAX starts on one process, by process 0 after the start on several)."""
+  env = os.environ if env is None else env
+  expected = expected_processes(env)
+  return mode == 'on' or (mode == 'auto' and (bool(env.get('JAX_COORDINATOR_ADDRESS'))
+                                               or (expected or 1) > 1))
+
+
 def initialize_distributed(mode: str = 'auto', env=None) -> dict:
   """Starts jax.distributed as `mode` (config.distributed) says; returns what was decided.
 
@@ -85,7 +94,7 @@ def initialize_distributed(mode: str = 'auto', env=None) -> dict:
     raise ConfigError(f'config.distributed={mode!r}; expected one of {DISTRIBUTED_MODES}')
   expected = expected_processes(env)
   explicit = bool(env.get('JAX_COORDINATOR_ADDRESS'))
-  start = mode == 'on' or (mode == 'auto' and (explicit or (expected or 1) > 1))
+  start = starts_distributed(mode, env)
   if start:
     if env.get('JAX_CPU_COLLECTIVES', '') == 'gloo':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
