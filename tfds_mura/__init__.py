@@ -14,6 +14,7 @@ from tfds_mura.mura.mura_dataset_builder import Builder as Mura
 from tfds_mura.mura.mura_dataset_builder import image_counts
 from tfds_mura.mura.source import MuraDataError
 from tfds_mura.paths import ANNOTATIONS_FILE
+from tfds_mura.paths import CONFOUNDERS_FILE
 from tfds_mura.paths import BODY_PARTS
 from tfds_mura.paths import LABELS
 

@@ -18,6 +18,8 @@ CSV_NAMES = ('train_labeled_studies.csv', 'train_image_paths.csv', 'valid_labele
              'valid_image_paths.csv')
 # The boxes of a synthetic MURA's abnormalities, beside its MURA-v1.1/ (its marker too).
 ANNOTATIONS_FILE = 'synthetic_annotations.csv'
+# The boxes of its confounders (laterality markers, text blocks, rulers), in both classes' views.
+CONFOUNDERS_FILE = 'synthetic_confounders.csv'
 
 IMAGE_PATH = re.compile(
     r'^MURA-v1\.1/(?P<split>train|valid)/XR_(?P<part>[A-Z]+)/patient(?P<patient>\d+)/'
