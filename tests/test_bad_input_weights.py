@@ -13,8 +13,11 @@ advice (torch's `weights_only=False`, which would run pickled code) is never rep
     torchvision:a text file (.txt, a web page) F (N bytes) is a text file, not a PyTorch state
                                                  dict (.pth): it starts with '...' (a web page: ...)
     torchvision:a .pth without PyTorch         Reading F needs PyTorch, which is not installed:
-                                                 pip install "mura-jax[torch]" ... (checked after
-                                                 the file: a bad file says so first)
+                                                 pip install "mura-jax[torch]" ... python -m
+                                                 mura_jax.models.convert F STEM.safetensors
+                                                 (checked after the file: a bad file says so first)
+    convert IN OUT, OUT exists / not .safetensors  OUT exists; mura-jax does not replace it. ... /
+                                                 OUT: the output must end in .safetensors ...
     torchvision:truncated .pth                 F (N bytes) is not a readable PyTorch state dict
                                                  (.pth) (UnpicklingError). torchvision's ImageNet
                                                  densenet169 is densenet169-b2777c0a.pth ...
@@ -50,6 +53,7 @@ import numpy as np
 import pytest
 
 from mura_jax.errors import UserError
+from mura_jax.models import convert
 from mura_jax.models import keras_weights
 from mura_jax.models import weights
 from mura_jax.models.weights import KERAS_URL
@@ -142,6 +146,9 @@ def test_a_pth_without_torch_is_checked_first_then_says_how_to_install(tmp_path,
     assert str(error.value).startswith(f'Reading {path} needs PyTorch, which is not installed: '
                                        'pip install "mura-jax[torch]". Without it, pass a '
                                        '.safetensors file')
+    # ... and exactly the command that converts it where torch is installed (convert.py).
+    assert str(error.value).endswith(f'python -m mura_jax.models.convert {path} '
+                                     f'{tmp_path}/densenet169-b2777c0a.safetensors')
     assert isinstance(error.value, UserError) and isinstance(error.value, ImportError)
 
 
@@ -248,3 +255,19 @@ def test_another_model_is_named(tmp_path):
   assert first_line.startswith(f'{path} does not fit densenet169')
   assert ("Its keys (conv1.weight, fc.weight, ...) are not a DenseNet's: it is another model's "
           "weights. torchvision's ImageNet densenet169 is densenet169-b2777c0a.pth") in first_line
+
+
+def test_the_converter_replaces_nothing_and_writes_only_safetensors(tmp_path, capsys):
+  """`python -m mura_jax.models.convert IN OUT`: an existing OUT or another suffix is refused
+  before IN is read (IN here is not even a weights file)."""
+  source, target = tmp_path / 'in.pth', tmp_path / 'out.safetensors'
+  source.write_bytes(b'not read')
+  target.write_bytes(b'mine')
+  assert convert.main([str(source), str(target)]) == 2
+  assert capsys.readouterr().err.startswith(f'error: {target} exists; mura-jax does not replace '
+                                            'it. Remove it first, or pass another output path.')
+  assert target.read_bytes() == b'mine'
+  assert convert.main([str(source), str(tmp_path / 'out.pth')]) == 2
+  assert capsys.readouterr().err.startswith(f'error: {tmp_path}/out.pth: the output must end in '
+                                            '.safetensors')
+  assert not (tmp_path / 'out.pth').exists()

@@ -20,6 +20,7 @@ import pytest
 from jax import lax
 
 from mura_jax.data import preprocessing
+from mura_jax.models import convert
 from mura_jax.models import weights
 from mura_jax.models.densenet import DenseNet, DenseNet121, DenseNet169, variable_shapes
 from mura_jax.models.imagenet import adapt_input_channels, initial_variables, replace_head
@@ -246,6 +247,33 @@ def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
   with pytest.raises(ImportError, match=r'pip install "mura-jax\[torch\]"'):
     load_torchvision(path)
+
+
+def test_pth_converts_once_to_safetensors_read_without_torch(torch_densenet169, tmp_path,
+                                                              capsys):
+  """`python -m mura_jax.models.convert IN.pth` (launch/ runs it for --weights): the official
+  file's legacy names become torchvision's current ones, every tensor is the .pth's bit for bit,
+  and training reads the result without torch."""
+  torch, _ = _import_torch()
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  model, state_dict, _ = torch_densenet169
+  source = tmp_path / 'densenet169-b2777c0a.pth'
+  torch.save({_legacy(k): v for k, v in model.state_dict().items()}, source)
+  assert convert.main([str(source)]) == 0  # the output's name: beside it
+  target = tmp_path / 'densenet169-b2777c0a.safetensors'
+  assert capsys.readouterr().out.startswith(f'{target}: 1015 tensors of densenet169')
+  converted = safetensors.numpy.load_file(target)
+  assert set(converted) == set(state_dict)  # current names, num_batches_tracked included
+  for key, value in state_dict.items():
+    if not key.endswith('num_batches_tracked'):  # torchvision's BatchNorm never reads it
+      assert converted[key].dtype == value.dtype and np.array_equal(converted[key], value), key
+  jax.tree.map(np.testing.assert_array_equal, load_torchvision(target),
+               load_torchvision(state_dict))
+  # Once: an existing output is never replaced; another architecture's file is refused.
+  assert convert.main([str(source)]) == 2
+  assert convert.main([str(source), str(tmp_path / 'other.safetensors'),
+                       '--arch', 'densenet121']) == 2
+  assert not (tmp_path / 'other.safetensors').exists()
 
 
 # --- Keras ----------------------------------------------------------------------------------------

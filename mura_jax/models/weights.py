@@ -53,6 +53,7 @@ KERAS_FILES = {arch: f'{arch}_weights_tf_dim_ordering_tf_kernels.h5'
                for arch in ('densenet121', 'densenet169', 'densenet201')}
 KERAS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/densenet/'
 KERAS_BN_EPSILON = 1.001e-5
+CONVERT_COMMAND = 'python -m mura_jax.models.convert'  # .pth -> .safetensors (convert.py)
 
 # ImageNet statistics and the gray input: what the network sees is defined in preprocessing.
 
@@ -315,10 +316,11 @@ def _import_torch(path=None):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
+    pth = str(path or 'FILE.pth')
     raise ReaderNotInstalledError(
         f'Reading {path or "a .pth file"} needs PyTorch, which is not installed: pip install '
-        '"mura-jax[torch]". Without it, pass a .safetensors file (where torch is installed: '
-        'safetensors.torch.save_file(torch.load(PTH), PTH_STEM + ".safetensors")).') from e
+        '"mura-jax[torch]". Without it, pass a .safetensors file, converted once where torch is '
+        f'installed: {CONVERT_COMMAND} {pth} {os.path.splitext(pth)[0]}.safetensors') from e
   return torch
 
 
