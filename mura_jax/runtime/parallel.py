@@ -9,6 +9,7 @@ sums: collectives and the CPU thread count; tests/test_multihost.py).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 
@@ -42,14 +43,63 @@ def expected_processes(env=None) -> int | None:
   return None
 
 
+def _slurm_tasks_per_node(env) -> int | None:
+  """Tasks per node of this Slurm job, where every node runs as many: SLURM_NTASKS_PER_NODE
+  (sbatch/srun --ntasks-per-node), else SLURM_STEP_TASKS_PER_NODE or SLURM_TASKS_PER_NODE
+  ('8(x4)': 8 on each of 4 nodes; '2,1' differs by node: None)."""
+  for key in ('SLURM_NTASKS_PER_NODE', 'SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE'):
+    value = env.get(key, '').strip()
+    uniform = re.fullmatch(r'(\d+)(\(x\d+\))?', value)
+    if uniform and int(uniform[1]) > 0:
+      return int(uniform[1])
+  return None
+
+
+def expected_local_devices(env=None) -> tuple[int, str] | None:
+  """How many devices each process should drive, and who says so: MURA_JAX_LOCAL_DEVICES (set by
+  launch/), else Slurm's GPUs per node over its tasks per node (SLURM_GPUS_ON_NODE, from
+  --gpus-per-node); None where nothing says."""
+  env = os.environ if env is None else env
+  count = env.get('MURA_JAX_LOCAL_DEVICES', '').strip()
+  if count.isdigit():
+    return int(count), 'MURA_JAX_LOCAL_DEVICES'
+  gpus, tasks = env.get('SLURM_GPUS_ON_NODE', '').strip(), _slurm_tasks_per_node(env)
+  if not gpus.isdigit() or tasks is None:
+    return None
+  source = f'SLURM_GPUS_ON_NODE={gpus} over {tasks} Slurm task(s) per node'
+  if int(gpus) % tasks:
+    raise ConfigError(f'{source}: the GPUs of a node cannot be shared evenly by its processes. '
+                      'Start one process per GPU (srun --ntasks-per-node = GPUs per node) or '
+                      'one per node.')
+  return int(gpus) // tasks, source
+
+
+def slurm_local_device_ids(env=None) -> list[int] | None:
+  """The GPUs of this Slurm task: the `expected_local_devices` block at its SLURM_LOCALID. Left
+  alone, JAX's Slurm start gives every task [SLURM_LOCALID], one GPU however many it should
+  drive (jax/_src/clusters/cluster.py). None outside Slurm, with the explicit variables (they
+  bypass the cluster detection), or where nothing says how many (JAX's default stays)."""
+  env = os.environ if env is None else env
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+  expected = expected_local_devices(env)
+  if (not all(key in env for key in slurm) or env.get('JAX_COORDINATOR_ADDRESS')
+      or expected is None):
+    return None
+  count, local = expected[0], int(env['SLURM_LOCALID'])
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if len(visible) == count:  # Slurm bound this task's GPUs already (--gpus-per-task, --gpu-bind)
+    return list(range(count))
+  return list(range(local * count, (local + 1) * count))
+
+
 def check_devices(env=None) -> None:
   """Stops with a sentence when this process's devices are not what the launcher gave it: the
   platform (MURA_JAX_PLATFORM: gpu, tpu or cpu; JAX falls back to the CPU without a word when
   CUDA or libtpu cannot open its devices) and the number of local devices
-  (MURA_JAX_LOCAL_DEVICES: one per process on Slurm, where JAX's cluster start gives each task
-  the GPU of its SLURM_LOCALID). Set by launch/; nothing to check without them."""
+  (`expected_local_devices`: MURA_JAX_LOCAL_DEVICES, or Slurm's GPUs per task). Set by launch/;
+  nothing to check without them."""
   env = os.environ if env is None else env
-  platform, count = env.get('MURA_JAX_PLATFORM', ''), env.get('MURA_JAX_LOCAL_DEVICES', '')
+  platform, expected = env.get('MURA_JAX_PLATFORM', ''), expected_local_devices(env)
   host = socket.gethostname()
   try:
     devices = jax.local_devices()
@@ -62,12 +112,12 @@ def check_devices(env=None) -> None:
         '(MURA_JAX_PLATFORM): its CUDA or libtpu could not open the devices and JAX fell back. '
         'Check the accelerator install on this host (jax[cuda12] or jax[tpu]) and that no other '
         'process holds the devices.')
-  if count.strip().isdigit() and len(devices) != int(count):
+  if expected is not None and len(devices) != expected[0]:
     raise ConfigError(
         f'{host}: this process drives {len(devices)} local device(s), but the launcher gave it '
-        f'{int(count)} (MURA_JAX_LOCAL_DEVICES): the global batch and the learning rate would '
-        'not be the documented ones. Start one process per GPU (srun --ntasks-per-node = GPUs '
-        'per node) or set MURA_JAX_LOCAL_DEVICES to what each process should drive.')
+        f'{expected[0]} ({expected[1]}): the global batch and the learning rate would not be '
+        'the documented ones. Start one process per GPU (srun --ntasks-per-node = GPUs per '
+        'node) or set MURA_JAX_LOCAL_DEVICES to what each process should drive.')
 
 
 def starts_distributed(mode: str, env=None) -> bool:
@@ -95,6 +145,7 @@ def initialize_distributed(mode: str = 'auto', env=None) -> dict:
   expected = expected_processes(env)
   explicit = bool(env.get('JAX_COORDINATOR_ADDRESS'))
   start = starts_distributed(mode, env)
+  local_device_ids = None
   if start:
     if env.get('JAX_CPU_COLLECTIVES', '') == 'gloo':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -102,16 +153,19 @@ def initialize_distributed(mode: str = 'auto', env=None) -> dict:
       jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
                                  num_processes=int(env['JAX_NUM_PROCESSES']),
                                  process_id=int(env['JAX_PROCESS_ID']))
-    else:
-      jax.distributed.initialize()
+    else:  # JAX's cluster detection, with this task's block of GPUs on Slurm
+      local_device_ids = slurm_local_device_ids(env)
+      jax.distributed.initialize(local_device_ids=local_device_ids)
   check_devices(env)
   decided = {'mode': mode, 'started': start, 'expected_processes': expected,
              'process_count': jax.process_count(), 'global_devices': jax.device_count(),
-             'local_devices': jax.local_device_count()}
+             'local_devices': jax.local_device_count(),
+             'local_device_ids': local_device_ids}
   logging.info('Distributed: mode %s, jax.distributed %s; process %d of %d (launcher says %s); '
-               '%d local / %d global devices.', mode, 'started' if start else 'not started',
+               '%d local / %d global devices%s.', mode, 'started' if start else 'not started',
                jax.process_index(), jax.process_count(), expected or 'nothing',
-               jax.local_device_count(), jax.device_count())
+               jax.local_device_count(), jax.device_count(),
+               f' (Slurm task\'s GPUs {local_device_ids})' if local_device_ids else '')
   if expected is not None and expected != jax.process_count():
     raise RuntimeError(
         f'The launcher started {expected} processes but this one sees {jax.process_count()} '

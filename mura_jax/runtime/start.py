@@ -4,6 +4,7 @@ distributed start is `parallel.initialize_distributed` (workdir.held calls it ar
 
 import os
 
+import jax
 from absl import logging
 
 from mura_jax.runtime import host
@@ -28,4 +29,14 @@ def start(config) -> None:
                  'turns it off).', allocator)
   cache = parallel.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   logging.info('Compilation cache: %s', cache or 'off')
+  if jax.process_count() > 1 and not config.get('compilation_cache_dir', ''):
+    logging.warning('The compilation cache is in each host\'s home: pass '
+                    '--config.compilation_cache_dir a gs:// or shared folder (the launchers do) '
+                    'so that every host, and a re-created one, finds what process 0 compiled.')
+  if cache and jax.process_count() > 1:
+    # step_cache.default_directory: each host would have to find the same traced file.
+    logging.info('Traced-step cache: off on %d processes (the steps are traced at every start); '
+                 'the compilation cache is shared: JAX\'s process 0 writes it, all read it, so it '
+                 'must be on storage every host reads (gs:// or a shared file system; the '
+                 'launchers pass one).', jax.process_count())
   logging.info('Config:\n%s', config)
