@@ -1,7 +1,8 @@
 """The paper's recipe on several GPU nodes (launch/gpu_multinode.sbatch uses it).
 
-    sbatch --nodes=4 --gpus-per-node=8 launch/gpu_multinode.sbatch --workdir /shared/run \
-        --data-dir /shared/tensorflow_datasets --weights /shared/densenet169-b2777c0a.pth
+    sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 launch/gpu_multinode.sbatch \
+        --workdir /shared/run --data-dir /shared/tensorflow_datasets \
+        --weights /shared/densenet169-b2777c0a.pth
 
 Overrides of configs/densenet169.py for many devices, every one stated:
   - bfloat16 compute (parameters, batch statistics and the loss stay float32);
@@ -10,7 +11,7 @@ Overrides of configs/densenet169.py for many devices, every one stated:
   - the learning rate scaled by sqrt(global batch / 8), the square-root rule for Adam (Malladi
     et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022): 1e-4
     at the paper's batch 8, 8e-4 at 512;
-  - jax.distributed started from Slurm's variables (config.distributed=on; one process per node).
+  - jax.distributed started from Slurm's variables (config.distributed=on; one process per GPU).
 The plateau schedule, the loss and the augmentation are the paper's.
 """
 
