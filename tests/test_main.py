@@ -7,8 +7,12 @@ import sys
 
 import conftest
 import jaxlib
+import ml_collections
+import pytest
+
 from mura_jax.runtime import host
 from mura_jax.runtime import parallel
+from tfds_mura.mura.source import MuraDataError
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +83,20 @@ def test_paper_config_without_dataset_says_how_to_build_it(tmp_path):
   out = run_main('--config', os.path.join(REPO, 'configs', 'densenet169.py'), '--workdir',
                  str(tmp_path), f'--config.data.data_dir={tmp_path}/tfds', '--config.model.init=random')
   assert out.returncode != 0 and 'python -m tfds_mura.build' in out.stderr
+
+
+
+def test_data_mode_uses_a_built_data_dir_as_train_does(mura_data_dir, tmp_path):
+  """launch/local_multiprocess.sh runs --config.mode=data once before its processes start: with
+  a built data_dir, no manual_dir and no synthetic data it reads the dataset, as train would (it
+  compared it with WORKDIR/synthetic, found nothing there and refused); without one it says
+  what to download."""
+  from mura_jax.data import dataset  # pylint: disable=g-import-not-at-top  (TFDS: this test only)
+  config = ml_collections.ConfigDict({'data': {'synthetic': False, 'manual_dir': '',
+                                               'data_dir': str(mura_data_dir)}})
+  builder = dataset.prepare_dataset(config, str(tmp_path / 'run'))
+  assert str(builder.data_dir).startswith(str(mura_data_dir))
+  assert not (tmp_path / 'run').exists()
+  config.data.data_dir = str(tmp_path / 'none')
+  with pytest.raises(MuraDataError, match='and no manual_dir was given to build one'):
+    dataset.prepare_dataset(config, str(tmp_path / 'run'))

@@ -59,7 +59,8 @@ def test_two_processes_train_what_one_process_trains(mura_data_dir, tmp_path):
   """
   env = {**os.environ, 'PYTHON': sys.executable, 'NPROC': '4'}
   for name, processes, devices in (('one', 1, 4), ('two', 2, 2)):
-    run = subprocess.run([os.path.join(REPO, 'launch', 'local_multiprocess.sh'),
+    # --no-build: the fixture built the dataset (test_main tests data mode on a built one).
+    run = subprocess.run([os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '--no-build',
                           '--processes', str(processes), '--devices', str(devices), '--',
                           *_flags(mura_data_dir, tmp_path / name)],
                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)

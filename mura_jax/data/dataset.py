@@ -42,6 +42,8 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str):
   num_workers = config.data.get('build_workers', 0) or None
   if config.data.synthetic:
     write_synthetic_mura(config, manual_dir, num_workers)
+  elif not config.data.manual_dir:  # none given: a built data_dir is used as train uses it
+    manual_dir = None
   return build.build(manual_dir, data_dir, num_workers=num_workers)  # locks the data_dir
 
 
