@@ -22,12 +22,13 @@
 #           same name, which waits for capacity where a plain create fails; --no-queue creates
 #           the Spot VM directly.
 #   setup   git here (this checkout's committed files, `git archive HEAD`, go to every worker).
-#           On every worker it makes a Python PY environment (default 3.11; the TPU image has
-#           3.10 and jax needs >= 3.11) with uv's managed Python in ~/mura-jax/.venv and
-#           installs the `tpu` extra there; build and train run that Python. --weights: a
-#           .safetensors goes to every worker as it is; a .pth (which needs torch, not on the
-#           workers) is converted here first, once, beside it: `python -m
-#           mura_jax.models.convert FILE.pth FILE.safetensors` (needs mura-jax[torch] here).
+#           On every worker it makes a Python environment of version --python (default 3.11;
+#           the TPU image has 3.10 and jax needs >= 3.11) with uv's managed Python in
+#           ~/mura-jax/.venv and installs the `tpu` extra there; build and train run that
+#           Python. --weights: a .safetensors goes to every worker as it is; a .pth (which needs
+#           torch, not on the workers) is converted here first, once, beside it: `python -m
+#           mura_jax.models.convert FILE.pth FILE.safetensors` ($PYTHON, default python3, with
+#           mura-jax[torch] here).
 #   build   a gs:// bucket: writes the `mura` dataset once, from worker 0, into --data-dir.
 #   train   gs:// --workdir and --data-dir (every host reads them); runs configs/tpu_pod.py on
 #           every worker with jax.distributed; every host checks that JAX runs on its TPU

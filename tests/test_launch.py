@@ -223,6 +223,22 @@ def test_tpu_vm_resume_stops_where_the_state_is_not_known(tmp_path, states, deni
 
 
 def _resume_with_stand_in_gcloud(tmp_path, flags, states, denied=False):
+  return _tpu_vm_with_stand_in_gcloud(
+      tmp_path, ['resume', '--tpu', 'mura', '--zone', 'z', '--workdir', 'gs://b/run',
+                 '--data-dir', 'gs://b/tfds', *flags], states, denied)
+
+
+def test_tpu_vm_setup_stops_before_the_vm_when_the_weights_cannot_be_converted(tmp_path):
+  (tmp_path / 'd.pth').write_bytes(b'PK')
+  out = _tpu_vm_with_stand_in_gcloud(
+      tmp_path, ['setup', '--tpu', 'mura', '--zone', 'z', '--weights', str(tmp_path / 'd.pth')],
+      {}, env={'PYTHON': 'false'})  # a Python without torch fails the same way
+  assert out.returncode == 1 and out.gcloud == []  # nothing copied or installed
+  assert (f"or run 'python -m mura_jax.models.convert {tmp_path}/d.pth {tmp_path}/d.safetensors' "
+          f'where they are installed and pass --weights {tmp_path}/d.safetensors') in out.stderr
+
+
+def _tpu_vm_with_stand_in_gcloud(tmp_path, args, states, denied=False, env=None):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   (bin_dir / 'gcloud').write_text(_GCLOUD.format(python=sys.executable))
@@ -232,10 +248,9 @@ def _resume_with_stand_in_gcloud(tmp_path, flags, states, denied=False):
   if denied:
     (tmp_path / 'denied').write_text('')
   env = {**os.environ, 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
-         'FAKE_GCLOUD': str(tmp_path), 'MURA_JAX_POLL_SECONDS': '0'}
-  out = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_vm.sh'), 'resume', '--tpu', 'mura',
-                        '--zone', 'z', '--workdir', 'gs://b/run', '--data-dir', 'gs://b/tfds',
-                        *flags], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+         'FAKE_GCLOUD': str(tmp_path), 'MURA_JAX_POLL_SECONDS': '0', **(env or {})}
+  out = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_vm.sh'), *args], capture_output=True,
+                       text=True, timeout=120, cwd=REPO, env=env)
   log = tmp_path / 'calls.jsonl'
   out.gcloud = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
   return out
