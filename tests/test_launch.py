@@ -329,6 +329,7 @@ from absl import logging
 from jax._src import xla_bridge
 from mura_jax.runtime import parallel, start, step_cache
 logging.set_verbosity(logging.INFO)
+jax.config.update('jax_platforms', 'cpu')  # JAX_PLATFORMS=cpu would exempt it from Slurm's count
 decided = parallel.initialize_distributed('auto')
 start.start(ml_collections.ConfigDict({'compilation_cache_dir': sys.argv[1]}))
 decided['traced_steps'] = str(step_cache.default_directory())
@@ -350,9 +351,8 @@ def test_slurm_start_gives_each_task_all_its_devices(tmp_path):
                'SLURM_STEP_NODELIST': 'localhost', 'SLURM_NNODES': '1',
                'SLURM_STEP_NUM_NODES': '1', 'SLURM_NTASKS_PER_NODE': '2',
                'SLURM_TASKS_PER_NODE': '2', 'SLURM_GPUS_ON_NODE': '8',
-               'JAX_COORDINATOR_PORT': str(port), 'JAX_PLATFORMS': 'cpu',
-               'JAX_CPU_COLLECTIVES': 'gloo', 'XLA_FLAGS': conftest.xla_flags(4),
-               'PYTHONPATH': REPO})
+               'JAX_COORDINATOR_PORT': str(port), 'JAX_CPU_COLLECTIVES': 'gloo',
+               'XLA_FLAGS': conftest.xla_flags(4), 'PYTHONPATH': REPO})
   cache = tmp_path / 'shared_cache'  # one folder for both, as a launcher passes
   tasks = [subprocess.Popen([sys.executable, '-c', _SLURM_TASK, str(cache)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -397,6 +397,9 @@ def test_slurm_gpus_per_task_come_from_slurm_where_no_launcher_says():
   with pytest.raises(ConfigError, match='cannot be shared evenly'):
     parallel.check_devices({'SLURM_GPUS_ON_NODE': '8', 'SLURM_NTASKS_PER_NODE': '3'})
   parallel.check_devices({'SLURM_GPUS_ON_NODE': '8', 'SLURM_NTASKS_PER_NODE': '2'})  # 4: fine
+  # A run told to use the CPU inside a GPU allocation is not held to the GPU count.
+  parallel.check_devices({'SLURM_GPUS_ON_NODE': '8', 'SLURM_NTASKS_PER_NODE': '4',
+                          'JAX_PLATFORMS': 'cpu'})
 
 
 def _run(script, *args):

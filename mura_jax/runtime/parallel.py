@@ -58,11 +58,14 @@ def _slurm_tasks_per_node(env) -> int | None:
 def expected_local_devices(env=None) -> tuple[int, str] | None:
   """How many devices each process should drive, and who says so: MURA_JAX_LOCAL_DEVICES (set by
   launch/), else Slurm's GPUs per node over its tasks per node (SLURM_GPUS_ON_NODE, from
-  --gpus-per-node); None where nothing says."""
+  --gpus-per-node; not for a process told to run on the CPU, JAX_PLATFORMS=cpu: a debugging
+  run inside a GPU allocation); None where nothing says."""
   env = os.environ if env is None else env
   count = env.get('MURA_JAX_LOCAL_DEVICES', '').strip()
   if count.isdigit():
     return int(count), 'MURA_JAX_LOCAL_DEVICES'
+  if env.get('JAX_PLATFORMS', '').split(',')[0].strip().lower() == 'cpu':
+    return None
   gpus, tasks = env.get('SLURM_GPUS_ON_NODE', '').strip(), _slurm_tasks_per_node(env)
   if not gpus.isdigit() or tasks is None:
     return None
