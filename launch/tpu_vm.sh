@@ -43,6 +43,8 @@
 #           started. A new VM is set up; then train: the run continues from its latest
 #           checkpoint.
 #   delete  the VM, or with --spot its queued resource and the VM (--force).
+# resume and delete need the --spot (and --no-queue) that create was given: they say whether a
+# queued resource owns the VM.
 set -euo pipefail
 
 # The comment block above (what each command needs and does), to stdout.
