@@ -51,6 +51,16 @@ def choose_studies(probabilities: np.ndarray, study_ids, threshold: float, chose
   return [int(s) for s in order]
 
 
+def no_boxes(split: str, given: str, manual_dir) -> str:
+  """Why localisation is not measured: the split has no boxes, and which file would give them."""
+  where = (f'config.cam.annotations={given} holds no boxes' if given else
+           f'config.cam.annotations is empty, and {manual_dir} holds no {ANNOTATIONS_FILE}, the '
+           'boxes a synthetic MURA has')
+  return (f'The {split} split has no boxes ({where}): localisation is not measured. To measure '
+          'it, pass --config.cam.annotations=CSV, a boxes CSV image_path,abnormality,x0,y0,x1,y1 '
+          'of its abnormal views.')
+
+
 def run(config, workdir: str) -> dict:
   """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), peaks.png,
   and localisation.json / localisation.md (with the pointing and Otsu figures where the split's
@@ -100,8 +110,8 @@ def run(config, workdir: str) -> dict:
         maps, image, index.image_path, [BODY_PARTS[b] for b in index.body_part], boxes, bias, spec,
         num_resamples=c.bootstrap_resamples, seed=config.evaluation.seed)
   else:
-    logging.info('No boxes for the %s split (%s): localisation is not measured.', c.split,
-                 annotations)
+    summary['no_boxes'] = no_boxes(c.split, c.annotations, manual_dir)
+    logging.info('%s', summary['no_boxes'])
   summary['sanity'] = localisation_lib.sanity_checks(predictor, maps, image, annotated,
                                     lambda i: boxes[index.image_path[i]])
   text = localisation_lib.format_localisation(summary)
