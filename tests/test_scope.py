@@ -216,6 +216,9 @@ def test_evaluate_cam_and_export_need_no_overrides(humerus_workdir, tmp_path, mo
       'localisation is not measured. To measure it, pass --config.cam.annotations=CSV, a boxes '
       'CSV image_path,abnormality,x0,y0,x1,y1 of its abnormal views.')
   assert summary['no_boxes'] in (workdir / 'cam' / 'validation' / 'localisation.md').read_text()
+  # CAM maps the model's scope only: the humerus views of the validation split.
+  humerus = _metadata(humerus_workdir[1].data.data_dir)['image_counts']['validation']['humerus']
+  assert summary['n_views'] == sum(humerus.values())
   card = json.loads((workdir / 'export' / 'model_card.json').read_text())
   assert card['scope']['body_parts'] == ['humerus']
   assert card['validation']['num_studies'] == conftest.VALID_STUDIES_PER_PART

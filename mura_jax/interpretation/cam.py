@@ -1,6 +1,7 @@
 """The CAM job (`--config.mode=cam`, and after training where config.after_training lists cam):
 class activation maps of a checkpoint on a split, overlays of the chosen studies, and how well the
-maps localise (localisation.py) -> WORKDIR/cam/<split>/. The maps: maps.py; pictures: pictures.py.
+maps localise (localisation.py) -> WORKDIR/cam/<split>/, over the views of the body parts the
+model was trained on (its scope). The maps: maps.py; pictures: pictures.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 from tfds_mura import ANNOTATIONS_FILE, BODY_PARTS
 
+from mura_jax import checkpoints
 from mura_jax.data import dataset as data_lib
 from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError
@@ -67,10 +69,12 @@ def run(config, workdir: str) -> dict:
   boxes are known); prints the table."""
   c = config.cam
   manual_dir, data_dir = data_lib.dataset_dirs(config, workdir)
-  source = input_pipeline.data_source(data_dir, c.split)
-  index = input_pipeline.read_split_index(data_dir, c.split)
   predictor = predictor_lib.Predictor.from_workdir(workdir, c.checkpoint, config=config,
                                                global_batch=config.evaluation.global_batch_size)
+  # The views of the model's scope only: a humerus model's maps of wrist views say nothing of it.
+  source, index = data_lib.split_of_body_parts(
+      data_dir, c.split, checkpoints.body_parts_of(predictor.spec),
+      input_pipeline.read_split_index(data_dir, c.split))
   spec, bias = predictor.preprocessing, predictor.classifier_bias
   start = time.perf_counter()
   out = predictor.map_split(source, num_workers=config.data.num_workers)
