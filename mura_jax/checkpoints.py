@@ -12,8 +12,10 @@ WORKDIR/
                   `variables` (params, batch_stats; a third of a TrainState) and the `spec`.
 
 The spec (JSON) says what a checkpoint is: the model (architecture, `model_signature`), the
-preprocessing it was trained with (`preprocessing.Preprocessing`), its step, epoch and validation
-loss. A checkpoint is restored only into the model its spec names (`CheckpointMismatchError`
+preprocessing it was trained with (`preprocessing.Preprocessing`: image size, resize, channels),
+its step, epoch and validation loss, and its scope (`scope`): the body parts it was trained and
+validated on and the data they came from (synthetic MURA or MURA, studies and images per split).
+A checkpoint is restored only into the model its spec names (`CheckpointMismatchError`
 otherwise), and replicated over the mesh it is restored onto: a checkpoint saved on 2 hosts x 2
 devices loads on 1 device and vice versa. Workdirs may be gs:// paths (etils.epath throughout).
 """
@@ -32,6 +34,7 @@ from mura_jax.data import preprocessing as preprocessing_lib
 from mura_jax.errors import ConfigError, UserError
 from mura_jax.models import densenet
 from mura_jax.runtime import step_cache
+from tfds_mura import BODY_PARTS
 
 SPEC_VERSION = 1
 LATEST, BEST = 'checkpoints', 'best'
@@ -66,6 +69,34 @@ def spec(config: ml_collections.ConfigDict, **fields) -> dict:
   """The spec of a checkpoint of this config (model, preprocessing) plus `fields` (step, ...)."""
   return {'spec_version': SPEC_VERSION, 'model': model_signature(config),
           'preprocessing': preprocessing_lib.Preprocessing.from_config(config).to_dict(), **fields}
+
+
+def body_parts_of(spec: dict) -> tuple[str, ...]:
+  """The body parts a checkpoint's or an export's model was trained and validated on (its scope).
+  A spec that names none (an export of mura-jax before issue 28, or a checkpoint from before
+  body-part subsets) is taken as all seven MURA study types, what such runs trained on."""
+  return tuple(spec.get('body_parts') or BODY_PARTS)
+
+
+def scope(spec: dict) -> dict:
+  """What an export's spec carries of a checkpoint's scope: its body parts (`body_parts_of`) and
+  the data it was trained and validated on (`data`: None where the spec predates it), with what
+  was assumed for an older spec (`assumed`: a sentence, or absent)."""
+  found = {'body_parts': list(body_parts_of(spec)), 'data': spec.get('data')}
+  assumed = scope_assumed(spec)
+  if assumed:
+    found['assumed'] = assumed
+  return found
+
+
+def scope_assumed(spec: dict) -> str | None:
+  """A sentence saying what an older spec's scope is taken to be, or None when it states it."""
+  if spec.get('assumed'):
+    return spec['assumed']
+  if not spec.get('body_parts'):
+    return ('the spec names no body parts (written by an older mura-jax): taken as all seven '
+            f'MURA study types ({", ".join(BODY_PARTS)})')
+  return None
 
 
 def check_model(found: dict | None, expected: dict, where: str) -> None:

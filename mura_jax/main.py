@@ -9,10 +9,10 @@
 Without --config the demo runs (mura_jax/configs/demo.py, the embedded default). Override any
 config value on the command line: `--config.data.synthetic_seed=1`; `--help` lists them all.
 
-A workdir remembers its run's config (WORKDIR/config.json): a rerun that changes anything that
-changes results is refused, naming the keys, unless --config.allow_config_change=True says the
-change is intended (it is then logged and recorded in the reports). Errors in the input, the
-config or the workdir are printed as a sentence (exit 2); --verbose adds the traceback.
+A workdir remembers its run's config (WORKDIR/config.json): a rerun that changes results is
+refused, naming the keys, unless --config.allow_config_change=True (logged, and recorded in the
+reports). Evaluate, cam and export run with that config: they may change only their own keys.
+Errors in the input, config or workdir are a sentence (exit 2); --verbose adds the traceback.
 """
 
 import functools
@@ -51,12 +51,14 @@ def _run_job(mode: str, config, workdir):
 MODES = {mode: functools.partial(_run_job, mode) for mode in JOBS}
 
 
-def run(config, workdir):
+def run(config, workdir, given=None):
   """Checks what can be checked before any computation, locks the workdir, then runs config.mode
-  and, after training, the jobs config.after_training lists."""
+  and, after training, the jobs config.after_training lists. Evaluate, cam and export run with
+  the workdir's config, changed only in their keys `given` (workdir.config_of_run)."""
   start.before_jax()
   if config.mode not in MODES:
     raise ConfigError(f'config.mode={config.mode!r}; expected one of {", ".join(MODES)}.')
+  config = workdir_lib.config_of_run(workdir, config, given)
   jobs = [config.mode] + (after_training(config) if config.mode == 'train' else [])
   checks = [getattr(importlib.import_module(JOBS[m]), 'check', None) for m in jobs]
   workdir_lib.preflight(config, workdir, lambda c: [check(c) for check in checks if check])
@@ -82,7 +84,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
-    run(FLAGS.config, FLAGS.workdir)
+    run(FLAGS.config, FLAGS.workdir, config_flags.get_override_values(FLAGS['config']))
   except cli.USER_ERRORS as e:
     raise SystemExit(cli.say_user_error(e, FLAGS.verbose)) from None
 

@@ -45,10 +45,15 @@ _FREE_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
               'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
               'train.keep_best',
               'evaluation.', 'cam.', 'export.')
-# What evaluate, cam and export take from the checkpoints themselves (their spec), not the config.
-_INFERENCE_KEYS = ('data.image_size', 'data.resize', 'model.arch', 'model.in_channels',
-                   'model.dtype', 'model.growth_rate', 'model.block_config',
-                   'model.num_init_features', 'model.bn_size')
+# Evaluate, cam and export run with the workdir's config (`config_of_run`); of it they may change
+# only their own keys (a prefix ending in '.' names a section) and where the data are ...
+_MODE_KEYS = {'evaluate': ('evaluation.', 'data.body_parts'), 'cam': ('cam.', 'evaluation.'),
+              'export': ('export.',)}
+_DATA_KEYS = ('data.data_dir', 'data.manual_dir')
+# ... and where and how they run, always the command line's (the workdir's says how training ran).
+_RUNTIME_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
+                 'allow_config_change', 'data.num_workers', 'data.build_workers',
+                 'model.scan_segment', 'model.unrolled_blocks')
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -69,22 +74,24 @@ def read_config(workdir) -> ml_collections.ConfigDict | None:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def config_differences(written, config, keys=None) -> dict[str, tuple[Any, Any]]:
-  """{key: (value in the workdir, value now)} over the keys that change results (or `keys`)."""
+def config_differences(written, config) -> dict[str, tuple[Any, Any]]:
+  """{key: (value in the workdir, value now)} over the keys that change results."""
+  before, now = _flat(written), _flat(config)
+  missing = object()
+  return {key: (before.get(key, '(absent)'), now.get(key, '(absent)'))
+          for key in sorted(set(before) | set(now))
+          if not key.startswith(_FREE_KEYS) and before.get(key, missing) != now.get(key, missing)}
+
+
+def _flat(config) -> dict[str, Any]:
+  """{'section.key': value} of a config, through JSON (a tuple and its list compare equal)."""
   def flat(tree, prefix=''):
     for key, value in tree.items():
       if isinstance(value, dict):
         yield from flat(value, f'{prefix}{key}.')
       else:
         yield f'{prefix}{key}', value
-  # Both through JSON, so that a tuple and the list it was written as compare equal.
-  before = dict(flat(json.loads(written.to_json_best_effort())))
-  now = dict(flat(json.loads(config.to_json_best_effort())))
-  missing = object()
-  return {key: (before.get(key, '(absent)'), now.get(key, '(absent)'))
-          for key in sorted(set(before) | set(now))
-          if (key in keys if keys is not None else not key.startswith(_FREE_KEYS))
-          and before.get(key, missing) != now.get(key, missing)}
+  return dict(flat(json.loads(config.to_json_best_effort())))
 
 
 def _changes_table(changes) -> str:
@@ -125,19 +132,57 @@ def config_changes(workdir) -> list[dict]:
   return json.loads(path.read_text()) if path.exists() else []
 
 
-def check_inference_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """Evaluate, cam and export take the model and its preprocessing from the checkpoints' spec;
-  a command line that asks for another image size, resize or model would be silently ignored,
-  so it is an error."""
-  written = read_config(workdir)
+def _named(key: str, names) -> bool:
+  return any(key == n or (n.endswith('.') and key.startswith(n)) for n in names)
+
+
+def config_of_run(workdir, config: ml_collections.ConfigDict,
+                  given=None) -> ml_collections.ConfigDict:
+  """The config evaluate, cam and export run with: the workdir's config.json (what the run was
+  trained with, its command line's overrides included), so that none has to be repeated. Of the
+  command line's `config` they take where and how they run (`_RUNTIME_KEYS`) and, where `given`
+  (the keys set with --config.KEY=VALUE; None: every key of `config`), their own keys
+  (`_MODE_KEYS`, `_DATA_KEYS`). Another key given with another value than the run's is refused
+  (ConfigError naming it): the model and its preprocessing are the checkpoints'. Other modes, or
+  a workdir without config.json: `config` as it is."""
+  written = read_config(workdir) if config.mode in _MODE_KEYS else None
   if written is None:
-    return
-  changes = config_differences(written, config, keys=_INFERENCE_KEYS)
-  if changes:
+    return config
+  before, now = _flat(written), _flat(config)
+  owned = _RUNTIME_KEYS + _DATA_KEYS + _MODE_KEYS[config.mode]
+  given = set(now) if given is None else set(given) & set(now)
+  refused = {k: (before[k], now[k]) for k in sorted(given) if not _named(k, owned)
+             and k in before and before[k] != now[k]}
+  if refused:
+    own = ', '.join(n + ('*' if n.endswith('.') else '') for n in _MODE_KEYS[config.mode])
     raise ConfigError(
-        f'The checkpoints in {workdir} were trained with another model or preprocessing than '
-        f'this command asks for:\n{_changes_table(changes)}\n{config.mode} uses the checkpoints\' '
-        'own (their spec); drop these overrides, or pass the config the run was trained with.')
+        f'{config.mode} runs with the config the run in {workdir} was trained with (its '
+        f'config.json), and may change only its own keys ({own}, {", ".join(_DATA_KEYS)}); this '
+        f'command line changes {", ".join(f"--config.{k}" for k in refused)}:\n'
+        f'{_changes_table(refused)}\nDrop {"it" if len(refused) == 1 else "them"} (the '
+        'checkpoints keep their model and preprocessing), or train a run with '
+        f'{"it" if len(refused) == 1 else "them"} into a new --workdir.')
+  merged = {k: v if (_named(k, _RUNTIME_KEYS) or k not in before
+                     or (k in given and _named(k, owned))) else before[k]
+            for k, v in now.items()}
+  taken = sorted(k for k in merged if merged[k] != now[k])
+  if taken:
+    logging.info('%s uses the config of the run in %s (config.json); it differs from this '
+                 "command line's config file in: %s", config.mode, workdir, ', '.join(taken))
+  return _unflat(merged, config)
+
+
+def _unflat(flat: dict[str, Any], like: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A ConfigDict of `flat` values shaped as `like` (its tuples stay tuples)."""
+  tree = like.copy_and_resolve_references().to_dict()
+  for key, value in flat.items():
+    *sections, name = key.split('.')
+    node = tree
+    for section in sections:
+      node = node[section]
+    node[name] = tuple(value) if isinstance(node.get(name), tuple) and isinstance(
+        value, list) else value
+  return ml_collections.ConfigDict(tree)
 
 
 # The files a config may name, what each should be (for the message when it is missing).
@@ -190,8 +235,7 @@ def preflight(config, workdir, check_job=None) -> None:
   if check_job is not None:
     check_job(config)
   check_named_files(config)
-  if config.mode in ('evaluate', 'cam', 'export'):
-    check_inference_config(workdir, config)
+  if config.mode in _MODE_KEYS:
     checkpoints.check_has_checkpoints(workdir, config.mode)
 
 

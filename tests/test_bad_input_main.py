@@ -26,7 +26,9 @@ the traceback only with --verbose. docs/troubleshooting.md quotes these.
                                                     good checkpoint is step N ... (test_train.py)
     a workdir that cannot be written              error: Cannot write to DIR (...) ... pass a --workdir
     a finished run continued with another config  error: DIR holds a run trained with another config
-    evaluate/cam/export with another image size   error: The checkpoints in DIR were trained with ...
+    evaluate/cam/export with another image size   error: evaluate runs with the config the run in
+                                                    DIR was trained with ... may change only its
+                                                    own keys ... changes --config.data.image_size
     a data_dir without a built dataset            error: No built `mura` dataset with split ...
     a data_dir that is the dataset's mura/ folder error: The data_dir D/mura is the mura/ folder ...
                                                     use --config.data.data_dir=D
@@ -308,8 +310,10 @@ def test_evaluate_with_another_image_size_is_refused(tmp_path, mura_data_dir, tr
   for mode in ('evaluate', 'cam', 'export'):
     out = run_main('--config', config_file, '--workdir', str(workdir), f'--config.mode={mode}',
                    '--config.data.image_size=64')
-    assert_user_error(out, f'error: The checkpoints in {workdir} were trained with another model',
-                      'data.image_size: 32 in the workdir, 64 now', f'{mode} uses the checkpoints')
+    assert_user_error(out, f'error: {mode} runs with the config the run in {workdir} was trained '
+                      'with (its config.json), and may change only its own keys',
+                      'this command line changes --config.data.image_size:\n  data.image_size: '
+                      '32 in the workdir, 64 now\nDrop it')
   assert report.read_text() == before
 
 

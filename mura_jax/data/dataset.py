@@ -136,6 +136,24 @@ def split_of_body_parts(data_dir: str, split: str, body_parts, split_index=None)
   return input_pipeline.SubsetSource(source, views), input_pipeline.subset(split_index, views)
 
 
+def data_origin(config: ml_collections.ConfigDict, data_dir: str, body_parts) -> dict:
+  """What a run trains and validates on, for its checkpoints' spec and its model card: the data
+  (a synthetic MURA, as the builder recorded it, or MURA-v1.1) and, of `body_parts` only, the
+  studies and images per split (normal/abnormal)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = tfds.builder('mura', data_dir=data_dir).info
+  metadata = info.metadata or {}
+  synthetic = bool(metadata.get('synthetic', config.data.synthetic))
+  # 'study_counts' / 'image_counts': the builder's names.
+  counts = {kind: {split: {p: dict(metadata[f'{key}_counts'][split].get(p, {}))
+                           for p in body_parts} for split in ('train', 'validation')}
+            for kind, key in (('studies', 'study'), ('images', 'image'))
+            if f'{key}_counts' in metadata}
+  return {'dataset': 'synthetic MURA (mura-jax)' if synthetic else 'MURA-v1.1',
+          'synthetic': synthetic, 'tfds': f'mura {info.version}',
+          'splits': {'trained on': 'train', 'validated on': 'validation'}, **counts}
+
+
 def image_counts(data_dir: str, split: str = 'train') -> dict[str, dict[str, int]]:
   """{body_part: {'normal': N, 'abnormal': A}} of a built split, from its metadata."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

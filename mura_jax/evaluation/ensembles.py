@@ -44,7 +44,7 @@ class Member:
   @property
   def body_parts(self) -> tuple[str, ...]:
     """The parts it was trained on (older checkpoints, without the record: all seven)."""
-    return tuple(self.spec.get('body_parts') or BODY_PARTS)
+    return checkpoints.body_parts_of(self.spec)
 
   def name(self, several_workdirs: bool) -> str:
     step = f'step {self.step}'

@@ -87,6 +87,13 @@ class ExportedPredictor:
       preprocessing = preprocessing_lib.Preprocessing(**manifest['spec']['preprocessing'])
       checkpoint = {**manifest['checkpoint'], 'export': os.fspath(folder)}
       bias = float(manifest['classifier_bias'])
+      spec = dict(manifest['spec'])
+      # Its scope (the body parts it was trained and validated on): absent from an export of
+      # mura-jax before issue 28, which mura-predict takes as all seven (checkpoints.body_parts_of).
+      parts = spec.get('body_parts')
+      if parts is not None and not (isinstance(parts, list) and
+                                    all(isinstance(p, str) for p in parts)):
+        raise TypeError(f'body_parts {parts!r} is not a list of body part names')
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise ExportError(f'{manifest_path} is damaged ({type(e).__name__}: {e} in files, spec, '
                         f'checkpoint or classifier_bias); {AGAIN}.') from e
@@ -99,6 +106,7 @@ class ExportedPredictor:
     self.preprocessing = preprocessing
     self.checkpoint = checkpoint
     self.classifier_bias = bias
+    self.spec = spec  # model, preprocessing, body_parts, data (what the checkpoint's spec had)
     self.batch_size = 32
 
   def predict_views_and_maps(self, views) -> tuple[np.ndarray, np.ndarray]:

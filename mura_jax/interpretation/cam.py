@@ -1,6 +1,7 @@
 """The CAM job (`--config.mode=cam`, and after training where config.after_training lists cam):
 class activation maps of a checkpoint on a split, overlays of the chosen studies, and how well the
-maps localise (localisation.py) -> WORKDIR/cam/<split>/. The maps: maps.py; pictures: pictures.py.
+maps localise (localisation.py) -> WORKDIR/cam/<split>/, over the views of the body parts the
+model was trained on (its scope). The maps: maps.py; pictures: pictures.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 from tfds_mura import ANNOTATIONS_FILE, BODY_PARTS
 
+from mura_jax import checkpoints
 from mura_jax.data import dataset as data_lib
 from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError
@@ -51,16 +53,28 @@ def choose_studies(probabilities: np.ndarray, study_ids, threshold: float, chose
   return [int(s) for s in order]
 
 
+def no_boxes(split: str, given: str, manual_dir) -> str:
+  """Why localisation is not measured: the split has no boxes, and which file would give them."""
+  where = (f'config.cam.annotations={given} holds no boxes' if given else
+           f'config.cam.annotations is empty, and {manual_dir} holds no {ANNOTATIONS_FILE}, the '
+           'boxes a synthetic MURA has')
+  return (f'The {split} split has no boxes ({where}): localisation is not measured. To measure '
+          'it, pass --config.cam.annotations=CSV, a boxes CSV image_path,abnormality,x0,y0,x1,y1 '
+          'of its abnormal views.')
+
+
 def run(config, workdir: str) -> dict:
   """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), peaks.png,
   and localisation.json / localisation.md (with the pointing and Otsu figures where the split's
   boxes are known); prints the table."""
   c = config.cam
   manual_dir, data_dir = data_lib.dataset_dirs(config, workdir)
-  source = input_pipeline.data_source(data_dir, c.split)
-  index = input_pipeline.read_split_index(data_dir, c.split)
   predictor = predictor_lib.Predictor.from_workdir(workdir, c.checkpoint, config=config,
                                                global_batch=config.evaluation.global_batch_size)
+  # The views of the model's scope only: a humerus model's maps of wrist views say nothing of it.
+  source, index = data_lib.split_of_body_parts(
+      data_dir, c.split, checkpoints.body_parts_of(predictor.spec),
+      input_pipeline.read_split_index(data_dir, c.split))
   spec, bias = predictor.preprocessing, predictor.classifier_bias
   start = time.perf_counter()
   out = predictor.map_split(source, num_workers=config.data.num_workers)
@@ -100,8 +114,8 @@ def run(config, workdir: str) -> dict:
         maps, image, index.image_path, [BODY_PARTS[b] for b in index.body_part], boxes, bias, spec,
         num_resamples=c.bootstrap_resamples, seed=config.evaluation.seed)
   else:
-    logging.info('No boxes for the %s split (%s): localisation is not measured.', c.split,
-                 annotations)
+    summary['no_boxes'] = no_boxes(c.split, c.annotations, manual_dir)
+    logging.info('%s', summary['no_boxes'])
   summary['sanity'] = localisation_lib.sanity_checks(predictor, maps, image, annotated,
                                     lambda i: boxes[index.image_path[i]])
   text = localisation_lib.format_localisation(summary)

@@ -264,6 +264,8 @@ def format_localisation(summary: dict) -> str:
   lines = [f'# CAM localisation: {summary["split"]}, {summary["checkpoint"]["which"]} checkpoint '
            f'(step {summary["checkpoint"]["step"]})', '']
   local = summary.get('localisation')
+  if summary.get('no_boxes'):  # cam.no_boxes: which file would give them
+    lines += [summary['no_boxes'], '']
   if local:
     lines += [f'{local["n_views"]} abnormal views with a box; 95% CIs from bootstrap resamples of '
               'views. Pointing: the map\'s peak inside the box (or within '

@@ -25,7 +25,9 @@ writes WORKDIR/export/ (`config.export.dir` to choose another folder):
                          in TensorFlow before it is kept; export.json says why when it is not.
   model_card.md/.json    intended use, preprocessing, architecture, training config and data,
                          validation metrics with CIs, reference figures, limitations, licence terms.
-  export.json            format version, files with sha256, checkpoint, spec.
+  export.json            format version, files with sha256, checkpoint, spec (the model, its
+                         preprocessing and its scope: the body parts and the data it was
+                         trained and validated on; `mura-predict --model` reads them).
 
 An export is written into a staging folder beside the target (`.export.partial-HOST-PID-XXXXXXXX`)
 and renamed into place when complete, so a partial export never looks like one; a staging folder
@@ -47,6 +49,7 @@ from jax import export as jax_export
 import numpy as np
 from etils import epath
 
+from mura_jax import checkpoints
 from mura_jax import workdir as workdir_lib
 from mura_jax.data import preprocessing as preprocessing_lib
 from mura_jax.inference import predictor as predictor_lib
@@ -215,7 +218,8 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
   written = workdir_lib.read_config(workdir)
   if written is not None:
     written.workdir = os.fspath(workdir)
-  spec_ = {'model': predictor.spec['model'], 'preprocessing': predictor.spec['preprocessing']}
+  spec_ = {'model': predictor.spec['model'], 'preprocessing': predictor.spec['preprocessing'],
+           **checkpoints.scope(predictor.spec)}  # body parts, data (model_card.scope_card)
   staging = export_folder.temporary(out_dir, 'partial')
   try:
     staging.mkdir(parents=True)
@@ -230,7 +234,7 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
     card = model_card.model_card(
         predictor.checkpoint, spec_, parameters, written,
         model_card.validation_metrics(validation_report, predictor.checkpoint['step']),
-        model_card.training_data(written))
+        model_card.training_data(predictor.spec, written))
     (staging / 'model_card.json').write_text(json.dumps(card, indent=2) + '\n')
     (staging / 'model_card.md').write_text(model_card.format_card(card))
     files = sorted(p.name for p in staging.iterdir() if p.is_file())

@@ -12,18 +12,21 @@ reached twice is read once. Folders that mura-predict wrote (its --out, its cam 
 a `.mura-predict-output` marker, or its studies.csv and views.csv) are skipped with a note.
 The body part of a study: --body-part if given, else an `XR_<PART>` folder in its path (MURA's
 layout), else DICOM's Body Part Examined, the part most of its views name (a tie: the first
-view's). MURA's model knows 7 upper-extremity study types; any other part, or none found, is
-reported as out of scope and not predicted. Where the views of one study name different body
-parts, those not of the study's part are left out (views.csv: status left_out) and the study
-gets a warning; views that all name one part other than --body-part or the folder's are kept
-(the user's word wins), with a warning.
+view's). A model's scope is the body parts it was trained and validated on (its spec: the 7
+MURA study types, or those of config.data.body_parts); a study of any other part, or with none
+found, is out_of_scope: not scored (no probability, no verdict). --allow-out-of-scope scores a
+study of a known part outside the scope anyway: its status is predicted_out_of_scope, with a
+warning. A study whose part is unknown is never scored: pass --body-part. Where the views of
+one study name different body parts, those not of the study's part are left out (views.csv:
+status left_out) and the study gets a warning; views that all name one part other than
+--body-part or the folder's are kept (the user's word wins), with a warning.
 
 Every view goes through the checkpoint's own preprocessing (`images.read_view`, then
 `preprocessing`), so a study gets the probability evaluate mode gives it. The study probability is
 the mean of its views' (the paper); abnormal if > --threshold.
 
 Outputs: a table on the terminal; with --out DIR, predictions.csv (MURA's submission format: study,
-0/1, no header; predicted studies only), studies.csv (every study found: study, body_part, views,
+0/1, no header; scored studies only), studies.csv (every study found: study, body_part, views,
 probability, verdict, status, warnings, cam, worklist_rank, tier) and views.csv (study, file,
 probability, status, warnings); with --cam, class activation map overlays (DIR/cam/<study>/). With
 --worklist, studies are ranked by probability (rank 1 read first) and tiered at the operating
@@ -41,8 +44,9 @@ multi-frame DICOM, no body part, mixed body parts) is a `note:` on stderr as wel
 File names that are not UTF-8 are shown and written with their bytes escaped (`\xe9`,
 Python's backslashreplace).
 
-Exit status: 0 every study found was predicted and every file read; 1 some files could not be read
-or were left out, or some studies were not predicted (error, out of scope); 2 nothing to predict
+Exit status: 0 every study found was predicted (predicted_out_of_scope included: it was asked
+for) and every file read; 1 some files could not be read or were left out, or some studies were
+not predicted (error, out_of_scope); 2 nothing to predict
 (no image file found) or a usage error (no checkpoint in --workdir, a refused --out or flag value).
 """
 
@@ -72,28 +76,50 @@ from tfds_mura import BODY_PARTS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING = 0, 1, 2
 TIERS = ('read first', 'read', 'deprioritise')
+# A study's status when scored: in the model's scope, or outside it with --allow-out-of-scope.
+PREDICTED = ('predicted', 'predicted_out_of_scope')
 
 
 # ------------------------------------------------------------------------------------------------
 # Predicting (the studies come from study_folders.py).
 
 
-def predict(predictor, studies: list[study_folders.Study], threshold: float, cam_dir=None) -> None:
-  """Fills in each study's status, view probabilities and probability (and CAM overlays)."""
-  todo = []
+def scope_problem(body_part: str | None, scope: tuple[str, ...]) -> str | None:
+  """Why a study of `body_part` is outside a model's scope (the body parts it was trained and
+  validated on), or None when it is inside."""
+  if body_part is None:
+    return 'no body part found: pass --body-part'
+  if body_part not in BODY_PARTS:
+    return (f'body part {body_part!r} is not one of the 7 MURA study types '
+            f'({", ".join(BODY_PARTS)})')
+  if body_part not in scope:
+    return (f'body part {body_part!r} is outside this model\'s scope: it was trained and '
+            f'validated on {", ".join(scope)} studies only')
+  return None
+
+
+def predict(predictor, studies: list[study_folders.Study], threshold: float, cam_dir=None,
+            allow_out_of_scope: bool = False) -> None:
+  """Fills in each study's status, view probabilities and probability (and CAM overlays). A study
+  outside the model's scope (`scope_problem`) is out_of_scope, not scored; with
+  `allow_out_of_scope` one of a known body part is scored, status predicted_out_of_scope."""
+  todo, forced = [], set()
+  scope = checkpoints.body_parts_of(predictor.spec)
   for study in studies:
-    if study.body_part not in BODY_PARTS:
+    problem = scope_problem(study.body_part, scope)
+    if problem and (study.body_part is None or not allow_out_of_scope):
       study.status = 'out_of_scope'
-      study.warnings.append(
-          'no body part found: pass --body-part' if study.body_part is None else
-          f'body part {study.body_part!r} is not one of the 7 MURA study types '
-          f'({", ".join(BODY_PARTS)})')
+      study.warnings.append(problem + ('' if study.body_part is None else
+                                       ': not scored (--allow-out-of-scope scores it anyway)'))
     elif not study.views:
       study.status = 'error'
       if study.left_out and not study.errors:
         study.warnings.append('no view of its body part left to predict')
     else:
       todo.append(study)
+      if problem:
+        forced.add(study.id)
+        study.warnings.append(problem + ': scored anyway (--allow-out-of-scope)')
   views = [v.pixels for s in todo for v in s.views]
   if not views:
     return
@@ -113,7 +139,7 @@ def predict(predictor, studies: list[study_folders.Study], threshold: float, cam
     n = len(study.views)
     study.view_probabilities = [float(p) for p in probabilities[start:start + n]]
     study.probability = float(probability)
-    study.status = 'predicted'
+    study.status = 'predicted_out_of_scope' if study.id in forced else 'predicted'
     if study.errors:
       study.warnings.append(f'{len(study.errors)} of {len(study.errors) + n} files unreadable')
     for view in study.views:
@@ -288,6 +314,10 @@ def parse_args(argv):
   parser.add_argument('--worklist', action='store_true', help='rank and tier the studies')
   parser.add_argument('--body-part', choices=BODY_PARTS,
                       help='the body part of every study (else from XR_<PART> or DICOM)')
+  parser.add_argument('--allow-out-of-scope', action='store_true',
+                      help='score studies of body parts outside the model\'s scope too (status '
+                           'predicted_out_of_scope, with a warning); without it they are '
+                           'out_of_scope, not scored')
   parser.add_argument('--threshold', type=_threshold, default=0.5,
                       help='abnormal if > this, in [0, 1]')
   parser.add_argument('--batch-size', type=_batch_size, default=32,
@@ -350,7 +380,10 @@ def predict_paths(args) -> int:
     for f, why in study.errors:
       _say('error', why)
   cam_dir = epath.Path(args.out or '.') / 'cam' if args.cam else None
-  predict(predictor, studies, args.threshold, cam_dir)
+  assumed = checkpoints.scope_assumed(predictor.spec)
+  if assumed:
+    _say('note', f'the model\'s scope: {assumed}')
+  predict(predictor, studies, args.threshold, cam_dir, args.allow_out_of_scope)
   for study in studies:  # what the user must see, not only in the CSVs
     for warning in study.warnings:
       _say('note', f'{study.id}: {warning}')
@@ -361,7 +394,7 @@ def predict_paths(args) -> int:
   if args.out:
     write_outputs(args.out, studies, args.threshold)
     _say('Wrote predictions.csv, studies.csv, views.csv to', args.out, sep=' ')
-  failed = problems or any(s.errors or s.left_out or s.status != 'predicted' for s in studies)
+  failed = problems or any(s.errors or s.left_out or s.status not in PREDICTED for s in studies)
   return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

@@ -39,7 +39,7 @@ class Study:
   errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
   left_out: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
   warnings: list[str] = dataclasses.field(default_factory=list)
-  status: str = 'pending'   # predicted | error | out_of_scope
+  status: str = 'pending'   # predicted | predicted_out_of_scope | error | out_of_scope
   probability: float | None = None
   view_probabilities: list[float] = dataclasses.field(default_factory=list)
   cam: str = ''

@@ -155,6 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   valid_source, valid_index = data_lib.split_of_body_parts(
       data_dir, 'validation', body_parts, input_pipeline.read_split_index(data_dir, 'validation'))
   loss_weights = loss_lib.dataset_loss_weights(data_dir, body_parts)
+  # The model's scope, in every checkpoint's spec (and so in its export and model card).
+  scope = {'body_parts': list(body_parts),
+           'data': data_lib.data_origin(config, data_dir, body_parts)}
   logging.info('Weighted loss [w_T,0 (normal), w_T,1 (abnormal)] per body part:\n%s',
                '\n'.join(f'  {p:<9} {w[0]:.4f} {w[1]:.4f}'
                          for p, w in zip(BODY_PARTS, loss_weights) if p in body_parts))
@@ -182,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = train_state.initial_state(config, model)
     progress = checkpoints.spec(config, step=0, epoch=0, batch_in_epoch=0,
                                 best_validation_loss=None, seed=config.seed,
-                                body_parts=list(body_parts), loss_weights=loss_weights.tolist())
+                                loss_weights=loss_weights.tolist(), **scope)
   state = jax.device_put(state, parallel.replicated(mesh))
   logging.info('Model %s (compute %s):\n%s\n%d steps per epoch of %d views (global batch %d).',
                config.model.arch, config.model.dtype, train_state.parameter_overview(state.params),
@@ -283,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint(epoch + 1, 0)
       checkpoints.save_best(best, train_state.variables_of(state), checkpoints.spec(
           config, step=int(state.step), epoch=epoch + 1, validation_loss=validation_loss,
-          body_parts=list(body_parts), loss_weights=loss_weights.tolist()),
+          loss_weights=loss_weights.tolist(), **scope),
           validation_loss)
   bar.close()
   latest.wait_until_finished()
