@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 from typing import Any
 from collections.abc import Iterator
 
@@ -237,8 +238,21 @@ def _to_iter(dataset: grain.MapDataset, num_workers: int, prefetch: int) -> grai
       # grain's worker processes read absl flags; outside an absl app nobody parsed them.
       flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count(num_workers)))
+        grain.MultiprocessingOptions(num_workers=worker_count(num_workers)),
+        worker_init_fn=functools.partial(_outlive_sigterm, os.getpid()))
   return iterable
+
+
+def _outlive_sigterm(parent: int, worker_index: int, worker_count_: int) -> None:  # pylint: disable=unused-argument
+  """grain's worker processes start with this: a preemption's SIGTERM goes to every process of
+  the host, and a worker it killed would stop the training process at its next batch ('Worker
+  process was terminated unexpectedly') before the checkpoint the notice asks for. The training
+  process stops its workers itself when it is done (grain's close: a stop event, then SIGKILL);
+  a worker whose training process is gone still ends on SIGTERM."""
+  def handle(signum, frame):  # pylint: disable=unused-argument
+    if os.getppid() != parent:
+      os._exit(128 + signum)  # pylint: disable=protected-access
+  signal.signal(signal.SIGTERM, handle)
 
 
 @functools.cache
