@@ -64,8 +64,9 @@ def gcs_server(tmp_path_factory):
   port, log = _free_port(), tmp_path_factory.mktemp('gcs') / 'requests.log'
   url = f'http://127.0.0.1:{port}'
   with open(log, 'w', encoding='utf-8') as out:  # a file, not a pipe nobody drains
+    binary = _server._get_binary_path()  # pylint: disable=protected-access
     server = subprocess.Popen(
-        [str(_server._get_binary_path()), '-scheme', 'http', '-backend', 'memory',  # pylint: disable=protected-access
+        [str(binary), '-scheme', 'http', '-backend', 'memory',
          '-host', '127.0.0.1', '-port', str(port), '-external-url', url, '-log-level', 'info'],
         stdout=out, stderr=out)
   try:
