@@ -173,3 +173,33 @@ def test_gs_without_gcsfs_is_a_sentence_naming_the_install(monkeypatch):
                            r'"mura-jax\[gcs\]"'):
     workdir_lib.check_writable('gs://b/run')
   cached.cache_clear()
+
+
+def test_a_gs_data_dir_is_built_locally_then_copied_up(bucket, tiny_tree, monkeypatch):
+  """ArrayRecord's writer opens local files only: the build goes to a local folder and is copied
+  into the gs:// data_dir (test_gcs_emulator.py does it on a GCS server); a copy that fails is a
+  sentence, and what was copied is not taken for a built dataset."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tfds_mura import build  # pylint: disable=g-import-not-at-top
+  from tfds_mura.mura import mura_dataset_builder as mura  # pylint: disable=g-import-not-at-top
+  real_open = FakeGCS._open  # pylint: disable=protected-access
+
+  def no_shards(self, path, mode='rb', **kwargs):
+    if 'w' in mode and '.array_record' in path:
+      raise PermissionError(13, 'Permission denied', path)
+    return real_open(self, path, mode, **kwargs)
+
+  monkeypatch.setattr(FakeGCS, '_open', no_shards)
+  with pytest.raises(mura.MuraDataError, match=r'The dataset was built, but copying it into '
+                                              r'gs://mura-test-bucket/broken/mura/1\.1\.0 failed'):
+    build.build(str(tiny_tree), f'{bucket}/broken', num_workers=1)
+  assert not (epath.Path(f'{bucket}/broken/mura/1.1.0') / 'dataset_info.json').exists()
+  monkeypatch.setattr(FakeGCS, '_open', real_open)
+  built = build.build(str(tiny_tree), f'{bucket}/tfds', num_workers=1)
+  folder = epath.Path(f'{bucket}/tfds/mura/1.1.0')
+  names = {f.name for f in folder.iterdir()}
+  assert {'dataset_info.json', 'mura-train.array_record-00000-of-00001',
+          'mura-validation.array_record-00000-of-00001'} <= names
+  assert built.data_dir == str(folder)
+  again = build.build(None, f'{bucket}/tfds')  # no manual_dir: only a built dataset will do
+  assert again.info.splits['train'].num_examples == built.info.splits['train'].num_examples > 0

@@ -108,11 +108,17 @@ def _prepare_then_upload(manual_dir, data_dir, file_format, num_workers):
     built = _prepare(manual_dir, local, file_format, num_workers)
     source = epath.Path(built.data_path)
     target = epath.Path(data_dir) / source.relative_to(local)
-    target.mkdir(parents=True, exist_ok=True)
     files = sorted(source.iterdir(), key=lambda f: f.name == 'dataset_info.json')
-    for f in files:
-      with f.open('rb') as src, (target / f.name).open('wb') as dst:
-        shutil.copyfileobj(src, dst, 64 << 20)
+    try:
+      target.mkdir(parents=True, exist_ok=True)
+      for f in files:
+        with f.open('rb') as src, (target / f.name).open('wb') as dst:
+          shutil.copyfileobj(src, dst, 64 << 20)
+    except OSError as e:
+      raise mura.MuraDataError(
+          f'The dataset was built, but copying it into {target} failed ({type(e).__name__}: '
+          f'{e}): check that the bucket exists and that this machine may write to it, then '
+          'build again.') from None
   uploaded = mura.Builder(data_dir=data_dir, num_workers=num_workers)
   uploaded.build_warnings = built.build_warnings
   return uploaded
