@@ -17,7 +17,7 @@ from mura_jax.configs import base
 def get_config():
   config = base.base_config()
   config.data.data_dir = os.path.expanduser('~/tensorflow_datasets')
-  config.data.num_workers = 8
+  config.data.num_workers = -1  # grain workers: one per core, at most 32
   config.model.arch = 'densenet169'
   config.model.init = 'torchvision:' + os.path.expanduser('~/weights/densenet169-b2777c0a.pth')
   return config

@@ -10,6 +10,14 @@ Overrides of configs/densenet169.py for many devices, every one stated:
   - the learning rate scaled by sqrt(global batch / 8), the square-root rule for Adam (Malladi
     et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022): 1e-4
     at the paper's batch 8, 4e-4 at 128;
+    the square root, not Goyal et al.'s linear rule: that one is derived for SGD, and the
+    SDE analysis above gives the square root for Adam;
+  - a linear warm-up of the learning rate over the first epoch (optimizer.warmup_epochs=1: from
+    lr/W at the first update to lr at the W-th): Goyal et al., "Accurate, Large Minibatch SGD:
+    Training ImageNet in 1 Hour" (2017), section 2.2's gradual warm-up, for the optimisation
+    difficulty of a large batch's larger learning rate in the first updates (5 epochs of 90
+    there, 1 of 20 here: about the same share);
+  - grain workers from the host's cores (data.num_workers=-1, input_pipeline.worker_count);
   - jax.distributed started on every host (config.distributed=on): plain TPU VMs are not detected
     by an environment variable.
 The plateau schedule, the loss and the augmentation are the paper's.
@@ -22,7 +30,7 @@ def get_config():
   config = base.base_config()
   config.distributed = 'on'
   config.data.data_dir = ''   # gs://BUCKET/tensorflow_datasets, given by the launch script
-  config.data.num_workers = 8  # grain worker processes per host
+  config.data.num_workers = -1  # grain workers: one per core of the host, at most 32
   config.model.arch = 'densenet169'
   config.model.init = 'random'  # torchvision:PATH on every host, given by the launch script
   config.model.dtype = 'bfloat16'
@@ -30,5 +38,6 @@ def get_config():
   config.train.per_device_batch_size = 8
   config.evaluation.per_device_batch_size = 32
   config.optimizer.lr_scaling = 'sqrt'
+  config.optimizer.warmup_epochs = 1.0  # linear warm-up (Goyal et al. 2017), the docstring
   config.train.checkpoint_every_steps = 500
   return config

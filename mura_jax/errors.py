@@ -39,19 +39,24 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
   """No built `mura` dataset where the config points; the message says how to build it."""
 
 
-def write_problem(folder) -> OSError | None:
+def write_problem(folder) -> OSError | ImportError | None:
   """Why `folder` (local or gs://) cannot be written, or None: it is created if missing and a
   file is written and removed there. The entry points check their output folders with it before
-  any work (`workdir.check_writable`, the scorer's --out)."""
+  any work (`workdir.check_writable`, the scorer's --out). An ImportError: gs:// without gcsfs
+  (and without TensorFlow, whose own GCS file system epath would use instead)."""
   path = epath.Path(folder)
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f'.write-test-{os.getpid()}'
     probe.write_text('')
     probe.unlink()
-  except OSError as e:
+  except (OSError, ImportError) as e:
     return e
   return None
+
+
+GCS_INSTALL = ('gs:// paths need gcsfs: pip install "mura-jax[gcs]" (the tpu and cuda extras '
+               'include it)')
 
 
 def is_disk_full(error: BaseException | None) -> bool:

@@ -214,6 +214,8 @@ def check_named_files(config: ml_collections.ConfigDict) -> None:
 def check_writable(folder, flag: str = '--workdir') -> None:
   """Fails now, with a sentence, when `folder` cannot be written: not after the work."""
   e = write_problem(folder)
+  if isinstance(e, ImportError):
+    raise WorkdirError(f'Cannot write to {folder}: {errors.GCS_INSTALL}.') from e
   if e is not None:
     raise WorkdirError(
         f'Cannot write to {folder} ({type(e).__name__}: {getattr(e, "strerror", None) or e}). '

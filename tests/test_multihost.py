@@ -75,7 +75,9 @@ def test_two_processes_train_what_one_process_trains(mura_data_dir, tmp_path):
 
 
 def _start_processes(flags, logs, port):
-  """2 processes x 2 CPU devices, as launch/local_multiprocess.sh starts them; returns Popens."""
+  """2 processes x 2 CPU devices, as launch/local_multiprocess.sh starts them; returns Popens.
+  Each leads a process group of its own (its grain workers in it), as each host's processes are
+  apart from the other hosts'."""
   processes = []
   for i in range(2):
     env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2',
@@ -83,18 +85,23 @@ def _start_processes(flags, logs, port):
            'XLA_FLAGS': conftest.xla_flags(2)}
     log = open(logs / f'process_{i}.log', 'w')  # pylint: disable=consider-using-with
     processes.append(subprocess.Popen([sys.executable, '-m', 'mura_jax.main', *flags],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+                                      stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True))
   return processes
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(mura_data_dir, tmp_path):
+  """A preemption as a real one comes: SIGTERM to every process of one host (its process group:
+  the training process and its grain worker processes), none to the other."""
   import re  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  # 64 px and 2 epochs (about 16 steps): the notice arrives after step 2, mid-training.
+  # 64 px and 2 epochs (about 16 steps): the notice arrives after step 2, mid-training. One grain
+  # worker process per host, which the notice reaches too.
   extra = ['--config.train.num_epochs=2', '--config.train.log_every_steps=1',
-           '--config.train.checkpoint_every_steps=1000', '--config.data.image_size=64']
+           '--config.train.checkpoint_every_steps=1000', '--config.data.image_size=64',
+           '--config.data.num_workers=1']
   port = 20000 + os.getpid() % 20000
   # The reference: the same 2 processes, uninterrupted.
   straight = _start_processes([*_flags(mura_data_dir, tmp_path / 'one'), *extra], tmp_path, port)
@@ -108,10 +115,19 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(mura_dat
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
       break
     time.sleep(0.05)
-  first[1].send_signal(signal.SIGTERM)
+  group = os.getpgid(first[1].pid)
+  assert group == first[1].pid != os.getpgid(first[0].pid)
+  workers = _descendants(first[1].pid)
+  assert workers, 'no grain worker process under process 1'
+  assert all(os.getpgid(w) == group for w in workers)
+  os.killpg(group, signal.SIGTERM)
   codes = [p.wait(timeout=300) for p in first]
   logs = [(tmp_path / f'process_{i}.log').read_text() for i in range(2)]
   assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  deadline = time.time() + 60  # they stop as their training process ends, not at once
+  while any(_alive(w) for w in workers) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not [_command(w) for w in workers if _alive(w)], 'left running'
   stopped = [re.findall(r'Preempted at step (\d+)', log) for log in logs]
   assert stopped[0] and stopped[0] == stopped[1], stopped  # both hosts, the same step
   _, progress = _params(tmp_path / 'two', mura_data_dir)
@@ -125,3 +141,38 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(mura_dat
   assert one_progress['step'] == two_progress['step'] > progress['step']
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def _descendants(pid: int) -> list[int]:
+  """The live processes below `pid` (Linux /proc): grain's workers, its forkserver if any."""
+  parents = {}
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      try:
+        with open(f'/proc/{entry}/stat', encoding='utf-8') as f:
+          fields = f.read().rsplit(')', 1)[1].split()
+      except OSError:
+        continue
+      if fields[0] != 'Z':
+        parents[int(entry)] = int(fields[1])
+  found, frontier = [], [pid]
+  while frontier:
+    children = [p for p, parent in parents.items() if parent in frontier]
+    found, frontier = found + children, children
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+def _command(pid: int) -> str:
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      return f'{pid}: ' + f.read().replace(b'\0', b' ').decode(errors='replace')[:200]
+  except OSError:
+    return f'{pid}: gone'

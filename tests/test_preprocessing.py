@@ -1,7 +1,12 @@
 """One preprocessing: the training pipeline and the file path of prediction give the network the
-same input, bit for bit; 16-bit images keep their contrast; the inverse map of `fit`."""
+same input, bit for bit; 16-bit images keep their contrast; the inverse map of `fit`. The
+pipeline's grain workers outlive a preemption's SIGTERM."""
 
+import functools
 import io
+import multiprocessing
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -112,3 +117,26 @@ def test_unknown_resize_mode_and_preprocessing_settings():
     preprocessing.Preprocessing(224, 'crop', 3)
   with pytest.raises(ValueError, match='in_channels'):
     preprocessing.Preprocessing(224, 'squash', 2)
+
+
+def test_grain_workers_outlive_a_preemption_sigterm(mura_data_dir):
+  """A preemption's SIGTERM reaches every process of the host, grain's workers too, while the
+  training process reads on to the step where it saves: the workers keep serving the epoch's
+  batches (the same as without workers), and stop when the iterator closes."""
+  source = input_pipeline.data_source(str(mura_data_dir), 'train')
+  batches = functools.partial(input_pipeline.train_batches, source, seed=0, epoch=0,
+                              global_batch=4, image_size=32)
+  expected = [b['label'] for b in input_pipeline.batches_of(batches(num_workers=0))]
+  assert len(expected) > 8  # more than grain buffers: the later ones are read after the signal
+  iterator = input_pipeline.batches_of(batches(num_workers=1))
+  got = [next(iterator)['label']]
+  workers = [p for p in multiprocessing.active_children()
+             if p.name.startswith('grain-process-prefetch')]
+  assert len(workers) == 1
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGTERM)
+  got += [b['label'] for b in iterator]
+  assert len(got) == len(expected)
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(a, b)
+  assert not any(worker.is_alive() for worker in workers)

@@ -1,7 +1,8 @@
 """gs:// readiness: what the project itself writes and reads in a workdir goes through
 etils.epath, tested on a `gs://` bucket kept in memory (fsspec's memory file system registered as
-the `gs` protocol, epath told to use fsspec; no network). Orbax (tensorstore) and TFDS's ArrayRecord reader have their own
-GCS drivers and are not faked here: they are tested on local paths.
+the `gs` protocol, epath told to use fsspec; no network). Orbax (tensorstore) and TFDS's
+ArrayRecord reader have their own GCS drivers: test_gcs_emulator.py runs the whole demo on a GCS
+API server on localhost, each library pointed at it.
 
 A static audit keeps it so: the package opens no file with the built-ins (open, os.makedirs, ...),
 which would take a gs:// path for a local one.
@@ -153,3 +154,52 @@ def test_the_package_opens_no_workdir_file_with_the_builtins():
           found.append(f'{path.relative_to(PACKAGE)}:{node.lineno} {dotted(node.func)}()')
   assert not found, f'use etils.epath for workdir/data_dir files: {found}'
   assert os.path.isdir(PACKAGE)
+
+
+def test_gs_without_gcsfs_is_a_sentence_naming_the_install(monkeypatch):
+  """The README's install has no gcsfs (the tpu, cuda and gcs extras bring it): a gs:// workdir
+  is refused before any work, saying what to install, not with fsspec's ImportError."""
+  from etils.epath import backend, gpath  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)  # epath's fsspec backend
+  cached = backend.fsspec_backend._get_filesystem  # pylint: disable=protected-access
+  cached.cache_clear()  # the file system an earlier test used
+  for name in ('gs', 'gcs'):  # as fsspec knows them when gcsfs is not installed
+    monkeypatch.setitem(fsspec_registry.known_implementations, name,
+                        {'class': 'mura_jax_no_gcsfs.GCSFileSystem',
+                         'err': 'Please install gcsfs to access Google Storage'})
+    monkeypatch.delitem(fsspec_registry._registry, name, raising=False)  # pylint: disable=protected-access
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r'Cannot write to gs://b/run: gs:// paths need gcsfs: pip install '
+                           r'"mura-jax\[gcs\]"'):
+    workdir_lib.check_writable('gs://b/run')
+  cached.cache_clear()
+
+
+def test_a_gs_data_dir_is_built_locally_then_copied_up(bucket, tiny_tree, monkeypatch):
+  """ArrayRecord's writer opens local files only: the build goes to a local folder and is copied
+  into the gs:// data_dir (test_gcs_emulator.py does it on a GCS server); a copy that fails is a
+  sentence, and what was copied is not taken for a built dataset."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tfds_mura import build  # pylint: disable=g-import-not-at-top
+  from tfds_mura.mura import mura_dataset_builder as mura  # pylint: disable=g-import-not-at-top
+  real_open = FakeGCS._open  # pylint: disable=protected-access
+
+  def no_shards(self, path, mode='rb', **kwargs):
+    if 'w' in mode and '.array_record' in path:
+      raise PermissionError(13, 'Permission denied', path)
+    return real_open(self, path, mode, **kwargs)
+
+  monkeypatch.setattr(FakeGCS, '_open', no_shards)
+  with pytest.raises(mura.MuraDataError, match=r'The dataset was built, but copying it into '
+                                              r'gs://mura-test-bucket/broken/mura/1\.1\.0 failed'):
+    build.build(str(tiny_tree), f'{bucket}/broken', num_workers=1)
+  assert not (epath.Path(f'{bucket}/broken/mura/1.1.0') / 'dataset_info.json').exists()
+  monkeypatch.setattr(FakeGCS, '_open', real_open)
+  built = build.build(str(tiny_tree), f'{bucket}/tfds', num_workers=1)
+  folder = epath.Path(f'{bucket}/tfds/mura/1.1.0')
+  names = {f.name for f in folder.iterdir()}
+  assert {'dataset_info.json', 'mura-train.array_record-00000-of-00001',
+          'mura-validation.array_record-00000-of-00001'} <= names
+  assert built.data_dir == str(folder)
+  again = build.build(None, f'{bucket}/tfds')  # no manual_dir: only a built dataset will do
+  assert again.info.splits['train'].num_examples == built.info.splits['train'].num_examples > 0

@@ -1,6 +1,7 @@
 """Training as in the paper: the loss, the schedule, sharding, exact resume, and its errors."""
 
 import errno
+import itertools
 import math
 import os
 import signal
@@ -218,6 +219,49 @@ def test_grain_workers_are_at_most_one_per_core(monkeypatch):
     input_pipeline.worker_count.cache_clear()
 
 
+def test_input_meter_measures_reading_and_waiting(monkeypatch):
+  """On a clock of its own: each batch of 8 takes 0.1 s to come, each step 0.3 s."""
+  clock = [0.0]
+  monkeypatch.setattr(input_pipeline.time, 'perf_counter', lambda: clock[0])
+
+  def batches():
+    for _ in range(5):
+      clock[0] += 0.1  # the loop waits for the batch
+      yield {'label': np.zeros(8, np.int32)}
+
+  meter = input_pipeline.InputMeter(batches())
+  for _ in itertools.islice(meter, 4):
+    clock[0] += 0.3  # the step
+  assert meter.take() == pytest.approx({'input_images_per_second': 32 / 1.6,
+                                        'input_wait_fraction': 0.25})
+  assert [b['label'].size for b in meter] == [8]  # the rest, counted from the take
+  assert meter.take() == pytest.approx({'input_images_per_second': 8 / 0.1,
+                                        'input_wait_fraction': 1.0})
+
+
+@pytest.mark.parametrize('affinity, cpu_count, slurm_tasks, expected', [
+    (2, 2, None, 1),        # a 2-core VM: one worker, one core for the training process
+    (16, 16, None, 15),
+    (240, 240, None, 32),   # a TPU v4 host: the cap
+    (128, 128, '8', 15),    # 8 Slurm tasks on a 128-core node, unbound: 16 cores each
+    (16, 128, '8', 15),     # bound by Slurm to 16 cores each: the affinity is the share
+    (1, 1, None, 1),
+])
+def test_auto_grain_workers_follow_the_cores(monkeypatch, affinity, cpu_count, slurm_tasks,
+                                             expected):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(affinity)), raising=False)
+  monkeypatch.setattr(os, 'cpu_count', lambda: cpu_count)
+  if slurm_tasks is None:
+    monkeypatch.delenv('SLURM_NTASKS_PER_NODE', raising=False)
+  else:
+    monkeypatch.setenv('SLURM_NTASKS_PER_NODE', slurm_tasks)
+  input_pipeline.worker_count.cache_clear()
+  try:
+    assert input_pipeline.worker_count(-1) == expected
+  finally:
+    input_pipeline.worker_count.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------------
 # Sharding: 4 devices compute what 1 device computes.
 
@@ -249,6 +293,41 @@ def test_sharded_steps_equal_unsharded(mura_data_dir):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert not np.allclose(jax.tree.leaves(one[0])[0], jax.tree.leaves(
       jax.device_get(train_state.initial_state(config, model).params))[0]), 'the steps changed the params'
+
+
+def test_learning_rate_warms_up_linearly_over_the_first_steps(mura_data_dir):
+  """optimizer.warmup_epochs (the large-batch configs: 1): update s (1-based) of the first W
+  uses lr * s / W, then lr. The first update shows it in the weights too: Adam's moments do not
+  depend on the learning rate, so it moves every weight by 1/W of the plain run's move."""
+  config = tiny_config(mura_data_dir)
+  assert train_state.warmup_steps(config, 287) == 0  # the paper's recipe: none
+  config.optimizer.warmup_epochs = 1.0
+  assert train_state.warmup_steps(config, 287) == 287
+  config.optimizer.warmup_epochs = 0.01
+  assert train_state.warmup_steps(config, 13) == 1  # at least one step when asked for
+  model = train_state.network_of(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  loss_weights = np.full((7, 2), 0.5, np.float32)
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8),
+              'label': rng.integers(0, 2, 8).astype(np.int32),
+              'body_part': rng.integers(0, 7, 8).astype(np.int32)} for _ in range(6)]
+  initial = jax.device_get(train_state.initial_state(config, model).params)
+  scales, first_moves = {}, {}
+  for warmup in (0, 4):
+    steps = train_state.compile_steps(config, model, loss_weights, mesh, warmup=warmup)
+    state = jax.device_put(train_state.initial_state(config, model), parallel.replicated(mesh))
+    scales[warmup] = []
+    for i, batch in enumerate(batches):
+      state, metrics = steps.train(state, parallel.global_batch(batch, mesh))
+      scales[warmup].append(float(metrics['learning_rate_scale']))
+      if i == 0:
+        first_moves[warmup] = jax.tree.map(np.subtract, jax.device_get(state.params), initial)
+  assert scales[0] == [1.0] * 6
+  assert scales[4] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+  for plain, warm in zip(jax.tree.leaves(first_moves[0]), jax.tree.leaves(first_moves[4])):
+    np.testing.assert_allclose(warm, plain / 4, rtol=1e-4, atol=1e-7)  # float32 weights: p + u - p
+  assert any(np.abs(m).max() > 0 for m in jax.tree.leaves(first_moves[0]))
 
 
 def test_batch_size_must_divide_over_devices():
@@ -353,6 +432,9 @@ def test_metrics_and_plateau_in_a_real_run(straight_run):
   assert len(epochs) == config.train.num_epochs
   assert all(0 <= r['auroc/all'] <= 1 and 'kappa/wrist' in r and 'f1/all' in r for r in epochs)
   assert all(r['images_per_second'] > 0 for r in rows if 'train_loss' in r)
+  # This host's input, every log step (input_pipeline.InputMeter).
+  assert all(r['input_images_per_second'] > 0 and 0 <= r['input_wait_fraction'] <= 1
+             for r in rows if 'train_loss' in r)
   try:
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     assert list(workdir.glob('events.out.tfevents*')), 'TensorBoard files when TF is installed'

@@ -17,7 +17,9 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 from tfds_mura import folder_lock
@@ -83,6 +85,8 @@ def _built(manual_dir, data_dir, file_format, num_workers):
 
 
 def _prepare(manual_dir, data_dir, file_format, num_workers):
+  if '://' in os.fspath(data_dir):
+    return _prepare_then_upload(manual_dir, data_dir, file_format, num_workers)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = mura.Builder(data_dir=data_dir, num_workers=num_workers)
   if file_format:
@@ -93,6 +97,31 @@ def _prepare(manual_dir, data_dir, file_format, num_workers):
   except OSError as e:
     raise _cannot_write(e, data_dir) from None
   return builder
+
+
+def _prepare_then_upload(manual_dir, data_dir, file_format, num_workers):
+  """Builds into a local temporary folder (under TMPDIR), then copies mura/<version>/ into the
+  remote data_dir (gs://...). ArrayRecord's writer opens local files only (riegeli's file
+  descriptor writer: 'open() failed ... gs://...'), though its reader reads gs:// itself.
+  dataset_info.json goes up last, so that a copy cut short is not taken for a built dataset."""
+  with tempfile.TemporaryDirectory(prefix='mura-build-') as local:
+    built = _prepare(manual_dir, local, file_format, num_workers)
+    source = epath.Path(built.data_path)
+    target = epath.Path(data_dir) / source.relative_to(local)
+    files = sorted(source.iterdir(), key=lambda f: f.name == 'dataset_info.json')
+    try:
+      target.mkdir(parents=True, exist_ok=True)
+      for f in files:
+        with f.open('rb') as src, (target / f.name).open('wb') as dst:
+          shutil.copyfileobj(src, dst, 64 << 20)
+    except OSError as e:
+      raise mura.MuraDataError(
+          f'The dataset was built, but copying it into {target} failed ({type(e).__name__}: '
+          f'{e}): check that the bucket exists and that this machine may write to it, then '
+          'build again.') from None
+  uploaded = mura.Builder(data_dir=data_dir, num_workers=num_workers)
+  uploaded.build_warnings = built.build_warnings
+  return uploaded
 
 
 def _cannot_write(e: OSError, data_dir: str) -> OSError | mura.MuraDataError:

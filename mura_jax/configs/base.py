@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.resize = 'squash'  # the paper scales to 224 x 224; 'pad' keeps the aspect ratio
   config.data.flip = True        # random lateral flips
   config.data.rotation_degrees = 30.0
-  config.data.num_workers = 0    # grain worker processes (0: main process; at most 1 per core)
+  # grain worker processes: 0 reads in the training process (the demo's tiny views: a worker
+  # costs more to start than it saves); -1 one per core, at most 32 (input_pipeline.worker_count)
+  config.data.num_workers = 0
   # Study types trained on and evaluated: 'all' (those with training images) or e.g.
   # 'humerus,wrist'; the weighted loss uses these parts only.
   config.data.body_parts = 'all'
@@ -71,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022).
   config.optimizer.lr_scaling = 'none'   # none | sqrt
   config.optimizer.reference_batch_size = 8  # the paper's batch, for which lr 1e-4 is tuned
+  # A linear warm-up of the learning rate over this many epochs' steps (0: none, as the paper);
+  # the large-batch configs use 1 (training/state.py's warmup_scale, and its source).
+  config.optimizer.warmup_epochs = 0.0
 
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 8
@@ -189,13 +194,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   integer('optimizer.plateau_patience', low=0)
   number('optimizer.plateau_rtol', low=0)
   integer('optimizer.reference_batch_size', low=1)
+  number('optimizer.warmup_epochs', low=0)
   _check_choice(config, 'optimizer.lr_scaling', ('none', 'sqrt'))
   integer('seed', low=0)
   integer('data.synthetic_studies_per_part', low=1)
   integer('data.synthetic_valid_studies_per_part', low=1)
   integer('data.synthetic_seed', low=0)
   integer('data.build_workers', low=0, why=' (0: all cores)')
-  integer('data.num_workers', low=0, why=' (0: read in the main process)')
+  integer('data.num_workers', low=-1, why=' (0: read in the main process; -1: one per core)')
   number('data.rotation_degrees', low=0, high=180)
   _check_choice(config, 'data.resize', ('squash', 'pad'))
   m = config.model

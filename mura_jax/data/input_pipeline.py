@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
+import time
 from typing import Any
 from collections.abc import Iterator
 
@@ -232,27 +234,67 @@ def eval_batches(source, *, global_batch: int, image_size: int, resize: str = 's
 def _to_iter(dataset: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
   iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1),
                                                        prefetch_buffer_size=max(prefetch, 1)))
-  if num_workers > 0:
+  if num_workers != 0:  # -1: auto
     if not flags.FLAGS.is_parsed():
       # grain's worker processes read absl flags; outside an absl app nobody parsed them.
       flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count(num_workers)))
+        grain.MultiprocessingOptions(num_workers=worker_count(num_workers)),
+        worker_init_fn=functools.partial(_outlive_sigterm, os.getpid()))
   return iterable
+
+
+def _outlive_sigterm(parent: int, unused_index: int, unused_count: int) -> None:
+  """grain's worker processes start with this: a preemption's SIGTERM goes to every process of
+  the host, and a worker it killed would stop the training process at its next batch ('Worker
+  process was terminated unexpectedly') before the checkpoint the notice asks for. The training
+  process stops its workers itself when it is done (grain's close: a stop event, then SIGKILL);
+  a worker whose training process is gone still ends on SIGTERM."""
+  def handle(signum, frame):  # pylint: disable=unused-argument
+    if os.getppid() != parent:
+      os._exit(128 + signum)  # pylint: disable=protected-access
+  signal.signal(signal.SIGTERM, handle)
+
+
+# The most grain workers `num_workers=-1` starts: a host with 200 cores should not start 200
+# Python processes (each a process start and its own memory). At about 240 training views/s per
+# core (224 px; docs/benchmarks-history.md, "Input pipeline"), 32 decode several thousand views/s
+# per host; the logged input rate and wait (InputMeter) say when a host needs more (a number).
+AUTO_WORKERS_CAP = 32
 
 
 @functools.cache
 def worker_count(requested: int) -> int:
-  """Worker processes for `config.data.num_workers`, at most one per CPU core this process may
-  use: more only compete for the cores with each other and the steps, and each costs a process
-  start (docs/benchmarks-history.md, "Measurements behind choices in the
-  code"). Logged when lowered."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  count = max(1, min(requested, cores or 1))
+  """Worker processes for `config.data.num_workers`. -1 (auto): one per CPU core this process
+  may use, less one for the training process, at most AUTO_WORKERS_CAP; on a Slurm node whose
+  tasks are not bound to cores of their own, the node's cores are shared by its tasks
+  (SLURM_NTASKS_PER_NODE). A number: at most one per core (more only compete for the cores with
+  each other and the steps, and each costs a process start: docs/benchmarks-history.md,
+  "Measurements behind choices in the code"). Logged when chosen or lowered."""
+  cores = _usable_cores()
+  if requested < 0:
+    tasks = _slurm_tasks_per_node()
+    share = cores // tasks if tasks > 1 and cores >= (os.cpu_count() or cores) else cores
+    count = max(1, min(AUTO_WORKERS_CAP, share - 1))
+    logging.info('config.data.num_workers=-1 (auto): %d grain worker processes (%d CPU cores for '
+                 'this process, one kept for it; at most %d).', count, share, AUTO_WORKERS_CAP)
+    return count
+  count = max(1, min(requested, cores))
   if count < requested:
     logging.info('config.data.num_workers=%d but this host lets this process use %d CPU cores: '
                  '%d grain worker processes.', requested, cores, count)
   return count
+
+
+def _usable_cores() -> int:
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return cores or 1
+
+
+def _slurm_tasks_per_node() -> int:
+  """Slurm's tasks on this node (SLURM_NTASKS_PER_NODE, e.g. '8'); 1 outside Slurm."""
+  text = os.environ.get('SLURM_NTASKS_PER_NODE', '').split('(')[0].split(',')[0]
+  return int(text) if text.isdigit() and int(text) > 0 else 1
 
 
 def batches_of(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
@@ -264,3 +306,34 @@ def batches_of(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
     close = getattr(iterator, 'close', None)
     if close is not None:
       close()
+
+
+class InputMeter:
+  """This host's input, measured where the training loop meets it: the images it read and the
+  seconds it waited for its next batch. With grain's workers and prefetch the input runs beside
+  the steps, so its own rate shows only when the loop waits for it: a wait fraction well above 0
+  says the input is what limits training, and the images/s read is then the pipeline's own rate;
+  near 0, the pipeline is faster (the rate read is a lower bound of it)."""
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]]):
+    self._batches = batches
+    self.waited, self.images, self._since = 0.0, 0, time.perf_counter()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    started = time.perf_counter()
+    batch = next(self._batches)
+    self.waited += time.perf_counter() - started
+    self.images += len(batch['label'])
+    return batch
+
+  def take(self) -> dict[str, float]:
+    """{'input_images_per_second', 'input_wait_fraction'} since the last take (or the start)."""
+    now = time.perf_counter()
+    seconds = max(now - self._since, 1e-9)
+    measured = {'input_images_per_second': self.images / seconds,
+                'input_wait_fraction': min(1.0, self.waited / seconds)}
+    self.waited, self.images, self._since = 0.0, 0, now
+    return measured

@@ -68,6 +68,22 @@ def scaled_for_devices(config: ml_collections.ConfigDict, num_devices: int):
   return config
 
 
+def warmup_steps(config, steps_per_epoch: int) -> int:
+  """Steps of the linear learning-rate warm-up: config.optimizer.warmup_epochs of an epoch's
+  steps (at least 1 when it is > 0); 0 = none (the paper's recipe)."""
+  epochs = config.optimizer.get('warmup_epochs', 0.0)
+  return max(1, round(epochs * steps_per_epoch)) if epochs > 0 else 0
+
+
+def warmup_scale(step, num_steps: int):
+  """The warm-up's factor of the learning rate for the update at `step` (0-based): rising
+  linearly, (step + 1) / num_steps, to 1 at the last warm-up step, then 1 (Goyal et al., 2017,
+  "Accurate, Large Minibatch SGD", section 2.2's gradual warm-up)."""
+  if not num_steps:
+    return 1.0
+  return jnp.minimum(1.0, (step + 1) / num_steps)
+
+
 def create_optimizer(config) -> optax.GradientTransformation:
   o = config.optimizer
   return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
@@ -114,7 +130,8 @@ def state_template(config, model) -> TrainState:
   return jax.eval_shape(lambda: initial_state(random_init, model))
 
 
-def train_step(state: TrainState, batch, *, model, tx, loss_weights, in_channels):
+def train_step(state: TrainState, batch, *, model, tx, loss_weights, in_channels,
+               warmup: int = 0):
   images = preprocessing.normalize(batch['image'], in_channels)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -125,7 +142,8 @@ def train_step(state: TrainState, batch, *, model, tx, loss_weights, in_channels
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   adam_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  scale = state.plateau_state.scale
+  # The plateau's scale (per epoch) times the warm-up's (the first `warmup` steps).
+  scale = state.plateau_state.scale * warmup_scale(state.step, warmup)
   params = optax.apply_updates(state.params, jax.tree.map(lambda u: scale * u, adam_updates))
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=updates['batch_stats'], opt_state=opt_state)
@@ -141,18 +159,20 @@ class Steps:
   mesh: Any
 
 
-def compile_steps(config, model, loss_weights, mesh, traced_cache=None) -> Steps:
+def compile_steps(config, model, loss_weights, mesh, traced_cache=None,
+                  warmup: int = 0) -> Steps:
   """`traced_cache`: where the traced train step is kept (step_cache.py; default beside the
-  compilation cache when that is on): a restart skips tracing it."""
+  compilation cache when that is on): a restart skips tracing it. `warmup`: the learning rate's
+  warm-up steps (`warmup_steps`)."""
   tx = create_optimizer(config)
   replicated, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   # Everything train_step closes over, for the traced step's key.
   description = (f'train_step of {model!r}\noptimizer {config.optimizer.to_dict()!r}\n'
                  f'loss weights {np.asarray(loss_weights).tolist()!r}\n'
-                 f'in_channels {config.model.in_channels}')
+                 f'in_channels {config.model.in_channels}\nwarmup {warmup}')
   train = step_cache.jit(
       functools.partial(train_step, model=model, tx=tx, loss_weights=loss_weights,
-                        in_channels=config.model.in_channels), description,
+                        in_channels=config.model.in_channels, warmup=warmup), description,
       in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,),
       directory=traced_cache)
   validation = predictor_lib.Predictor.for_training(

@@ -190,7 +190,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Model %s (compute %s):\n%s\n%d steps per epoch of %d views (global batch %d).',
                config.model.arch, config.model.dtype, train_state.parameter_overview(state.params),
                steps_per_epoch, len(train_source), config.train.global_batch_size)
-  steps = train_state.compile_steps(config, model, loss_weights, mesh)
+  warmup = train_state.warmup_steps(config, steps_per_epoch)
+  if warmup:
+    logging.info('Learning rate warm-up: linear over the first %d steps.', warmup)
+  steps = train_state.compile_steps(config, model, loss_weights, mesh, warmup=warmup)
   plateau = train_state.create_plateau(config)
   is_main = jax.process_index() == 0
   bar = tqdm(total=total_steps, initial=progress['step'], unit='step', disable=not is_main,
@@ -228,7 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if first_step:
         local_batches = train_state.compile_while_reading(steps, state, local_batches, config)
       tick, tick_step = time.time(), int(state.step)
-      for batch_in_epoch, local in enumerate(local_batches, start=start_batch):
+      meter, epoch_meter = input_pipeline.InputMeter(local_batches), None
+      for batch_in_epoch, local in enumerate(meter, start=start_batch):
         state, metrics = steps.train(state, parallel.global_batch(local, mesh))
         step = int(state.step)
         bar.update(1)
@@ -247,8 +251,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           lr = config.optimizer.learning_rate * float(metrics['learning_rate_scale'])
           images_per_second = ((step - tick_step) * config.train.global_batch_size /
                                max(time.time() - tick, 1e-9))
+          epoch_meter = _add_input(epoch_meter, meter.take())  # this host's input (meter)
           writer.write(step, {'train_loss': loss, 'learning_rate': lr,
-                              'images_per_second': images_per_second})
+                              'images_per_second': images_per_second,
+                              **epoch_meter['last']})
           bar.set_postfix(epoch=epoch, loss=f'{loss:.4f}', lr=f'{lr:.1e}', refresh=False)
           tick, tick_step = time.time(), step
         if preemption.reached(step):
@@ -261,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0:
           checkpoint(epoch, batch_in_epoch + 1)
 
+      _log_input(epoch_meter, epoch)
       # End of epoch: validation loss -> plateau schedule, metrics, checkpoints.
       predictions = validate(steps, state, valid_source, loss_weights, config)
       validation_loss = float(np.mean(predictions['loss']))
@@ -293,6 +300,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best.wait_until_finished()
   return {'status': 'done', 'step': int(state.step), 'best_step': best.best_step(),
           'best_validation_loss': progress['best_validation_loss']}
+
+
+def _add_input(total: dict | None, measured: dict[str, float]) -> dict:
+  """The epoch's input so far (a mean over its log intervals) and the last interval's."""
+  total = total or {'intervals': 0, 'input_images_per_second': 0.0, 'input_wait_fraction': 0.0}
+  total['intervals'] += 1
+  for key, value in measured.items():
+    total[key] += (value - total[key]) / total['intervals']
+  total['last'] = measured
+  return total
+
+
+def _log_input(total: dict | None, epoch: int) -> None:
+  """Every host's input over the epoch, in its own log (the metrics hold host 0's)."""
+  if total is not None:
+    logging.info('Epoch %d, host %d input: %.0f images/s read, the loop waited for it %.0f%% of '
+                 'the time (well above 0: input-bound, and that rate is the input pipeline\'s '
+                 'own).', epoch + 1, jax.process_index(), total['input_images_per_second'],
+                 100 * total['input_wait_fraction'])
 
 
 @contextlib.contextmanager
