@@ -75,12 +75,15 @@ def read_config(workdir) -> ml_collections.ConfigDict | None:
 
 
 def config_differences(written, config) -> dict[str, tuple[Any, Any]]:
-  """{key: (value in the workdir, value now)} over the keys that change results."""
-  before, now = _flat(written), _flat(config)
+  """{key: (value in the workdir, value now)} over the keys that change results. A key the
+  workdir's config.json predates is no change while it keeps its default (a new key's default
+  is the behaviour before it existed)."""
+  before, now, defaults = _flat(written), _flat(config), _flat(base.base_config())
   missing = object()
   return {key: (before.get(key, '(absent)'), now.get(key, '(absent)'))
           for key in sorted(set(before) | set(now))
-          if not key.startswith(_FREE_KEYS) and before.get(key, missing) != now.get(key, missing)}
+          if not _named(key, _FREE_KEYS) and before.get(key, missing) != now.get(key, missing)
+          and not (key not in before and key in defaults and now.get(key) == defaults[key])}
 
 
 def _flat(config) -> dict[str, Any]:

@@ -46,12 +46,14 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 import conftest
 from mura_jax import checkpoints
 from mura_jax import main
 from mura_jax import workdir as workdir_lib
+from mura_jax.configs import base
 from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError, UserError
 from mura_jax.evaluation import evaluate
@@ -365,3 +367,22 @@ def test_every_error_class_is_a_user_error():
                     (weights.ReaderNotInstalledError, ImportError),
                     (train.TrainingDivergedError, FloatingPointError)):
     assert issubclass(cls, UserError) and issubclass(cls, base), cls
+
+
+def test_config_differences_name_model_keys_and_pass_new_keys_at_their_default():
+  """'mode' is free, 'model.*' is not (a prefix match once made every model key free); a key the
+  workdir's config.json predates changes nothing while it keeps its default, and is named when
+  it does not."""
+  written = base.base_config()
+  now = written.copy_and_resolve_references()
+  now.mode = 'cam'
+  now.model.block_config = (2, 4)
+  assert workdir_lib.config_differences(written, now) == {
+      'model.block_config': ([6, 12, 32, 32], [2, 4])}
+  older = json.loads(written.to_json_best_effort())
+  del older['optimizer']['learning_rate']  # a config.json from before the key existed
+  older = ml_collections.ConfigDict(older)
+  assert workdir_lib.config_differences(older, written) == {}
+  written.optimizer.learning_rate = 0.5
+  assert workdir_lib.config_differences(older, written) == {
+      'optimizer.learning_rate': ('(absent)', 0.5)}
