@@ -41,7 +41,8 @@ from mura_jax.runtime import parallel
 _FREE_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
               'allow_config_change',
               'data.num_workers', 'data.build_workers', 'data.manual_dir',
-              'model.scan_segment', 'model.unrolled_blocks', 'train.per_device_batch_size',
+              'model.scan_segment', 'model.unrolled_blocks', 'model.remat',
+              'train.per_device_batch_size',
               'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
               'train.keep_best',
               'evaluation.', 'cam.', 'export.')
