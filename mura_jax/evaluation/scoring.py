@@ -16,6 +16,7 @@ import numpy as np
 
 from mura_jax.errors import ConfigError
 from mura_jax.evaluation import bootstrap
+from mura_jax.evaluation import calibration
 from mura_jax.evaluation import metrics
 from mura_jax.evaluation.metrics import GROUPS, METRICS
 from mura_jax.evaluation.studies import StudyTable
@@ -177,8 +178,31 @@ def score(table: StudyTable, options: Options = Options(), split: str | None = N
                                   'on its studies within the resample'},
       'groups': groups, 'operating_points': operating_points, 'worklist': worklist,
       'readers': None,  # filled by `readers.compare` where readers are given
+      'calibration': (calibration_section(table, options)
+                      if table.score_kind == 'probabilities' else None),
   }
   return report
+
+
+def calibration_section(table: StudyTable, options: Options = Options()) -> dict:
+  """report['calibration']: the study probabilities' ECE per group with CIs from the bootstrap
+  resamples of `score` (same seed, same study order), and the reliability diagram's bins.
+  'temperature' is None unless evaluate mode scaled the probabilities."""
+  table = table.in_study_order()
+  membership = metrics.body_part_membership(table.body_part)
+  values = calibration.expected_calibration_error(table.probability, table.label, membership)
+  samples = None
+  if options.num_resamples:
+    samples = calibration.bootstrap_ece(
+        table.probability, table.label, membership, num_resamples=options.num_resamples,
+        seed=options.seed, chunk_size=options.chunk_size)
+  n = membership.sum(1)
+  ece = entries(values, samples, n, ['no studies in this group'] * len(n), options.level)
+  bins = calibration.reliability_bins(table.probability, table.label, membership)
+  return {'level': 'study', 'num_bins': calibration.NUM_BINS, 'binning': calibration.BINNING,
+          'groups': {group: {'ece': ece[g], 'bins': bins[g]} for g, group in enumerate(GROUPS)
+                     if n[g] or group == 'all'},
+          'temperature': None}
 
 
 # ---------------------------------------------------------------------------------------------
