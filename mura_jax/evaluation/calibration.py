@@ -138,6 +138,19 @@ def fit_temperature(logits, abnormal) -> dict:
           'nll_before': mean_nll(l, y), 'nll_after': mean_nll(l, y, temperature)}
 
 
+def temperature_section(record: dict, before: dict, split: str) -> dict:
+  """report['calibration']['temperature']: the stored record (fit_temperature's, where and how
+  it was fitted), the ECE per group before scaling (`before`: the unscaled probabilities'
+  calibration section) and what the comparison is worth."""
+  caveat = ('T is fitted on the validation split and measured here on the same split (which also '
+            'chose the checkpoint): the ECE after scaling is optimistic.'
+            if split == 'validation' else
+            f'T is fitted on the validation split and measured here on the {split} split.')
+  return {**record, 'ece_before': {group: section['ece']
+                                   for group, section in before['groups'].items()},
+          'caveat': caveat}
+
+
 # ------------------------------------------------------------------------------------------------
 # Rendering (reports.py writes the files).
 

@@ -87,6 +87,8 @@ class ExportedPredictor:
       preprocessing = preprocessing_lib.Preprocessing(**manifest['spec']['preprocessing'])
       checkpoint = {**manifest['checkpoint'], 'export': os.fspath(folder)}
       bias = float(manifest['classifier_bias'])
+      # Applied inside the artifact already (export.serving_function): kept to be said.
+      temperature = float((manifest['spec'].get('temperature') or {}).get('temperature', 1.0))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise ExportError(f'{manifest_path} is damaged ({type(e).__name__}: {e} in files, spec, '
                         f'checkpoint or classifier_bias); {AGAIN}.') from e
@@ -99,6 +101,7 @@ class ExportedPredictor:
     self.preprocessing = preprocessing
     self.checkpoint = checkpoint
     self.classifier_bias = bias
+    self.temperature = temperature
     self.batch_size = 32
 
   def predict_views_and_maps(self, views) -> tuple[np.ndarray, np.ndarray]:
