@@ -275,9 +275,9 @@ def check_evaluation_config(config) -> None:
   evaluate mode (and the evaluation after training) cannot use: bootstrap_resamples (>= 0),
   seed (0 .. 2**32 - 1), threshold (in [0, 1], not NaN), aggregation (mean | max), tta (none |
   flip), ensemble (>= 1), ensemble_order (views | studies), temperature (none | fit), split
-  (not empty), operating_point (with threshold_from only, of a form a report has). Batch sizes: configs.base.check_values.
-  Cheap and without files: call it before any work (evaluate, cam and training declare it as
-  their `check`)."""
+  (not empty), operating_point (with threshold_from only, of a form a report has). Batch
+  sizes: configs.base.check_values. Cheap and without files: call it before any work (evaluate,
+  cam and training declare it as their `check`)."""
   e = config.evaluation
   key = '--config.evaluation.{}={}'.format
   problem = options_problem(options_from_config(config), {
