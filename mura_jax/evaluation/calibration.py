@@ -212,15 +212,20 @@ def reliability_figure(section: dict):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   groups = ['all'] + [g for g in section['groups'] if g != 'all']
-  columns = 4
+  columns = min(4, len(groups))
   rows = -(-len(groups) // columns)
-  figure = Figure(figsize=(4 * columns, 4.6 * rows), layout='constrained')
+  width, height = 4 * columns, 4.6 * rows
+  figure = Figure(figsize=(width, height))
   FigureCanvasAgg(figure)
-  grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3.2, 1] * rows)
+  # Margins in inches (two-line titles above, axis labels below), whatever the number of rows;
+  # each panel: the curve over its bin counts, close together.
+  outer = figure.add_gridspec(rows, columns, left=0.7 / width, right=1 - 0.3 / width,
+                              top=1 - 0.55 / height, bottom=0.5 / height, wspace=0.3,
+                              hspace=0.75 / 4.6 * 2)
   for i, group in enumerate(groups):
-    row, column = divmod(i, columns)
-    curve = figure.add_subplot(grid[2 * row, column])
-    counts = figure.add_subplot(grid[2 * row + 1, column], sharex=curve)
+    inner = outer[divmod(i, columns)].subgridspec(2, 1, height_ratios=[3.2, 1], hspace=0.08)
+    curve = figure.add_subplot(inner[0])
+    counts = figure.add_subplot(inner[1], sharex=curve)
     entry = section['groups'][group]
     bins = [b for b in entry['bins'] if b['n_studies']]
     curve.plot([0, 1], [0, 1], ls='--', color='0.6', lw=1, label='perfect calibration')
