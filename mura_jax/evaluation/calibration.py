@@ -220,7 +220,7 @@ def reliability_figure(section: dict):
   # Margins in inches (two-line titles above, axis labels below), whatever the number of rows;
   # each panel: the curve over its bin counts, close together.
   outer = figure.add_gridspec(rows, columns, left=0.7 / width, right=1 - 0.3 / width,
-                              top=1 - 0.55 / height, bottom=0.5 / height, wspace=0.3,
+                              top=1 - 0.85 / height, bottom=0.5 / height, wspace=0.3,
                               hspace=0.75 / 4.6 * 2)
   for i, group in enumerate(groups):
     inner = outer[divmod(i, columns)].subgridspec(2, 1, height_ratios=[3.2, 1], hspace=0.08)
@@ -231,15 +231,16 @@ def reliability_figure(section: dict):
     curve.plot([0, 1], [0, 1], ls='--', color='0.6', lw=1, label='perfect calibration')
     curve.plot([b['mean_probability'] for b in bins], [b['abnormal_rate'] for b in bins],
                'o-', color='C0', lw=1.5, ms=4,
-               label='each bin: abnormal fraction at its\nmean probability')
+               label="each bin's abnormal fraction at its mean study probability")
     ece = entry['ece']
     curve.set_title(f'{_title(group)} (n={ece["n_studies"]})\nECE {_ece_text(ece)}',
                     fontsize=10)
     curve.set(xlim=(0, 1), ylim=(-0.02, 1.02))
     curve.set_ylabel('abnormal fraction', fontsize=9)
     curve.tick_params(labelbottom=False, labelsize=8)
-    if i == 0:
-      curve.legend(loc='upper left', fontsize=8)
+    if i == 0:  # above the panels: inside one it would cover some curve
+      figure.legend(*curve.get_legend_handles_labels(), loc='upper center', ncol=2, fontsize=9,
+                    frameon=False)
     centres = [(b['low'] + b['high']) / 2 for b in entry['bins']]
     heights = [b['n_studies'] for b in entry['bins']]
     width = entry['bins'][0]['high'] - entry['bins'][0]['low']
