@@ -10,6 +10,8 @@ WORKDIR/
   best/           the `train.keep_best` epochs with the lowest validation loss (the later MURA
                   paper ensembles its 5 best): only what inference needs, the network's
                   `variables` (params, batch_stats; a third of a TrainState) and the `spec`.
+  temperature.json  where evaluate fitted one (config.evaluation.temperature='fit'): the
+                  temperature T of one checkpoint, probability = sigmoid(logit / T)
 
 The spec (JSON) says what a checkpoint is: the model (architecture, `model_signature`), the
 preprocessing it was trained with (`preprocessing.Preprocessing`: image size, resize, channels),
@@ -22,6 +24,8 @@ devices loads on 1 device and vice versa. Workdirs may be gs:// paths (etils.epa
 
 from __future__ import annotations
 
+import json
+import math
 
 from absl import logging
 import jax
@@ -308,3 +312,57 @@ def check_has_checkpoints(workdir, mode: str) -> None:
         + (f' (it holds only unfinished saves: {", ".join(partial)})' if partial else '')
         + '. Train first with the same --workdir (--config.mode=train, with the config you '
         f'will {mode} with), or pass the --workdir of a trained run.')
+
+
+# ------------------------------------------------------------------------------------------------
+# A temperature fitted after training (evaluate mode, config.evaluation.temperature='fit';
+# evaluation/calibration.py): WORKDIR/temperature.json, for one checkpoint. Its one home: the
+# Predictor restoring that checkpoint scales its probabilities with it, and so evaluate, CAM,
+# mura-predict and export do.
+
+TEMPERATURE_FILE = 'temperature.json'
+
+
+def write_temperature(workdir, record: dict) -> None:
+  """Stores {'temperature': T, 'checkpoint': {'name', 'step'}, ...} (how it was fitted)."""
+  (epath.Path(workdir) / TEMPERATURE_FILE).write_text(json.dumps(record, indent=2) + '\n')
+
+
+def remove_temperature(workdir) -> dict | None:
+  """Removes the workdir's temperature (evaluate with temperature 'none'); returns what it was."""
+  path = epath.Path(workdir) / TEMPERATURE_FILE
+  if not path.exists():
+    return None
+  record = _read_temperature(path)
+  path.unlink()
+  return record
+
+
+def read_temperature(workdir, name: str, step: int) -> dict | None:
+  """The workdir's temperature record if it was fitted for this checkpoint (name, step), else
+  None. A damaged file is a UserError naming it."""
+  path = epath.Path(workdir) / TEMPERATURE_FILE
+  if not path.exists():
+    return None
+  record = _read_temperature(path)
+  fitted = record['checkpoint']
+  return record if (fitted.get('name'), fitted.get('step')) == (name, int(step)) else None
+
+
+def _read_temperature(path: epath.Path) -> dict:
+  try:
+    record = json.loads(path.read_bytes())
+    temperature = float(record['temperature'])
+    if not isinstance(record['checkpoint'], dict):
+      raise TypeError('checkpoint is not an object')
+  except (ValueError, KeyError, TypeError) as e:
+    temperature = None
+    problem = f'{type(e).__name__}: {e}'
+  else:
+    problem = None if math.isfinite(temperature) and temperature > 0 else (
+        f'temperature {temperature} is not a positive number')
+  if problem:
+    raise UserError(f'{path} is damaged ({problem}); evaluate again with '
+                    '--config.evaluation.temperature=fit to rewrite it, or delete it (the '
+                    'probabilities are then not temperature-scaled).')
+  return record

@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluation.compare = ''   # another workdir or a predictions CSV: paired comparison
   config.evaluation.threshold_from = ''   # a report.json whose operating point sets the threshold
   config.evaluation.operating_point = ''  # its name: specificity@0.95 (default), worklist, ...
+  # 'fit': one temperature T fitted on the validation views' logits, stored in
+  # WORKDIR/temperature.json; predict, CAM and export then give sigmoid(logit / T).
+  # 'none': unscaled (a stored T is removed). evaluation/calibration.py.
+  config.evaluation.temperature = 'none'
 
   # What runs after a finished training, in order: evaluate (the best checkpoint; with
   # evaluation.ensemble > 1 then the ensemble of the best kept), cam. '' = nothing.

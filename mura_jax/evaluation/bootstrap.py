@@ -94,13 +94,17 @@ def fits_float32(membership) -> bool:
   return 2 * max(per_study, 1) * num_studies**2 < 2**24
 
 
+def _multiplicities(key, start, chunk_size: int, num_studies: int, dtype):
+  """(chunk_size, num_studies): how often resample b drew study i (a scatter-add of `_draw`)."""
+  drawn = _draw(key, start, chunk_size, num_studies)
+  rows = jnp.arange(chunk_size)[:, None]
+  return jnp.zeros((chunk_size, num_studies), dtype).at[rows, drawn].add(1)
+
+
 @functools.partial(jax.jit, static_argnames=('chunk_size',))
 def _chunk_counts(key, start, cells, auroc_plan, chunk_size: int):
   """Counts (chunk, pairs*groups*4) and U2 (chunk, groups) of one chunk of resamples."""
-  num_studies = cells.shape[0]
-  drawn = _draw(key, start, chunk_size, num_studies)
-  rows = jnp.arange(chunk_size)[:, None]
-  weight = jnp.zeros((chunk_size, num_studies), cells.dtype).at[rows, drawn].add(1)
+  weight = _multiplicities(key, start, chunk_size, cells.shape[0], cells.dtype)
   exact = jax.lax.Precision.HIGHEST  # no reduced-precision (TF32/bf16) passes on accelerators
   counts = jnp.dot(weight, cells, precision=exact)
   if auroc_plan is None:
@@ -206,6 +210,34 @@ def bootstrap_counts(predicted, reference, membership, scores=None, *, num_resam
     earlier_normals = np.cumsum(fp + tn, axis=1) - (fp + tn)
     u2 = u2.astype(np.int64) - 2 * (tp + fn) * earlier_normals
   return counts, u2
+
+
+@functools.partial(jax.jit, static_argnames=('chunk_size',))
+def _chunk_sums(key, start, columns, chunk_size: int):
+  weight = _multiplicities(key, start, chunk_size, columns.shape[0], columns.dtype)
+  return jnp.dot(weight, columns, precision=jax.lax.Precision.HIGHEST)
+
+
+def bootstrap_sums(columns, *, num_resamples: int, seed: int,
+                   chunk_size: int | None = None) -> np.ndarray:
+  """float64 (B, K): sum over the studies of resample b of columns[i, k] (each study counted as
+  often as drawn), for real-valued per-study quantities (calibration's signed errors).
+
+  The resamples are `bootstrap_counts`'s of the same seed (`_draw`), so these sums belong to the
+  same resamples as the confusion counts. Computed in float64: the sums are not integers.
+  """
+  columns = np.asarray(columns, np.float64)
+  num_studies = columns.shape[0]
+  _check_size(num_studies)
+  if num_resamples < 1:
+    raise ValueError(f'need at least one resample, got {num_resamples}')
+  chunk_size = chunk_size or default_chunk_size(num_resamples, num_studies, num_studies)
+  with jax.enable_x64(True):
+    key = jax.random.PRNGKey(seed)
+    values = jnp.asarray(columns)
+    chunks = [_chunk_sums(key, start, values, chunk_size)
+              for start in range(0, num_resamples, chunk_size)]
+    return np.concatenate([np.asarray(c) for c in chunks])[:num_resamples]
 
 
 def percentile_ci(samples, level: float = 0.95):

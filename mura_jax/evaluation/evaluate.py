@@ -42,6 +42,7 @@ from mura_jax import workdir as workdir_lib
 from mura_jax.data import dataset as data_lib
 from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError
+from mura_jax.evaluation import calibration
 from mura_jax.evaluation import comparison
 from mura_jax.evaluation import ensembles
 from mura_jax.evaluation import prediction_files
@@ -82,12 +83,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   tta = e.get('tta', 'none')
   predictions = predict_members(config, workdir, ensemble, source, split_index, tta)
   probabilities, infos = predictions['probability'], predictions['members']
+  is_main = jax.process_index() == 0
+  temperature = raw_table = None
+  if len(ensemble) == 1 and ensemble[0].workdir == str(workdir):  # the run's own checkpoint
+    temperature = stored_temperature(config, workdir, ensemble[0], predictions, split_index,
+                                     data_dir, body_parts, is_main)
+  if temperature is not None:  # the Predictor's scaling, applied to the logits at hand
+    raw_table = ensembles.combine(probabilities, split_index, 'views', e.aggregation)
+    probabilities = predictor_lib.temperature_scaled(predictions['logit'],
+                                                     temperature['temperature'])
   table = ensembles.combine(probabilities, split_index, e.get('ensemble_order', 'views'),
                             e.aggregation)
   options, threshold_source = options_with_threshold(config)
   readers = prediction_files.read_readers(e.readers) if e.get('readers') else None
-  is_main = jax.process_index() == 0
   report = reports.evaluate(table, options, readers=readers, split=e.split, print_table=is_main)
+  if temperature is not None:
+    report['calibration']['temperature'] = calibration.temperature_section(
+        temperature, scoring.calibration_section(raw_table, options), e.split)
   report['tta'] = tta
   report['config_changes'] = workdir_lib.config_changes(workdir)  # intended, recorded
   report['threshold_from'] = threshold_source
@@ -123,6 +135,40 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return report
 
 
+def stored_temperature(config, workdir, member, predictions, split_index, data_dir, body_parts,
+                       is_main: bool) -> dict | None:
+  """config.evaluation.temperature: 'fit' fits T on the validation split's view logits of this
+  checkpoint (without TTA; `calibration.fit_temperature`) and stores it with the model
+  (`checkpoints.write_temperature`: what every Predictor of this checkpoint then applies);
+  'none' removes a stored one, so that nothing scales what this report scores unscaled.
+  Returns the stored record, or None."""
+  e = config.evaluation
+  if e.get('temperature', 'none') != 'fit':
+    removed = checkpoints.remove_temperature(workdir) if is_main else None
+    if removed is not None:
+      logging.warning('config.evaluation.temperature=none: removed the temperature T = %.4f '
+                      'fitted earlier (%s/%s); predict, CAM and export give unscaled '
+                      'probabilities again.', removed['temperature'], workdir,
+                      checkpoints.TEMPERATURE_FILE)
+    return None
+  if e.split == 'validation' and e.get('tta', 'none') == 'none':
+    logits, labels = predictions['logit'][0], split_index.label
+  else:
+    source, index = data_lib.split_of_body_parts(
+        data_dir, 'validation', body_parts, input_pipeline.read_split_index(data_dir, 'validation'))
+    logits, labels = predict_members(config, workdir, [member], source, index,
+                                     'none')['logit'][0], index.label
+  name = epath.Path(predictions['members'][0]['checkpoint']['directory']).name
+  record = {**calibration.fit_temperature(logits, labels), 'objective': calibration.OBJECTIVE,
+            'fitted_on': 'validation', 'checkpoint': {'name': name, 'step': int(member.step)}}
+  if is_main:
+    checkpoints.write_temperature(workdir, record)
+  logging.info('Temperature T = %.4f fitted on %d validation views (mean NLL %.4f -> %.4f); '
+               'stored in %s/%s.', record['temperature'], record['num_views'],
+               record['nll_before'], record['nll_after'], workdir, checkpoints.TEMPERATURE_FILE)
+  return record
+
+
 def evaluates_an_ensemble(config) -> bool:
   """Whether the config's evaluation scores several checkpoints."""
   e = config.evaluation
@@ -153,17 +199,20 @@ def ensemble_of_kept(config, workdir) -> ml_collections.ConfigDict | None:
 
 def predict_members(config, workdir, ensemble, source, split_index, tta: str) -> dict:
   """{'probability': (members, views) with NaN where a member does not cover a view's body part,
-  'members': what each member is (for the report)}."""
+  'logit': the same for the logits, 'members': what each member is (for the report)}. Every
+  member's own probabilities, never temperature-scaled (`stored_temperature` decides)."""
   e = config.evaluation
   mesh = parallel.make_mesh()
   several_workdirs = len({m.workdir for m in ensemble}) > 1
   probability = np.full((len(ensemble), len(split_index)), np.nan)
+  logit = np.full_like(probability, np.nan)
   infos = []
   compiled = {}  # one set of compiled steps per network: the K best of a run compile once
   for i, member in enumerate(ensemble):
     predictor = predictor_lib.Predictor.from_workdir(
         member.workdir, member.which, config=config if member.workdir == str(workdir) else None,
-        global_batch=e.global_batch_size, mesh=mesh, tta=tta).sharing_steps_of(compiled)
+        global_batch=e.global_batch_size, mesh=mesh, tta=tta,
+        temperature=1.0).sharing_steps_of(compiled)
     views = ensembles.covered_views(split_index, member)
     logging.info('Evaluating %s (member %d of %d) on %s: %d views, %d studies%s.',
                  member.name(True), i + 1, len(ensemble), e.split, views.size,
@@ -176,6 +225,7 @@ def predict_members(config, workdir, ensemble, source, split_index, tta: str) ->
         member_source, num_workers=config.data.num_workers,
         loss_weights=None if loss_weights is None else np.asarray(loss_weights, np.float32))
     probability[i, views] = out['probability']
+    logit[i, views] = out['logit']
     infos.append({
         'name': member.name(several_workdirs), 'workdir': member.workdir,
         'checkpoint': dict(predictor.checkpoint), 'epoch': member.spec.get('epoch'),
@@ -183,7 +233,7 @@ def predict_members(config, workdir, ensemble, source, split_index, tta: str) ->
         'body_parts': list(member.body_parts), 'model': member.spec['model'],
         'preprocessing': predictor.preprocessing.to_dict(),
         'weighted_loss': float(out['loss'].mean()) if 'loss' in out else None})
-  return {'probability': probability, 'members': infos}
+  return {'probability': probability, 'logit': logit, 'members': infos}
 
 
 def comparison_table(config, compare, table, source, split_index, tta):

@@ -7,7 +7,8 @@ Rendering a report: report.md (Table-2-like), the terminal table, roc.png, and t
 Files written to the out dir (the caller passes WORKDIR/eval/<split>/): report.json, report.md,
 predictions.csv (official submission format: study path, 0/1, no header), study_probabilities.csv
 (header: study,body_part,num_views,probability,predicted_abnormal,label,worklist_rank; rank 1 is
-read first), roc.png (8 panels; reader operating points when given).
+read first), roc.png (8 panels; reader operating points when given), reliability.png (the
+calibration of the study probabilities, `calibration.reliability_figure`; probabilities only).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from etils import epath
 import numpy as np
 
 from mura_jax.errors import ConfigError, DataError
+from mura_jax.evaluation import calibration
 from mura_jax.evaluation import metrics
 from mura_jax.evaluation import readers as readers_lib
 from mura_jax.evaluation import scoring
@@ -78,6 +80,7 @@ def format_markdown(report: dict) -> str:
   if notes:
     lines += [''] + [f'[{i}] {reason}.' for reason, i in notes.items()]
   lines += _scored_what_lines(report)
+  lines += calibration.markdown_lines(report)
   if report['operating_points']:
     lines += ['', '## Operating points (all studies)', '',
               '| Target | Threshold | ' + ' | '.join(_METRIC_TITLES[m] for m in THRESHOLDED) +
@@ -228,6 +231,10 @@ def format_terminal_table(report: dict) -> str:
   text = ['  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
           for r in rows]
   text.insert(1, '-' * len(text[0]))
+  if report.get('calibration'):
+    text.append('ECE (10 equal-width bins of the study probability): ' + ', '.join(
+        f'{group} {section["ece"]["value"]:.3f}' for group, section
+        in report['calibration']['groups'].items() if section['ece']['value'] is not None))
   boot = report['bootstrap']
   if boot['num_resamples']:
     text.append(f'{boot["ci_level"]:.0%} CIs from {boot["num_resamples"]} bootstrap resamples '
@@ -295,9 +302,15 @@ def write_report(out_dir, report: dict, table: StudyTable) -> None:
   (out / 'study_probabilities.csv').write_text(table.getvalue())
   readers = report['readers']['versus_labels'] if report['readers'] else None
   figure = roc_figure(scores, truth, part, report['threshold'], readers)
+  _write_png(figure, out / 'roc.png')
+  if report.get('calibration'):
+    _write_png(calibration.reliability_figure(report['calibration']), out / 'reliability.png')
+
+
+def _write_png(figure, path) -> None:
   png = io.BytesIO()
   figure.savefig(png, format='png', dpi=100)
-  (out / 'roc.png').write_bytes(png.getvalue())
+  path.write_bytes(png.getvalue())
 
 
 def evaluate(table: StudyTable, options: scoring.Options = scoring.Options(), *,

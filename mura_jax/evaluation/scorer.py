@@ -63,7 +63,7 @@ def score_files(predictions, labels, out_dir, readers=None, *, aggregation: str 
 # What the scorer writes into --out (reports.write_report): an input under one of these names
 # there would be replaced.
 OUTPUT_FILES = ('report.json', 'report.md', 'predictions.csv', 'study_probabilities.csv',
-                'roc.png')
+                'roc.png', 'reliability.png')
 INPUT_FLAGS = ('predictions', 'labels', 'readers', 'compare', 'threshold_from')
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from mura_jax.errors import ConfigError
 from mura_jax.evaluation import bootstrap
+from mura_jax.evaluation import calibration
 from mura_jax.evaluation import metrics
 from mura_jax.evaluation.metrics import GROUPS, METRICS
 from mura_jax.evaluation.studies import StudyTable
@@ -177,8 +178,31 @@ def score(table: StudyTable, options: Options = Options(), split: str | None = N
                                   'on its studies within the resample'},
       'groups': groups, 'operating_points': operating_points, 'worklist': worklist,
       'readers': None,  # filled by `readers.compare` where readers are given
+      'calibration': (calibration_section(table, options)
+                      if table.score_kind == 'probabilities' else None),
   }
   return report
+
+
+def calibration_section(table: StudyTable, options: Options = Options()) -> dict:
+  """report['calibration']: the study probabilities' ECE per group with CIs from the bootstrap
+  resamples of `score` (same seed, same study order), and the reliability diagram's bins.
+  'temperature' is None unless evaluate mode scaled the probabilities."""
+  table = table.in_study_order()
+  membership = metrics.body_part_membership(table.body_part)
+  values = calibration.expected_calibration_error(table.probability, table.label, membership)
+  samples = None
+  if options.num_resamples:
+    samples = calibration.bootstrap_ece(
+        table.probability, table.label, membership, num_resamples=options.num_resamples,
+        seed=options.seed, chunk_size=options.chunk_size)
+  n = membership.sum(1)
+  ece = entries(values, samples, n, ['no studies in this group'] * len(n), options.level)
+  bins = calibration.reliability_bins(table.probability, table.label, membership)
+  return {'level': 'study', 'num_bins': calibration.NUM_BINS, 'binning': calibration.BINNING,
+          'groups': {group: {'ece': ece[g], 'bins': bins[g]} for g, group in enumerate(GROUPS)
+                     if n[g] or group == 'all'},
+          'temperature': None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,10 +274,10 @@ def check_evaluation_config(config) -> None:
   """Raises ConfigError, one sentence naming the key, for a value of `config.evaluation` that
   evaluate mode (and the evaluation after training) cannot use: bootstrap_resamples (>= 0),
   seed (0 .. 2**32 - 1), threshold (in [0, 1], not NaN), aggregation (mean | max), tta (none |
-  flip), ensemble (>= 1), ensemble_order (views | studies), split (not empty), operating_point
-  (with threshold_from only, of a form a report has). Batch sizes: configs.base.check_values.
-  Cheap and without files: call it before any work (evaluate, cam and training declare it as
-  their `check`)."""
+  flip), ensemble (>= 1), ensemble_order (views | studies), temperature (none | fit), split
+  (not empty), operating_point (with threshold_from only, of a form a report has). Batch
+  sizes: configs.base.check_values. Cheap and without files: call it before any work (evaluate,
+  cam and training declare it as their `check`)."""
   e = config.evaluation
   key = '--config.evaluation.{}={}'.format
   problem = options_problem(options_from_config(config), {
@@ -263,7 +287,7 @@ def check_evaluation_config(config) -> None:
     problem = number_problem(key('ensemble', e.ensemble), e.ensemble, 1, whole=True,
                              meaning='the number of best checkpoints averaged')
   choices = (('aggregation', ('mean', 'max')), ('tta', ('none', 'flip')),
-             ('ensemble_order', ('views', 'studies')))
+             ('ensemble_order', ('views', 'studies')), ('temperature', ('none', 'fit')))
   for name, allowed in choices:
     if problem is None and name in e and e[name] not in allowed:
       problem = f'{key(name, e[name])}: expected one of {", ".join(allowed)}.'

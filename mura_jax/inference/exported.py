@@ -94,6 +94,8 @@ class ExportedPredictor:
       if parts is not None and not (isinstance(parts, list) and
                                     all(isinstance(p, str) for p in parts)):
         raise TypeError(f'body_parts {parts!r} is not a list of body part names')
+      # Applied inside the artifact already (export.serving_function): kept to be said.
+      temperature = float((manifest['spec'].get('temperature') or {}).get('temperature', 1.0))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise ExportError(f'{manifest_path} is damaged ({type(e).__name__}: {e} in files, spec, '
                         f'checkpoint or classifier_bias); {AGAIN}.') from e
@@ -107,6 +109,7 @@ class ExportedPredictor:
     self.checkpoint = checkpoint
     self.classifier_bias = bias
     self.spec = spec  # model, preprocessing, body_parts, data (what the checkpoint's spec had)
+    self.temperature = temperature
     self.batch_size = 32
 
   def predict_views_and_maps(self, views) -> tuple[np.ndarray, np.ndarray]:

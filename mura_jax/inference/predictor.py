@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
+from scipy import special
 from etils import epath
 
 from mura_jax import checkpoints
@@ -43,17 +44,22 @@ class Predictor:
   checkpoint: dict                # {'which', 'step', 'directory'}
   global_batch: int = 64
   tta: str = 'none'               # 'flip': test-time augmentation in predict_split / predict_views
+  # Every probability it gives is sigmoid(logit / temperature) (checkpoints.read_temperature).
+  temperature: float = 1.0
   # Compiled steps by kind, shared by the predictors `with_variables` makes (one compile for
   # every epoch's validation, or every member of an ensemble with the same network).
   compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
   def from_workdir(cls, workdir, which: str | int = 'best', *, config=None,
-                   global_batch: int = 64, mesh=None, tta: str = 'none') -> Predictor:
+                   global_batch: int = 64, mesh=None, tta: str = 'none',
+                   temperature: float | None = None) -> Predictor:
     """Restores a checkpoint of a workdir: 'best', 'latest' or a step number.
 
     The model and preprocessing come from the checkpoint's spec. With a `config`, its model must
     be the checkpoint's (CheckpointMismatchError otherwise) and its compute dtype is used.
+    `temperature`: None, the one stored for this checkpoint (WORKDIR/temperature.json, also put
+    in the spec as 'temperature'), else 1; or a number (1.0: the network's own probabilities).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(global_batch, mesh)
@@ -71,8 +77,12 @@ class Predictor:
     preprocessing = preprocessing_lib.Preprocessing(**found['preprocessing'])
     logging.info('Restored the %s checkpoint (step %d) of %s: %s, %s.', which, step, workdir,
                  signature['arch'], preprocessing)
+    if temperature is None:
+      stored = checkpoints.read_temperature(workdir, name, step)
+      found = {**found, 'temperature': stored}
+      temperature = 1.0 if stored is None else float(stored['temperature'])
     return cls(model=model, variables=variables, preprocessing=preprocessing, mesh=mesh,
-               spec=found, global_batch=global_batch, tta=tta,
+               spec=found, global_batch=global_batch, tta=tta, temperature=float(temperature),
                checkpoint={'which': str(which), 'step': int(step),
                            'directory': str(epath.Path(workdir) / name)})
 
@@ -119,17 +129,17 @@ class Predictor:
                     progress: bool = True) -> dict[str, np.ndarray]:
     """Per-view probabilities (and, given loss weights, weighted losses) of a TFDS split (or any
     random-access source of views), in its order."""
-    return steps.predict_split(self.step('predict', loss_weights), self.variables, source,
-                               mesh=self.mesh, global_batch=self.global_batch,
-                               preprocessing=self.preprocessing, num_workers=num_workers,
-                               progress=progress)
+    return self._scaled(steps.predict_split(
+        self.step('predict', loss_weights), self.variables, source, mesh=self.mesh,
+        global_batch=self.global_batch, preprocessing=self.preprocessing,
+        num_workers=num_workers, progress=progress))
 
   def map_split(self, source, *, num_workers: int = 0,
                 progress: bool = True) -> dict[str, np.ndarray]:
     """Per-view probabilities, logits and class activation maps (V, h, w) of a split (CAM)."""
-    return steps.predict_split(self.step('map'), self.variables, source, mesh=self.mesh,
-                               global_batch=self.global_batch, preprocessing=self.preprocessing,
-                               num_workers=num_workers, progress=progress)
+    return self._scaled(steps.predict_split(
+        self.step('map'), self.variables, source, mesh=self.mesh, global_batch=self.global_batch,
+        preprocessing=self.preprocessing, num_workers=num_workers, progress=progress))
 
   def view_maps(self, images) -> tuple[np.ndarray, np.ndarray]:
     """(logits (B,), maps (B, h, w)) of uint8 views already fitted to the input size (B, S, S, 1),
@@ -142,18 +152,24 @@ class Predictor:
 
   def predict_views_and_maps(self, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (V,), class activation maps (V, h, w)) of gray uint8 views of any size."""
-    out = steps.predict_split(self.step('map'), self.variables, steps.ViewSource(views),
-                              mesh=self.mesh, global_batch=self._batch_for(len(views)),
-                              preprocessing=self.preprocessing)
+    out = self._scaled(steps.predict_split(
+        self.step('map'), self.variables, steps.ViewSource(views), mesh=self.mesh,
+        global_batch=self._batch_for(len(views)), preprocessing=self.preprocessing))
     return out['probability'], out['map']
 
   def predict_views(self, views: Sequence[np.ndarray]) -> np.ndarray:
     """Probabilities (V,) of gray uint8 views (H, W, 1) of any size, e.g. from
     `images.read_image`; batched and padded to the mesh like a split."""
-    return steps.predict_split(self.step('predict'), self.variables,
-                               steps.ViewSource(views), mesh=self.mesh,
-                               global_batch=self._batch_for(len(views)),
-                               preprocessing=self.preprocessing, progress=False)['probability']
+    return self._scaled(steps.predict_split(
+        self.step('predict'), self.variables, steps.ViewSource(views), mesh=self.mesh,
+        global_batch=self._batch_for(len(views)), preprocessing=self.preprocessing,
+        progress=False))['probability']
+
+  def _scaled(self, out: dict) -> dict:
+    """The step's outputs with the probabilities of this predictor's temperature."""
+    if self.temperature != 1.0:
+      out['probability'] = temperature_scaled(out['logit'], self.temperature)
+    return out
 
   def _batch_for(self, num_views: int) -> int:
     return steps.fitted_batch(num_views, self.global_batch, self.mesh.size)
@@ -164,3 +180,8 @@ class Predictor:
     """Study probabilities: the mean (the paper) or max of each study's views."""
     return studies.aggregate_float64(view_probabilities, view_study_index, num_studies,
                                      None, aggregation)[0]
+
+
+def temperature_scaled(logits, temperature: float) -> np.ndarray:
+  """float64 sigmoid(logit / T): temperature-scaled probabilities (evaluation/calibration.py)."""
+  return special.expit(np.asarray(logits, np.float64) / temperature)

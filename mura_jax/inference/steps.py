@@ -40,7 +40,8 @@ def flip_tta_logits(variables, images, *, model, in_channels: int):
 
 
 def predict_step(variables, batch, *, model, in_channels, loss_weights=None, tta='none'):
-  """Per-view probabilities (and, given loss weights and labels, the paper's weighted loss).
+  """Per-view probabilities and logits (and, given loss weights and labels, the paper's weighted
+  loss of the logits).
 
   tta='flip': the probability (and loss) of the mean of the view's and its mirror's probabilities.
   """
@@ -50,7 +51,8 @@ def predict_step(variables, batch, *, model, in_channels, loss_weights=None, tta
     logits = view_logits(variables, batch['image'], model=model, in_channels=in_channels)
   else:
     raise ConfigError(f'tta={tta!r}; expected one of {TTA_MODES} (config.evaluation.tta)')
-  out = {'probability': jax.nn.sigmoid(logits), 'index': batch['index'], 'mask': batch['mask']}
+  out = {'probability': jax.nn.sigmoid(logits), 'logit': logits, 'index': batch['index'],
+         'mask': batch['mask']}
   if loss_weights is not None:
     per_view = loss_lib.weighted_bce_per_view(logits, batch['label'], batch['body_part'],
                                               loss_weights)

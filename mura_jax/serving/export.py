@@ -13,7 +13,8 @@ writes WORKDIR/export/ (`config.export.dir` to choose another folder):
                              model = export.deserialize(open('model.jax_export', 'rb').read())
                              probability, cam = model.call(views)
   model.jax_export.json  its input and outputs (shapes, dtypes), the preprocessing, the classifier
-                         bias (display map = sigmoid(cam + bias)), jax's version and calling
+                         bias (display map = sigmoid(cam + bias)), the temperature T applied to
+                         the probability (1: none; see checkpoints.py), jax's version and calling
                          convention, the platforms, the file's sha256.
   model.safetensors      the torchvision state dict (num_batches_tracked included), loadable with
                          strict=True into torchvision.models.DenseNet(growth_rate, block_config,
@@ -66,21 +67,22 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')
 # The artifacts.
 
 
-def serving_function(model, spec: preprocessing_lib.Preprocessing):
+def serving_function(model, spec: preprocessing_lib.Preprocessing, temperature: float = 1.0):
   """(variables, images uint8 (b, S, S, 1)) -> (probability (b,), cam (b, h, w)): what both
   serialized forms run (jax.export with the weights closed over, the SavedModel with them as
-  tf.Variables)."""
+  tf.Variables). The probability is sigmoid(logit / temperature): a stored temperature
+  (checkpoints.read_temperature) travels inside the artifact; the map stays unscaled."""
   model = inference_steps.inference_network(model)  # unrolled, as every inference step compiles it
 
   def serve(variables, images):
     logits, maps = inference_steps.view_maps(variables, images, model=model,
                                        in_channels=spec.in_channels)
-    return jax.nn.sigmoid(logits), maps
+    return jax.nn.sigmoid(logits / temperature if temperature != 1.0 else logits), maps
   return serve
 
 
 def export_jax(serve, spec: preprocessing_lib.Preprocessing, folder: epath.Path,
-               bias: float) -> dict:
+               bias: float, temperature: float = 1.0) -> dict:
   batch, = jax_export.symbolic_shape('batch')
   size = spec.image_size
   exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(
@@ -93,11 +95,13 @@ def export_jax(serve, spec: preprocessing_lib.Preprocessing, folder: epath.Path,
                 'meaning': 'gray views fitted to the square (preprocessing below), 0..255'},
       'outputs': [
           {'name': 'probability', 'shape': ['batch'], 'dtype': str(probability.dtype),
-           'meaning': 'the view\'s abnormality probability; a study\'s is the mean of its views'},
+           'meaning': 'the view\'s abnormality probability; a study\'s is the mean of its views'
+                      + _temperature_meaning(temperature)},
           {'name': 'cam', 'shape': ['batch', *cam.shape[1:]], 'dtype': str(cam.dtype),
            'meaning': 'class activation map M in logit units; mean(M) + classifier_bias is the '
                       'logit, sigmoid(M + classifier_bias) the display map'}],
       'classifier_bias': bias,
+      'temperature': temperature,
       'preprocessing': model_card.preprocessing_card(spec),
       'jax_version': jax.__version__,
       'calling_convention_version': exported.calling_convention_version,
@@ -109,6 +113,13 @@ def export_jax(serve, spec: preprocessing_lib.Preprocessing, folder: epath.Path,
   }
   (folder / 'model.jax_export.json').write_text(json.dumps(sidecar, indent=2) + '\n')
   return sidecar
+
+
+def _temperature_meaning(temperature: float) -> str:
+  if temperature == 1.0:
+    return ''
+  return (f'; temperature-scaled: sigmoid(logit / {temperature!r}), T fitted on the validation '
+          'split (model_card.json, calibration)')
 
 
 def export_torchvision(variables, model, folder: epath.Path) -> None:
@@ -219,15 +230,16 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
   if written is not None:
     written.workdir = os.fspath(workdir)
   spec_ = {'model': predictor.spec['model'], 'preprocessing': predictor.spec['preprocessing'],
+           'temperature': predictor.spec.get('temperature'),  # applied inside model.jax_export
            **checkpoints.scope(predictor.spec)}  # body parts, data (model_card.scope_card)
   staging = export_folder.temporary(out_dir, 'partial')
   try:
     staging.mkdir(parents=True)
     variables = jax.device_get(predictor.variables)
     bias = predictor.classifier_bias
-    serve = serving_function(predictor.model, predictor.preprocessing)
+    serve = serving_function(predictor.model, predictor.preprocessing, predictor.temperature)
     sidecar = export_jax(functools.partial(serve, variables), predictor.preprocessing, staging,
-                         bias)
+                         bias, predictor.temperature)
     export_torchvision(variables, predictor.model, staging)
     saved_model = export_saved_model(serve, variables, predictor.preprocessing, staging)
     parameters = int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
@@ -235,6 +247,7 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
         predictor.checkpoint, spec_, parameters, written,
         model_card.validation_metrics(validation_report, predictor.checkpoint['step']),
         model_card.training_data(predictor.spec, written))
+    card['calibration'] = model_card.calibration_card(spec_['temperature'])
     (staging / 'model_card.json').write_text(json.dumps(card, indent=2) + '\n')
     (staging / 'model_card.md').write_text(model_card.format_card(card))
     files = sorted(p.name for p in staging.iterdir() if p.is_file())

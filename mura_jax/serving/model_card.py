@@ -62,10 +62,65 @@ def validation_report(workdir) -> dict | None:
     copied = {'report': os.fspath(path), 'step': step, 'num_studies': report['num_studies'],
               'bootstrap': report['bootstrap'], 'operating_points': report['operating_points'],
               'groups': {group: {m: entry['metrics'][m] for m in ('f1', 'kappa', 'auroc')}
-                         for group, entry in report['groups'].items()}}
+                         for group, entry in report['groups'].items()},
+              'calibration': _validation_calibration(report.get('calibration'))}
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise ExportError(f'{path} is damaged ({type(e).__name__}: {e}); {what_to_do}.') from e
   return copied
+
+
+def _validation_calibration(section: dict | None) -> dict | None:
+  """The card's copy of a report's calibration: ECE per group (and before the temperature)."""
+  if not section:
+    return None
+  temperature = section.get('temperature') or {}
+  return {'binning': section['binning'],
+          'ece': {group: entry['ece'] for group, entry in section['groups'].items()},
+          'temperature': temperature.get('temperature'),
+          'ece_before_temperature': temperature.get('ece_before'),
+          'caveat': temperature.get('caveat')}
+
+
+def calibration_card(temperature: dict | None) -> dict:
+  """The card's calibration: the temperature T inside the artifacts (1.0: none) and how it was
+  fitted (checkpoints.read_temperature's record)."""
+  if temperature is None:
+    return {'temperature': 1.0, 'fitted': None,
+            'probability': "sigmoid(logit): the network's own probabilities"}
+  return {'temperature': float(temperature['temperature']), 'fitted': temperature,
+          'probability': 'sigmoid(logit / T), applied inside model.jax_export and the '
+                         'SavedModel'}
+
+
+def _calibration_lines(card: dict) -> list[str]:
+  calibration = card.get('calibration')
+  if not calibration:
+    return []
+  lines = ['', '## Calibration', '']
+  fitted = calibration['fitted']
+  if fitted is None:
+    lines.append('No temperature: the probabilities are the network\'s own, sigmoid(logit).')
+  else:
+    lines.append(f'Temperature scaling: probability = sigmoid(logit / T), T = '
+                 f'{fitted["temperature"]:.4f} (inside the artifacts), fitted on '
+                 f'{fitted["num_views"]} {fitted["fitted_on"]} views by minimising the '
+                 f'{fitted["objective"]}.')
+  validation = (card.get('validation') or {}).get('calibration')
+  if validation:
+    before = validation['ece_before_temperature']
+    lines += ['', f'Expected calibration error on validation ({validation["binning"]})'
+              + (f'; {validation["caveat"]}' if validation['caveat'] else '') + ':', '',
+              '| study type | ECE' + (' before T | ECE after T |' if before else ' |'),
+              '|---|---|' + ('---|' if before else '')]
+    for group, entry in validation['ece'].items():
+      cells = ([_entry_text(before[group])] if before else []) + [_entry_text(entry)]
+      lines.append(f'| {group} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def _entry_text(e: dict) -> str:
+  return 'n/a' if e['value'] is None else f'{e["value"]:.3f}' + (
+      '' if e['ci_low'] is None else f' ({e["ci_low"]:.3f}-{e["ci_high"]:.3f})')
 
 
 def validation_metrics(report: dict | None, step: int) -> dict | None:
@@ -202,6 +257,7 @@ def format_card(card: dict) -> str:
         cells.append('n/a' if e['value'] is None else f'{e["value"]:.3f}' + (
             '' if e['ci_low'] is None else f' ({e["ci_low"]:.3f}-{e["ci_high"]:.3f})'))
       lines.append(f'| {group} | ' + ' | '.join(cells) + ' |')
+  lines += _calibration_lines(card)
   data = card['training_data']
   lines += ['', '## Training', '']
   if card['training']:

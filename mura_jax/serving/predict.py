@@ -211,6 +211,16 @@ def worklist(studies: list[study_folders.Study], source: tuple[str, list | None,
   return notes
 
 
+def temperature_note(predictor) -> str | None:
+  """What the user must know when the model's probabilities are temperature-scaled."""
+  if predictor.temperature == 1.0:
+    return None
+  return (f'probabilities are temperature-scaled, sigmoid(logit / T) with T = '
+          f'{predictor.temperature:.4f} fitted on the validation split '
+          '(config.evaluation.temperature=fit); the worklist tiers come from the report of '
+          'the same scaled probabilities')
+
+
 # ------------------------------------------------------------------------------------------------
 # Outputs.
 
@@ -373,6 +383,8 @@ def predict_paths(args) -> int:
           exported.ExportError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_NOTHING
+  if temperature_note(predictor):
+    _say('note', temperature_note(predictor))
   # Read before any prediction: a damaged report or model card stops here, not after the work.
   points = operating_points(args.workdir, args.model) if args.worklist else None
   studies = study_folders.read_studies(studies, args.body_part, progress=len(studies) >= 8)
