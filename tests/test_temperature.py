@@ -108,7 +108,7 @@ def test_predictor_export_and_mura_predict_give_the_scaled_probabilities(calibra
   assert np.abs(expected - special.expit(logits)).max() > 1e-3  # scaling changed them
 
 
-def test_temperature_none_removes_it_and_a_damaged_file_is_named(calibrated, tmp_path):
+def test_temperature_kept_by_default_removed_by_none_and_a_damaged_file_named(calibrated, tmp_path):
   workdir, config, _ = calibrated
   path = workdir / checkpoints.TEMPERATURE_FILE
   kept = path.read_text()
@@ -117,6 +117,13 @@ def test_temperature_none_removes_it_and_a_damaged_file_is_named(calibrated, tmp
     with pytest.raises(UserError, match='temperature.json is damaged .*not a positive number'):
       predictor_lib.Predictor.from_workdir(workdir, 'best')
     path.write_text(kept)
+    # A later plain evaluate (the default 'keep') scores with the stored T and keeps it.
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.evaluation.temperature = 'keep'
+    plain.evaluation.bootstrap_resamples = 0
+    report = evaluate.evaluate_checkpoint(plain, str(workdir))
+    assert path.read_text() == kept
+    assert report['calibration']['temperature']['temperature'] == json.loads(kept)['temperature']
     off = ml_collections.ConfigDict(config.to_dict())
     off.evaluation.temperature = 'none'
     off.evaluation.bootstrap_resamples = 0

@@ -107,8 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluation.operating_point = ''  # its name: specificity@0.95 (default), worklist, ...
   # 'fit': one temperature T fitted on the validation views' logits, stored in
   # WORKDIR/temperature.json; predict, CAM and export then give sigmoid(logit / T).
-  # 'none': unscaled (a stored T is removed). evaluation/calibration.py.
-  config.evaluation.temperature = 'none'
+  # 'keep': a T stored for the evaluated checkpoint is applied, none is fitted; 'none': unscaled
+  # (a stored T is removed). evaluation/calibration.py.
+  config.evaluation.temperature = 'keep'
 
   # What runs after a finished training, in order: evaluate (the best checkpoint; with
   # evaluation.ensemble > 1 then the ensemble of the best kept), cam. '' = nothing.

@@ -140,10 +140,15 @@ def stored_temperature(config, workdir, member, predictions, split_index, data_d
   """config.evaluation.temperature: 'fit' fits T on the validation split's view logits of this
   checkpoint (without TTA; `calibration.fit_temperature`) and stores it with the model
   (`checkpoints.write_temperature`: what every Predictor of this checkpoint then applies);
-  'none' removes a stored one, so that nothing scales what this report scores unscaled.
-  Returns the stored record, or None."""
+  'keep' (the default) scores with the one stored for this checkpoint, if any, as predict, CAM
+  and export do, so that a later plain evaluate neither drops nor ignores it; 'none' removes a
+  stored one, so that nothing scales what this report scores unscaled. Returns the stored
+  record, or None."""
   e = config.evaluation
-  if e.get('temperature', 'none') != 'fit':
+  name = epath.Path(predictions['members'][0]['checkpoint']['directory']).name
+  if e.get('temperature', 'keep') == 'keep':
+    return checkpoints.read_temperature(workdir, name, int(member.step))
+  if e.temperature != 'fit':
     removed = checkpoints.remove_temperature(workdir) if is_main else None
     if removed is not None:
       logging.warning('config.evaluation.temperature=none: removed the temperature T = %.4f '
@@ -158,7 +163,6 @@ def stored_temperature(config, workdir, member, predictions, split_index, data_d
         data_dir, 'validation', body_parts, input_pipeline.read_split_index(data_dir, 'validation'))
     logits, labels = predict_members(config, workdir, [member], source, index,
                                      'none')['logit'][0], index.label
-  name = epath.Path(predictions['members'][0]['checkpoint']['directory']).name
   record = {**calibration.fit_temperature(logits, labels), 'objective': calibration.OBJECTIVE,
             'fitted_on': 'validation', 'checkpoint': {'name': name, 'step': int(member.step)}}
   if is_main:

@@ -274,7 +274,7 @@ def check_evaluation_config(config) -> None:
   """Raises ConfigError, one sentence naming the key, for a value of `config.evaluation` that
   evaluate mode (and the evaluation after training) cannot use: bootstrap_resamples (>= 0),
   seed (0 .. 2**32 - 1), threshold (in [0, 1], not NaN), aggregation (mean | max), tta (none |
-  flip), ensemble (>= 1), ensemble_order (views | studies), temperature (none | fit), split
+  flip), ensemble (>= 1), ensemble_order (views | studies), temperature (keep | none | fit), split
   (not empty), operating_point (with threshold_from only, of a form a report has). Batch
   sizes: configs.base.check_values. Cheap and without files: call it before any work (evaluate,
   cam and training declare it as their `check`)."""
@@ -287,7 +287,7 @@ def check_evaluation_config(config) -> None:
     problem = number_problem(key('ensemble', e.ensemble), e.ensemble, 1, whole=True,
                              meaning='the number of best checkpoints averaged')
   choices = (('aggregation', ('mean', 'max')), ('tta', ('none', 'flip')),
-             ('ensemble_order', ('views', 'studies')), ('temperature', ('none', 'fit')))
+             ('ensemble_order', ('views', 'studies')), ('temperature', ('keep', 'none', 'fit')))
   for name, allowed in choices:
     if problem is None and name in e and e[name] not in allowed:
       problem = f'{key(name, e[name])}: expected one of {", ".join(allowed)}.'
