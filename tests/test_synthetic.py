@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from mura_jax.data import synthetic
 from mura_jax.data import synthetic_views
@@ -169,17 +170,20 @@ def test_confounders_and_margins_do_not_depend_on_the_class():
 
 def test_the_abnormality_is_not_the_brightest_thing_in_its_view():
   """On the old synthetic MURA the abnormality was the brightest, most textured thing in a view,
-  so any map that peaks on bright pixels 'found' it; here it mostly is not."""
+  so any map that peaks on bright regions 'found' it: the image intensity, smoothed at a 16 x 16
+  map's scale, peaked in the box in 46% of abnormal views (180 draws, this test's seeds); here
+  mostly on markers, text, collimator bands and bone (17%)."""
   views = [v for kind in synthetic_views.ABNORMALITIES for v in _draws(kind, 60, seed=3)]
   in_box = []
   for v in views:
-    y, x = np.unravel_index(np.argmax(v.pixels), v.pixels.shape)
+    brightness = ndimage.uniform_filter(v.pixels.astype(np.float64), min(v.pixels.shape) // 16)
+    y, x = np.unravel_index(np.argmax(brightness), brightness.shape)
     x0, y0, x1, y1 = v.box
     in_box.append(x0 <= x < x1 and y0 <= y < y1)
     # Still localised and visible: the box is small and its pixels differ.
     assert (x1 - x0) * (y1 - y0) < 0.25 * v.pixels.size
     assert np.ptp(v.pixels[y0:y1, x0:x1]) > 60
-  assert np.mean(in_box) < 0.4, np.mean(in_box)
+  assert np.mean(in_box) < 0.3, np.mean(in_box)
 
 
 def _tree_digest(root):
