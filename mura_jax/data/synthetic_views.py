@@ -180,7 +180,7 @@ def _abnormality(img, kind, bones, yy, xx, rng):
     n = np.array([-d[1], d[0]])
     across = n + rng.uniform(-0.5, 0.5) * d
     across /= np.linalg.norm(across)
-    half_len, gap = 1.3 * r, max(0.02 * scale, 3)
+    half_len, gap = 1.3 * r, max(0.025 * scale, 3)
     p = (cy - across[0] * half_len, cx - across[1] * half_len)
     q = (cy + across[0] * half_len, cx + across[1] * half_len)
     dist = _capsule_distance(yy, xx, p, q)
@@ -190,7 +190,7 @@ def _abnormality(img, kind, bones, yy, xx, rng):
     img = np.where(~line & (dist < 2.2 * gap) & side, img + 45.0, img)
     mask = dist < 2.2 * gap
   else:  # 'lesion': a small lytic lesion with a thin sclerotic rim
-    rad = max(0.065 * scale, 0.7 * r, 4)
+    rad = max(0.08 * scale, 0.8 * r, 4)
     dist = np.hypot(yy - cy, xx - cx)
     img = np.where(dist < rad, img * 0.35, np.where(dist < 1.3 * rad, img + 50.0, img))
     mask = dist < 1.3 * rad
