@@ -8,9 +8,12 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from mura_jax.data import synthetic
+from mura_jax.data import synthetic_views
 from tfds_mura import ANNOTATIONS_FILE
+from tfds_mura import CONFOUNDERS_FILE
 
 from conftest import STUDIES_PER_PART, VALID_STUDIES_PER_PART
 
@@ -121,6 +124,66 @@ def test_annotations_mark_abnormal_views_inside_the_image(synthetic_dir):
                read_lines(synthetic_dir / 'MURA-v1.1' / f'{split}_labeled_studies.csv')
                if line.endswith(',1')}
   assert annotated_studies == positives, 'every abnormal study shows its abnormality somewhere'
+
+
+def test_confounders_are_marked_in_both_classes(synthetic_dir):
+  with open(synthetic_dir / CONFOUNDERS_FILE) as f:
+    rows = list(csv.DictReader(f))
+  assert rows and set(rows[0]) == {'image_path', 'confounder', 'x0', 'y0', 'x1', 'y1'}
+  listed = {p for split in ('train', 'valid')
+            for p in read_lines(synthetic_dir / 'MURA-v1.1' / f'{split}_image_paths.csv')}
+  kinds_by_class = collections.defaultdict(set)
+  for row in rows:
+    assert row['image_path'] in listed and row['confounder'] in synthetic_views.CONFOUNDERS, row
+    with Image.open(synthetic_dir / row['image_path']) as image:
+      w, h = image.size
+      gray = np.asarray(image.convert('L'))
+    x0, y0, x1, y1 = (int(row[k]) for k in ('x0', 'y0', 'x1', 'y1'))
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, row
+    # Radio-opaque or burned in: it stands out of its view.
+    assert gray[y0:y1, x0:x1].max() > np.median(gray) + 100, row
+    kinds_by_class['_positive/' in row['image_path']].add(row['confounder'])
+  assert kinds_by_class[True] >= {'marker', 'text'} and kinds_by_class[False] >= {'marker', 'text'}
+
+
+def _draws(abnormality, n, seed):
+  rng = np.random.default_rng(seed)
+  return [synthetic_views.draw_view(str(rng.choice(synthetic.PART_FOLDERS)), abnormality, rng)
+          for _ in range(n)]
+
+
+def test_confounders_and_margins_do_not_depend_on_the_class():
+  """Markers, text, rulers and black margins appear at the same rates in normal and abnormal
+  views: a model can learn the class only from the abnormality."""
+  def rates(views):
+    black_corner = [min(v.pixels[0, 0], v.pixels[0, -1], v.pixels[-1, 0], v.pixels[-1, -1]) == 0
+                    for v in views]
+    kinds = [{k for k, _ in v.confounders} for v in views]
+    return np.array([np.mean(black_corner)] + [np.mean([k in ks for ks in kinds])
+                                               for k in synthetic_views.CONFOUNDERS])
+  normal = rates(_draws(None, 150, seed=1))
+  abnormal = rates(_draws('fracture', 150, seed=2))
+  assert np.all(normal[:3] > 0.3), normal   # margins, markers, text: in most views
+  assert normal[3] > 0.1, normal            # rulers: in some
+  np.testing.assert_allclose(abnormal, normal, atol=0.12)
+
+
+def test_the_abnormality_is_not_the_brightest_thing_in_its_view():
+  """On the old synthetic MURA the abnormality was the brightest, most textured thing in a view,
+  so any map that peaks on bright regions 'found' it: the image intensity, smoothed at a 16 x 16
+  map's scale, peaked in the box in 46% of abnormal views (180 draws, this test's seeds); here
+  mostly on markers, text, collimator bands and bone (17%)."""
+  views = [v for kind in synthetic_views.ABNORMALITIES for v in _draws(kind, 60, seed=3)]
+  in_box = []
+  for v in views:
+    brightness = ndimage.uniform_filter(v.pixels.astype(np.float64), min(v.pixels.shape) // 16)
+    y, x = np.unravel_index(np.argmax(brightness), brightness.shape)
+    x0, y0, x1, y1 = v.box
+    in_box.append(x0 <= x < x1 and y0 <= y < y1)
+    # Still localised and visible: the box is small and its pixels differ.
+    assert (x1 - x0) * (y1 - y0) < 0.25 * v.pixels.size
+    assert np.ptp(v.pixels[y0:y1, x0:x1]) > 60
+  assert np.mean(in_box) < 0.3, np.mean(in_box)
 
 
 def _tree_digest(root):

@@ -11,9 +11,12 @@ benchmarks run on this tree instead. It mirrors what code reading MURA trips ove
 - one patient with studies under several body parts that share the same `studyK` number;
 - macOS `._imageN.png` sidecars (not images, not in the CSVs), as in some redistributed copies.
 
-Abnormal studies carry a localised abnormality (metal hardware, a fracture gap or a lytic lesion)
-in their views; its box is written to `OUT_DIR/synthetic_annotations.csv`, outside `MURA-v1.1/`, so
-that learning and CAM localisation can be checked for real.
+Abnormal studies carry a localised abnormality (a thin fracture line, a small lytic lesion, metal
+hardware in a minority) in their views; its box is written to `OUT_DIR/synthetic_annotations.csv`,
+outside `MURA-v1.1/`, so that learning and CAM localisation can be checked for real. Views of both
+classes carry the confounders of real ones (synthetic_views.py: the plate rotated in its frame with
+black margins, collimator edges, laterality letters, burned-in text, rulers, exposure by study);
+their boxes go to `OUT_DIR/synthetic_confounders.csv`, so that a map that points at them is caught.
 
     python -m mura_jax.data.synthetic OUT_DIR [--studies-per-part N] [--seed S]
 """
@@ -34,10 +37,10 @@ from etils import epath
 from PIL import Image
 from tfds_mura import paths
 from tqdm import tqdm
+from mura_jax.data import synthetic_views as views_lib
 from mura_jax.errors import ConfigError
 
-# MURA's folder names of the dataset's body parts: XR_ELBOW, ..., XR_WRIST.
-PART_FOLDERS = tuple(paths.part_folder(part) for part in paths.BODY_PARTS)
+PART_FOLDERS = views_lib.PART_FOLDERS  # XR_ELBOW, ..., XR_WRIST
 
 # Row order of the body parts in the official CSVs (grouped, not sorted).
 CSV_PART_ORDER = {
@@ -63,7 +66,7 @@ RGB_FRACTION = 0.4     # real MURA: about 40% of the PNGs are RGB with three equ
 RGBA_FRACTION = 0.02   # a few RGBA
 SIDECAR_FRACTION = 0.05  # studies that carry `._imageN.png` files
 SHARED_STUDY_FRACTION = 0.3  # studies whose patient also has `studyK` under another body part
-ABNORMALITIES = ('hardware', 'fracture', 'lesion')
+ABNORMALITIES = views_lib.ABNORMALITIES
 
 # The AppleDouble header macOS writes into `._name` files: bytes, not a PNG.
 _APPLEDOUBLE = b'\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ' + bytes(64)
@@ -121,132 +124,10 @@ def plan_studies(studies_per_part: int, valid_studies_per_part: int, seed: int) 
             split=split, body_part=part, patient=patient, number=number,
             abnormal=bool(abnormal_study),
             num_views=int(rng.choice(VIEW_COUNTS, p=VIEW_PROBS)),
-            abnormality=str(rng.choice(ABNORMALITIES)) if abnormal_study else None,
+            abnormality=(str(rng.choice(ABNORMALITIES, p=views_lib.ABNORMALITY_PROBS))
+                         if abnormal_study else None),
             seed=int(rng.integers(2**31))))
   return studies
-
-
-# ------------------------------------------------------------------------------------------------
-# Drawing: a radiograph is a dark field, a dim soft-tissue envelope and bright bones (capsules).
-
-
-def _capsule_distance(yy, xx, p, q):
-  """Distance of every pixel to the segment p-q (points as (y, x))."""
-  p, q = np.asarray(p, np.float32), np.asarray(q, np.float32)
-  d = q - p
-  t = ((yy - p[0]) * d[0] + (xx - p[1]) * d[1]) / max(float(d @ d), 1e-6)
-  t = np.clip(t, 0.0, 1.0)
-  return np.hypot(yy - (p[0] + t * d[0]), xx - (p[1] + t * d[1]))
-
-
-def _bone_layout(body_part: str, rng) -> list[tuple[tuple[float, float], tuple[float, float], float]]:
-  """Bones as (start, end, radius) in unit coordinates (y, x in [0, 1]); differs per body part."""
-  j = lambda s=0.03: rng.normal(0.0, s)  # noqa: E731 (pose jitter)
-  if body_part == 'XR_FINGER':  # three phalanges in a row
-    x = 0.5 + j()
-    return [((0.08 + 0.3 * i + j(0.01), x + j(0.02)), (0.33 + 0.3 * i, x + j(0.02)), 0.05)
-            for i in range(3)]
-  if body_part == 'XR_HAND':  # five metacarpals fanning out of a carpal cluster
-    bones = [((0.75, 0.5 + j()), (0.85, 0.5 + j()), 0.12)]
-    for k in range(5):
-      angle = -0.5 + 0.25 * k + j(0.03)
-      bones.append(((0.68, 0.5 + 0.08 * angle), (0.2, 0.5 + 0.6 * np.sin(angle)), 0.035))
-    return bones
-  if body_part == 'XR_WRIST':  # radius and ulna ends below a cluster of carpal bones
-    bones = [((0.95, 0.38 + j()), (0.55, 0.4), 0.09), ((0.95, 0.64 + j()), (0.58, 0.62), 0.06)]
-    for k in range(4):
-      c = (0.42 + 0.06 * (k % 2) + j(0.01), 0.35 + 0.1 * k + j(0.01))
-      bones.append((c, (c[0] + 0.03, c[1]), 0.05))
-    return bones
-  if body_part == 'XR_FOREARM':  # two long parallel bones
-    return [((0.03, 0.4 + j()), (0.97, 0.38 + j()), 0.06), ((0.03, 0.6 + j()), (0.97, 0.64 + j()), 0.05)]
-  if body_part == 'XR_ELBOW':  # humerus meeting radius/ulna at an angle
-    bend = 0.25 + j(0.05)
-    return [((0.02, 0.5 + j()), (0.5, 0.5), 0.09),
-            ((0.5, 0.5), (0.98, 0.5 + bend), 0.06), ((0.52, 0.45), (0.98, 0.38 + bend), 0.05)]
-  if body_part == 'XR_HUMERUS':  # one thick long bone with a rounded head
-    return [((0.12, 0.5 + j()), (0.95, 0.5 + j()), 0.08), ((0.1, 0.5), (0.12, 0.5), 0.15)]
-  if body_part == 'XR_SHOULDER':  # humeral head, glenoid, clavicle
-    return [((0.45 + j(), 0.55), (0.47, 0.55), 0.16), ((0.55, 0.6), (0.98, 0.62 + j()), 0.08),
-            ((0.25, 0.3), (0.6, 0.35 + j()), 0.06), ((0.15, 0.05), (0.25, 0.95 + j()), 0.035)]
-  raise ValueError(f'unknown body part {body_part!r}; expected one of {PART_FOLDERS}')
-
-
-def _image_shape(rng) -> tuple[int, int]:
-  """(height, width): long side 512 px in most images, the short side 89..512 px."""
-  long_side = 512 if rng.random() < 0.85 else int(rng.integers(256, 512))
-  short_side = int(np.clip(long_side * rng.uniform(0.45, 1.0), 89, long_side))
-  if rng.random() < 0.05:  # a few very narrow views, as in real MURA
-    short_side = int(rng.integers(89, 160))
-  return (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
-
-
-def draw_view(body_part: str, abnormality: str | None, rng) -> tuple[np.ndarray, tuple | None]:
-  """One radiograph (uint8, HxW) and the abnormality's box (x0, y0, x1, y1; x1, y1 exclusive)."""
-  h, w = _image_shape(rng)
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  scale = min(h, w)
-  # Dark field with a soft-tissue envelope around the limb.
-  img = np.full((h, w), 12.0, np.float32)
-  bones = [((a[0] * h, a[1] * w), (b[0] * h, b[1] * w), r * scale * rng.uniform(0.9, 1.1))
-           for a, b, r in _bone_layout(body_part, rng)]
-  distances = [_capsule_distance(yy, xx, a, b) for a, b, _ in bones]
-  # Soft tissue: a dim glow around the bones.
-  outside = np.min([d - r for d, (_, _, r) in zip(distances, bones)], axis=0)
-  img += 45.0 * np.exp(-np.maximum(outside, 0.0) / (0.12 * scale))
-  # Bones: bright cortex, a slightly darker medulla.
-  for d, (_, _, r) in zip(distances, bones):
-    inside = d < r
-    img[inside] += 110.0 + 40.0 * (d[inside] / r) ** 2
-  box = None
-  if abnormality is not None:
-    img, box = _draw_abnormality(img, abnormality, bones, yy, xx, rng)
-  # Exposure, a low-frequency gradient and noise.
-  img *= rng.uniform(0.8, 1.15)
-  img += 15.0 * (yy / h - 0.5) * rng.uniform(-1, 1)
-  img += rng.integers(-3, 4, size=img.shape, dtype=np.int8)
-  return np.clip(img, 0, 255).astype(np.uint8), box
-
-
-def _draw_abnormality(img, kind, bones, yy, xx, rng):
-  """Puts one localised abnormality on a random bone; returns the image and its box."""
-  h, w = img.shape
-  scale = min(h, w)
-  a, b, r = bones[rng.integers(len(bones))]
-  t = rng.uniform(0.3, 0.7)
-  cy, cx = a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
-  if kind == 'hardware':  # a bright metal plate along the bone, with screws
-    half_len, half_wid = 0.22 * scale, max(0.05 * scale, 4)
-    d = np.array([b[0] - a[0], b[1] - a[1]], np.float32)
-    d /= max(np.linalg.norm(d), 1e-6)
-    p, q = (cy - d[0] * half_len, cx - d[1] * half_len), (cy + d[0] * half_len, cx + d[1] * half_len)
-    mask = _capsule_distance(yy, xx, p, q) < half_wid
-    img = np.where(mask, 250.0, img)
-    for s in np.linspace(-0.8, 0.8, 4):
-      sy, sx = cy + s * d[0] * half_len, cx + s * d[1] * half_len
-      img = np.where(np.hypot(yy - sy, xx - sx) < half_wid * 0.5, 120.0, img)
-  elif kind == 'fracture':  # a dark gap across the bone, with a displaced bright edge
-    d = np.array([b[0] - a[0], b[1] - a[1]], np.float32)
-    d /= max(np.linalg.norm(d), 1e-6)
-    n = np.array([-d[1], d[0]])
-    tilt = rng.uniform(-0.5, 0.5)
-    across = n + tilt * d
-    half_len, gap = 1.6 * r + 0.05 * scale, max(0.03 * scale, 3)
-    p = (cy - across[0] * half_len, cx - across[1] * half_len)
-    q = (cy + across[0] * half_len, cx + across[1] * half_len)
-    dist = _capsule_distance(yy, xx, p, q)
-    img = np.where(dist < gap, 5.0, img)
-    img = np.where((dist >= gap) & (dist < 2.2 * gap), np.minimum(img + 80.0, 255.0), img)
-    mask = dist < 2.2 * gap
-  else:  # 'lesion': a dark lytic lesion with a sclerotic bright rim
-    rad = max(0.09 * scale, r * 0.9, 5)
-    dist = np.hypot(yy - cy, xx - cx)
-    img = np.where(dist < rad, 20.0, np.where(dist < 1.4 * rad, 230.0, img))
-    mask = dist < 1.4 * rad
-  ys, xs = np.nonzero(mask)
-  if len(ys) == 0:  # the abnormality fell outside the view: put the lesion at the centre instead
-    return _draw_abnormality(img, 'lesion', [((h / 2, w / 2), (h / 2, w / 2), 0.1 * scale)], yy, xx, rng)
-  return img, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
 
 
 def _encode_png(pixels: np.ndarray, mode: str) -> bytes:
@@ -261,9 +142,11 @@ def _encode_png(pixels: np.ndarray, mode: str) -> bytes:
   return buffer.getvalue()
 
 
-def write_study(root: str, study: Study) -> list[tuple[str, tuple | None]]:
-  """Writes one study's views (and maybe sidecars); returns (image path, box) per view."""
+def write_study(root: str, study: Study) -> list[tuple[str, views_lib.View]]:
+  """Writes one study's views (and maybe sidecars); returns (image path, view) per view, the
+  view without its pixels (its boxes)."""
   rng = np.random.default_rng([study.seed, 1])
+  look = views_lib.study_look(rng)  # exposure, contrast, collimator, side: the study's own
   folder = epath.Path(root) / study.path
   folder.mkdir(parents=True, exist_ok=True)
   # Abnormal studies show their abnormality in most views, and always in at least one.
@@ -271,15 +154,15 @@ def write_study(root: str, study: Study) -> list[tuple[str, tuple | None]]:
   visible[rng.integers(study.num_views)] = True
   sidecars = rng.random() < SIDECAR_FRACTION
   views = []
-  for view in range(1, study.num_views + 1):
-    kind = study.abnormality if (study.abnormal and visible[view - 1]) else None
-    pixels, box = draw_view(study.body_part, kind, rng)
+  for number in range(1, study.num_views + 1):
+    kind = study.abnormality if (study.abnormal and visible[number - 1]) else None
+    view = views_lib.draw_view(study.body_part, kind, rng, look)
     u = rng.random()
     mode = 'RGBA' if u < RGBA_FRACTION else 'RGB' if u < RGBA_FRACTION + RGB_FRACTION else 'L'
-    (folder / f'image{view}.png').write_bytes(_encode_png(pixels, mode))
+    (folder / f'image{number}.png').write_bytes(_encode_png(view.pixels, mode))
     if sidecars:
-      (folder / f'._image{view}.png').write_bytes(_APPLEDOUBLE)
-    views.append((f'{study.path}image{view}.png', box))
+      (folder / f'._image{number}.png').write_bytes(_APPLEDOUBLE)
+    views.append((f'{study.path}image{number}.png', dataclasses.replace(view, pixels=None)))
   return views
 
 
@@ -340,12 +223,20 @@ def make_synthetic_mura(out_dir: str | os.PathLike, studies_per_part: int = 20,
     writer = csv.writer(f, lineterminator='\n')
     writer.writerow(['image_path', 'abnormality', 'x0', 'y0', 'x1', 'y1'])
     for study, views in zip(studies, views_per_study):
-      for path, box in views:
-        if box is not None:
-          writer.writerow([path, study.abnormality, *box])
+      for path, view in views:
+        if view.box is not None:
+          writer.writerow([path, study.abnormality, *view.box])
+  with (out_dir / paths.CONFOUNDERS_FILE).open('w') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(['image_path', 'confounder', 'x0', 'y0', 'x1', 'y1'])
+    for views in views_per_study:
+      for path, view in views:
+        for kind, box in view.confounders:
+          writer.writerow([path, kind, *box])
   num_images = sum(len(v) for v in views_per_study)
   return {
       'root': os.fspath(mura_dir), 'annotations': os.fspath(out_dir / paths.ANNOTATIONS_FILE),
+      'confounders': os.fspath(out_dir / paths.CONFOUNDERS_FILE),
       'studies': {split: sum(s.split == split for s in studies) for split in ('train', 'valid')},
       'images': {split: sum(len(v) for s, v in zip(studies, views_per_study) if s.split == split)
                  for split in ('train', 'valid')},
