@@ -43,8 +43,10 @@ _FREE_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
               'data.num_workers', 'data.build_workers', 'data.manual_dir',
               'model.scan_segment', 'model.unrolled_blocks', 'train.per_device_batch_size',
               'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
-              'train.keep_best',
+              'train.keep_best', 'train.shuffled_labels_control',
               'evaluation.', 'cam.', 'export.')
+# The shuffled-labels control's own workdir inside a run's (training/controls.py; read by CAM).
+SHUFFLED_LABELS_CONTROL = 'controls/shuffled_labels'
 # What evaluate, cam and export take from the checkpoints themselves (their spec), not the config.
 _INFERENCE_KEYS = ('data.image_size', 'data.resize', 'model.arch', 'model.in_channels',
                    'model.dtype', 'model.growth_rate', 'model.block_config',
@@ -146,6 +148,7 @@ _NAMED_FILES = {
     'evaluation.threshold_from': 'a report.json (e.g. WORKDIR/eval/validation/report.json)',
     'evaluation.compare': 'another workdir or a predictions CSV',
     'cam.annotations': 'a boxes CSV `image_path,abnormality,x0,y0,x1,y1`',
+    'cam.confounders': 'a boxes CSV `image_path,confounder,x0,y0,x1,y1`',
 }
 
 
