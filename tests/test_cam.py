@@ -5,6 +5,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -153,9 +154,20 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
   config.cam.annotations = str(synthetic_dir / 'synthetic_annotations.csv')
   config.cam.num_abnormal, config.cam.num_uncertain = 2, 1
   config.cam.bootstrap_resamples = 200
-  summary = cam.run(config, str(workdir))
+  # A stand-in for training's shuffled-labels control: the trained model itself, so it must
+  # come out identical to the trained model (pointing difference 0, rank correlation 1).
+  control = workdir / 'controls' / 'shuffled_labels'
+  shutil.copytree(workdir / 'best', control / 'best')
+  try:
+    summary = cam.run(config, str(workdir))
+  finally:
+    shutil.rmtree(workdir / 'controls')
   out = workdir / 'cam' / 'validation'
   assert len(summary['studies']) == 3
+  shuffled = summary['sanity']['controls']['shuffled labels']
+  assert summary['sanity']['shuffled_labels_checkpoint']['directory'] == str(control / 'best')
+  assert shuffled['rank_correlation']['value'] == pytest.approx(1.0)
+  assert shuffled['trained_minus_control']['value'] == 0.0
   # The studies drawn: the 2 most confidently abnormal, then the one closest to the threshold,
   # by the probabilities evaluate mode wrote for the same checkpoint.
   with open(workdir / 'eval' / 'validation' / 'study_probabilities.csv', encoding='utf-8') as f:
@@ -188,7 +200,7 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
     assert entry['pointing']['n_views'] == local['n_views']
     assert entry['trained_minus_control']['ci_low'] <= entry['trained_minus_control']['value']
   regions = checks['peak_regions']['models']
-  assert set(regions) == {'trained', 'image intensity', *stages}
+  assert set(regions) == {'trained', 'image intensity', 'shuffled labels', *stages}
   for region in ('border', 'margin', 'border, p > 0.5', 'border, p <= 0.5'):
     assert 0 <= regions['trained'][region]['chance']['value'] <= 1
   assert regions['trained']['border']['chance']['value'] == pytest.approx(0.4375, abs=0.01)
@@ -199,7 +211,7 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
   assert predictor.display_scale() == stored
   assert display_scale.read(workdir / 'cam' / 'display_scale.json', stored['step'] + 1) is None
   text = (out / 'localisation.md').read_text()
-  assert 'pointing' in text and 'randomised: classifier' in text and 'No shuffled-labels' in text
+  assert 'pointing' in text and 'randomised: classifier' in text and 'shuffled labels' in text
 
 
 def _pointing_maps(image_paths, boxes, shapes, spec, cells):
@@ -251,6 +263,8 @@ def test_cam_mode_pointing_beats_the_random_baseline_with_maps_that_point(
   summary = cam.run(run, str(workdir))
   local = summary['localisation']
   assert local['n_views'] == len(boxes)
+  assert 'No shuffled-labels model' in (workdir / 'cam' / 'validation' / 'localisation.md'
+                                         ).read_text()
   scored = local['groups']['all']
   assert scored['cam']['pointing']['value'] == 1.0
   assert scored['random']['pointing']['value'] < 0.5

@@ -5,13 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from mura_jax.data import dataset as data_lib
 from mura_jax.data import input_pipeline
+from mura_jax.data import preprocessing
 from mura_jax.errors import DataError
 from mura_jax.inference import display_scale
 from mura_jax.interpretation import maps as maps_lib
 from mura_jax.interpretation import pictures
 from mura_jax.interpretation import sanity
 from mura_jax.training import controls
+from tfds_mura import BODY_PARTS
 
 
 def _radiograph(rows=400, columns=300, angle=20):
@@ -172,3 +175,56 @@ def test_shuffled_study_labels_are_permuted_within_body_part():
   assert (per_study != study_label).mean() > 0.2  # and they moved
   source = controls.RelabelledSource([{'label': 1, 'image': 0}] * 3, [0, 1, 0])
   assert [source[i]['label'] for i in range(3)] == [0, 1, 0] and source[0]['image'] == 0
+
+
+def test_training_trains_the_shuffled_labels_control_on_the_runs_data(mura_data_dir, tmp_path,
+                                                                      monkeypatch):
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from mura_jax.training import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'tfds').symlink_to(mura_data_dir)  # data_dir '': the run's data under its workdir
+  config = tiny_config('', **{'train.shuffled_labels_control': True})
+  calls = []
+
+  def train_and_evaluate(config, workdir, relabel=None):
+    calls.append((config, workdir, relabel))
+    return {'status': 'done'}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', train_and_evaluate)
+  assert train.run(config, str(workdir)) == 'done'
+  (_, _, none), (control, control_dir, relabel) = calls
+  assert none is None and control_dir == str(workdir / 'controls' / 'shuffled_labels')
+  assert data_lib.dataset_dirs(control, control_dir) == data_lib.dataset_dirs(config, str(workdir))
+  assert not control.train.shuffled_labels_control and control.after_training == ''
+  data_dir = str(workdir / 'tfds')
+  index = input_pipeline.read_split_index(data_dir, 'train')
+  relabelled = relabel(input_pipeline.data_source(data_dir, 'train'), data_dir, list(BODY_PARTS))
+  assert len(relabelled) == len(index) and relabelled[3]['label'] == relabelled.labels[3]
+  for part in range(len(BODY_PARTS)):  # abnormal studies per body part: as many as before
+    views = index.body_part == part
+    studies = lambda labels: len(set(index.study_index[views & (labels == 1)]))  # noqa: E731
+    assert studies(relabelled.labels) == studies(index.label)
+  assert (relabelled.labels != index.label).any()
+  calls.clear()
+  config.train.shuffled_labels_control = False
+  assert train.run(config, str(workdir)) == 'done' and len(calls) == 1
+
+
+def test_draw_study_rings_a_peak_only_where_there_is_evidence(tmp_path):
+  image, _ = _radiograph()
+  spec = preprocessing.Preprocessing(64, 'squash', 3)
+  scale = maps_lib.DisplayScale(4.0, 'test')
+  evidence = np.full((8, 8), -1.0)
+  evidence[2, 5] = 3.0
+  drawn = pictures.draw_study(tmp_path, 'study\np = 0.6 > 0.5: abnormal', [
+      ('image1.png', 'image1.png', image, evidence, 0.6),
+      ('image2.png', 'image2.png', image, np.full((8, 8), -1.0), 0.2)], spec, scale, 0.5)
+  assert drawn[0][2] == 'p = 0.60 > 0.5: abnormal\npeak M = 3.00'
+  assert drawn[1][2] == 'p = 0.20 < 0.5: normal\nM <= 0 everywhere (no ring)'
+  np.testing.assert_array_equal(drawn[1][1], np.repeat(image[..., None], 3, -1))  # untouched
+  row, column = maps_lib.peak(evidence, *image.shape, spec)
+  radius = max(6.0, 0.04 * min(image.shape))
+  assert (drawn[0][1][int(round(row - radius)), column] == 255).all()  # the ring, white
+  for name in ('image1.png', 'image2.png', 'study.png'):
+    assert Image.open(tmp_path / name).size[0] > 100

@@ -138,9 +138,11 @@ def draw_study(folder, title: str, views, spec, scale: DisplayScale, threshold: 
   drawn = []
   for file_name, shown, radiograph, raw_map, probability in views:
     rows, columns = radiograph.shape
+    top = float(np.max(raw_map))  # a ring where no cell has evidence for abnormal would mislead
     picture = overlay(radiograph, upsample(raw_map, rows, columns, spec), scale,
-                      peak(raw_map, rows, columns, spec))
-    drawn.append((shown, picture, verdict_caption(probability, threshold)))
+                      peak(raw_map, rows, columns, spec) if top > 0 else None)
+    drawn.append((shown, picture, verdict_caption(probability, threshold) + (
+        f'\npeak M = {top:.2f}' if top > 0 else '\nM <= 0 everywhere (no ring)')))
     if write:
       folder.mkdir(parents=True, exist_ok=True)
       save_png(folder / file_name, picture)

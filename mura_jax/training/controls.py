@@ -59,9 +59,12 @@ def shuffled_labels(seed: int):
   return relabel
 
 
-def control_config(config):
-  """The control's config: the run's, without the control itself, nothing after training."""
+def control_config(config, workdir):
+  """The control's config: the run's, on the run's data (its folders named, as the control's
+  workdir is another), without the control itself and nothing after training."""
   control = config.copy_and_resolve_references()
+  control.data.manual_dir, control.data.data_dir = data_lib.dataset_dirs(config, workdir)
+  control.data.synthetic = False  # made, if at all, by the run
   control.train.shuffled_labels_control = False
   control.after_training = ''
   return control

@@ -137,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     control = controls.control_dir(workdir)  # the CAM report's control (controls.py)
     controls.write_note(control, config.seed)
     started = time.time()
-    status = train_and_evaluate(controls.control_config(config), str(control),
+    status = train_and_evaluate(controls.control_config(config, workdir), str(control),
                                 relabel=controls.shuffled_labels(config.seed))['status']
     logging.info('Shuffled-labels control trained in %.0f s: %s.', time.time() - started, control)
   return status
