@@ -122,7 +122,8 @@ def test_cascading_randomisation_reinitialises_from_the_classifier_down():
     for j, names in enumerate(order):
       for name in names:  # re-initialised up to this stage (cumulative), trained below it
         expected = fresh if j <= k else variables
-        for a, b in zip(jax.tree.leaves(module(stage, name)), jax.tree.leaves(module(expected, name))):
+        for a, b in zip(jax.tree.leaves(module(stage, name)),
+                        jax.tree.leaves(module(expected, name))):
           np.testing.assert_array_equal(a, b)
         if name in stage['batch_stats']['features']:  # statistics go with their parameters
           for a, b in zip(jax.tree.leaves(stage['batch_stats']['features'][name]),

@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3  # latest steps kept for resuming
   config.train.keep_best = 5         # lowest validation losses kept for inference (later paper: 5)
   # True: after training, the same model and recipe trained again on study labels permuted within
-  # body part, into WORKDIR/controls/shuffled_labels: the CAM report's control (training/controls.py)
+  # body part, into WORKDIR/controls/shuffled_labels: the CAM report's control
+  # (training/controls.py)
   config.train.shuffled_labels_control = False
 
   config.evaluation = ml_collections.ConfigDict()

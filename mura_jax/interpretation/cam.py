@@ -1,6 +1,9 @@
 """The CAM job (`--config.mode=cam`, and after training where config.after_training lists cam):
-class activation maps of a checkpoint on a split, overlays of the chosen studies, and how well the
-maps localise (localisation.py) -> WORKDIR/cam/<split>/. The maps: maps.py; pictures: pictures.py.
+class activation maps of a checkpoint on a split, overlays of the chosen studies on the model's
+display scale (stored in WORKDIR/cam/display_scale.json from the validation split), how well the
+maps localise (localisation.py) and whether they explain the model (sanity.py: randomised and
+shuffled-labels controls, peaks on confounders, borders and black margins) -> WORKDIR/cam/<split>/.
+The maps: maps.py; pictures: pictures.py.
 """
 
 from __future__ import annotations

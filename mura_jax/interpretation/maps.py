@@ -4,7 +4,9 @@
 
 f_k(X) are the final feature maps (after the last BN + ReLU: what global pooling averages) and w_k
 the classifier's weights, so the spatial mean of M plus the classifier's bias is the view's logit
-exactly (`inference.steps.view_maps`). How they are shown: M itself, in logit units, on one range for every view of a model: from 0
+exactly (`inference.steps.view_maps`).
+
+How they are shown: M itself, in logit units, on one range for every view of a model: from 0
 (evidence for normal or none: transparent) to `top`, a high percentile of M's cells over the
 validation split (`display_top`, stored with the model: inference/display_scale.py). Never
 stretched per image (min-max normalising every map turns any view, normal ones included, into a

@@ -1,5 +1,5 @@
-"""Pictures of class activation maps, shared by the CAM job and `mura-predict --cam`: one overlay per
-view (the radiograph with M in 'jet' on the model's fixed display scale, maps.DisplayScale:
+"""Pictures of class activation maps, shared by the CAM job and `mura-predict --cam`: one overlay
+per view (the radiograph with M in 'jet' on the model's fixed display scale, maps.DisplayScale:
 transparent where M <= 0, the peak ringed, the region above the scale's outline level outlined),
 one figure per study (captions, a colour bar in logit units), the peaks' histogram."""
 

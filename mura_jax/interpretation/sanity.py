@@ -327,10 +327,10 @@ def format_sanity(summary: dict) -> str:
   for name, entry in controls.items():
     if not isinstance(entry, dict):
       continue
-    pointing = cell(entry['pointing']) if 'pointing' in entry else 'n/a'
-    lines.append(f'| {name} | {pointing} | '
-                 f'{cell(entry["trained_minus_control"]) if "trained_minus_control" in entry else ""}'
-                 f' | {cell(entry["rank_correlation"]) if "rank_correlation" in entry else ""} |')
+    pointing, difference, correlation = (
+        cell(entry[k]) if k in entry else '' for k in
+        ('pointing', 'trained_minus_control', 'rank_correlation'))
+    lines.append(f'| {name} | {pointing or "n/a"} | {difference} | {correlation} |')
   if 'shuffled labels' not in controls:
     lines += ['', f'No shuffled-labels model ({sanity.get("shuffled_labels_workdir", "")}): '
               'train with --config.train.shuffled_labels_control=True for it.']

@@ -27,8 +27,8 @@ Outputs: a table on the terminal; with --out DIR, predictions.csv (MURA's submis
 probability, verdict, status, warnings, cam, worklist_rank, tier) and views.csv (study, file,
 probability, status, warnings); with --cam, class activation map overlays (DIR/cam/<study>/), on
 the display scale the CAM job stored for the checkpoint (carried by an export; else a fixed
-default, which the figure says). With --worklist, studies are ranked by probability (rank 1 read first) and tiered at the operating
-points of the checkpoint's validation report (WORKDIR/eval/validation/report.json, or the copy in
+default, which the figure says). With --worklist, studies are ranked by probability (rank 1
+read first) and tiered at the operating points of the checkpoint's validation report (WORKDIR/eval/validation/report.json, or the copy in
 an export's model card): 'read first' above the threshold of specificity 0.95, 'deprioritise' at
 or below that of sensitivity 0.95 ('read first' wins where the two overlap). --out is checked
 before any work: an existing file, a folder that holds an input PATH or input image, or one with
