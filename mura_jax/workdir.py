@@ -44,7 +44,7 @@ _FREE_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
               'model.scan_segment', 'model.unrolled_blocks', 'model.remat',
               'train.per_device_batch_size',
               'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
-              'train.keep_best',
+              'train.keep_best', 'train.shuffled_labels_control',
               'evaluation.', 'cam.', 'export.')
 # Evaluate, cam and export run with the workdir's config (`config_of_run`); of it they may change
 # only their own keys (a prefix ending in '.' names a section) and where the data are ...
@@ -55,6 +55,8 @@ _DATA_KEYS = ('data.data_dir', 'data.manual_dir')
 _RUNTIME_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
                  'allow_config_change', 'data.num_workers', 'data.build_workers',
                  'model.scan_segment', 'model.unrolled_blocks')
+# The shuffled-labels control's own workdir inside a run's (training/controls.py; read by CAM).
+SHUFFLED_LABELS_CONTROL = 'controls/shuffled_labels'
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -195,6 +197,7 @@ _NAMED_FILES = {
     'evaluation.threshold_from': 'a report.json (e.g. WORKDIR/eval/validation/report.json)',
     'evaluation.compare': 'another workdir or a predictions CSV',
     'cam.annotations': 'a boxes CSV `image_path,abnormality,x0,y0,x1,y1`',
+    'cam.confounders': 'a boxes CSV `image_path,confounder,x0,y0,x1,y1`',
 }
 
 

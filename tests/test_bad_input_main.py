@@ -53,7 +53,7 @@ import conftest
 from mura_jax import checkpoints
 from mura_jax import main
 from mura_jax import workdir as workdir_lib
-from mura_jax.configs import base
+from mura_jax.configs import base as base_configs
 from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError, UserError
 from mura_jax.evaluation import evaluate
@@ -373,7 +373,7 @@ def test_config_differences_name_model_keys_and_pass_new_keys_at_their_default()
   """'mode' is free, 'model.*' is not (a prefix match once made every model key free); a key the
   workdir's config.json predates changes nothing while it keeps its default, and is named when
   it does not."""
-  written = base.base_config()
+  written = base_configs.base_config()
   now = written.copy_and_resolve_references()
   now.mode = 'cam'
   now.model.block_config = (2, 4)

@@ -2,8 +2,10 @@
 localisation measures, and the CAM mode's files."""
 
 import csv
+import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +15,13 @@ from PIL import Image
 
 from mura_jax.data import input_pipeline
 from mura_jax.data import preprocessing
+from mura_jax.inference import display_scale
+from mura_jax.inference import predictor as predictor_lib
 from mura_jax.inference import steps as inference_steps
 from mura_jax.interpretation import cam
 from mura_jax.interpretation import localisation
 from mura_jax.interpretation import maps as maps_lib
+from mura_jax.interpretation import sanity
 from mura_jax.models import densenet
 
 TINY = {'arch': 'custom', 'in_channels': 3, 'num_classes': 1, 'growth_rate': 4,
@@ -75,7 +80,7 @@ def test_peak_of_a_border_cell_is_its_centre_not_the_corner():
   raw = np.zeros((8, 8))
   raw[0, 0] = 1.0  # the corner cell: the upsampled map is flat out to the image corner
   assert maps_lib.peak(raw, 400, 320, spec) == (25, 20)  # the cell's centre, 1/16 of each side in
-  hist = localisation.peak_histogram(np.stack([raw] * 10))
+  hist = sanity.peak_histogram(np.stack([raw] * 10))
   assert hist[0, 0] == 10 and hist.sum() == 10  # a fixed hotspot fills one bin
 
 
@@ -99,18 +104,49 @@ def test_localisation_measures_on_hand_made_maps():
       'value': 0.0, 'ci_low': 0.0, 'ci_high': 0.0, 'n_views': 50}
 
 
-def test_randomised_variables_change_the_head_and_last_block_only():
+def test_cascading_randomisation_reinitialises_from_the_classifier_down():
   model = densenet.create_model(TINY)
   variables = densenet.init_variables(model, jax.random.PRNGKey(0), 32, 3)
-  randomised = localisation.randomised_variables(variables, model, seed=5)
-  features, new = variables['params']['features'], randomised['params']['features']
-  assert not np.allclose(variables['params']['classifier']['kernel'],
-                         randomised['params']['classifier']['kernel'])
-  assert not np.allclose(jax.tree.leaves(features['denseblock2'])[0],
-                         jax.tree.leaves(new['denseblock2'])[0])
-  for name in ('conv0', 'denseblock1', 'transition1'):
-    for a, b in zip(jax.tree.leaves(features[name]), jax.tree.leaves(new[name])):
-      np.testing.assert_array_equal(a, b)
+  stages = sanity.cascading_stages(variables, model, 3, seed=5)
+  fresh = jax.jit(functools.partial(model.init, train=False))(  # as cascading_stages draws it
+      jax.random.PRNGKey(5), jnp.zeros((1, 32, 32, 3)))
+  assert [name for name, _ in stages] == [
+      'classifier', '+ denseblock2', '+ denseblock1', '+ stem (conv0, norm0)']
+  order = [['classifier'], ['denseblock2', 'norm5'], ['denseblock1', 'transition1'],
+           ['conv0', 'norm0']]
+
+  def module(tree, name):
+    return tree['params'][name] if name == 'classifier' else tree['params']['features'][name]
+
+  for k, (_, stage) in enumerate(stages):
+    for j, names in enumerate(order):
+      for name in names:  # re-initialised up to this stage (cumulative), trained below it
+        expected = fresh if j <= k else variables
+        for a, b in zip(jax.tree.leaves(module(stage, name)),
+                        jax.tree.leaves(module(expected, name))):
+          np.testing.assert_array_equal(a, b)
+        if name in stage['batch_stats']['features']:  # statistics go with their parameters
+          for a, b in zip(jax.tree.leaves(stage['batch_stats']['features'][name]),
+                          jax.tree.leaves(expected['batch_stats']['features'][name])):
+            np.testing.assert_array_equal(a, b)
+  assert not np.allclose(jax.tree.leaves(module(fresh, 'denseblock1'))[0],
+                         jax.tree.leaves(module(variables, 'denseblock1'))[0])
+
+
+def test_controls_against_the_trained_model_are_paired():
+  rng = np.random.default_rng(0)
+  maps = rng.normal(size=(40, 4, 4))
+  controls = {'same': maps.copy(), 'reversed': -maps}
+  trained = np.ones(40)
+  hits = {'trained': trained, 'same': trained.copy(), 'reversed': (np.arange(40) % 2).astype(float)}
+  result = sanity.against_trained(maps, controls, hits, list(range(40)), num_resamples=200)
+  assert result['same']['rank_correlation']['value'] == pytest.approx(1.0)
+  assert result['reversed']['rank_correlation']['value'] == pytest.approx(-1.0)
+  same = result['same']['trained_minus_control']
+  assert same['value'] == same['ci_low'] == same['ci_high'] == 0.0  # paired: the same views
+  diff = result['reversed']['trained_minus_control']
+  assert diff['value'] == 0.5 and 0.3 < diff['ci_low'] < 0.5 < diff['ci_high'] < 0.7
+  assert result['reversed']['pointing']['value'] == 0.5
 
 
 def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_dir):
@@ -119,9 +155,20 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
   config.cam.annotations = str(synthetic_dir / 'synthetic_annotations.csv')
   config.cam.num_abnormal, config.cam.num_uncertain = 2, 1
   config.cam.bootstrap_resamples = 200
-  summary = cam.run(config, str(workdir))
+  # A stand-in for training's shuffled-labels control: the trained model itself, so it must
+  # come out identical to the trained model (pointing difference 0, rank correlation 1).
+  control = workdir / 'controls' / 'shuffled_labels'
+  shutil.copytree(workdir / 'best', control / 'best')
+  try:
+    summary = cam.run(config, str(workdir))
+  finally:
+    shutil.rmtree(workdir / 'controls')
   out = workdir / 'cam' / 'validation'
   assert len(summary['studies']) == 3
+  shuffled = summary['sanity']['controls']['shuffled labels']
+  assert summary['sanity']['shuffled_labels_checkpoint']['directory'] == str(control / 'best')
+  assert shuffled['rank_correlation']['value'] == pytest.approx(1.0)
+  assert shuffled['trained_minus_control']['value'] == 0.0
   # The studies drawn: the 2 most confidently abnormal, then the one closest to the threshold,
   # by the probabilities evaluate mode wrote for the same checkpoint.
   with open(workdir / 'eval' / 'validation' / 'study_probabilities.csv', encoding='utf-8') as f:
@@ -143,10 +190,29 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
     entry = local['groups']['all'][method]['pointing']
     assert 0 <= entry['ci_low'] <= entry['value'] <= entry['ci_high'] <= 1
   assert set(local['advantage']) == set(localisation.METHODS[1:])
-  sanity = written['sanity']
-  assert 0 <= sanity['blank_image']['probability'] <= 1
-  assert -1 <= sanity['model_randomisation']['mean_rank_correlation'] <= 1
-  assert 'pointing' in (out / 'localisation.md').read_text()
+  checks = written['sanity']
+  assert 0 <= checks['blank_image']['probability'] <= 1
+  # Every cascading stage measured against the trained model on the same annotated views.
+  stages = [k for k in checks['controls'] if k.startswith('randomised: ')]
+  assert len(stages) == len(config.model.block_config) + 2  # classifier, each block, the stem
+  for name in stages:
+    entry = checks['controls'][name]
+    assert -1 <= entry['rank_correlation']['value'] <= 1
+    assert entry['pointing']['n_views'] == local['n_views']
+    assert entry['trained_minus_control']['ci_low'] <= entry['trained_minus_control']['value']
+  regions = checks['peak_regions']['models']
+  assert set(regions) == {'trained', 'image intensity', 'shuffled labels', *stages}
+  for region in ('border', 'margin', 'border, p > 0.5', 'border, p <= 0.5'):
+    assert 0 <= regions['trained'][region]['chance']['value'] <= 1
+  assert regions['trained']['border']['chance']['value'] == pytest.approx(0.4375, abs=0.01)
+  # The display scale: fixed from the validation maps, stored for the checkpoint, read back.
+  stored = json.loads((workdir / 'cam' / 'display_scale.json').read_text())
+  assert stored['step'] == summary['checkpoint']['step'] and stored['top'] > 0
+  predictor = predictor_lib.Predictor.from_workdir(workdir, 'best', config=config)
+  assert predictor.display_scale() == stored
+  assert display_scale.read(workdir / 'cam' / 'display_scale.json', stored['step'] + 1) is None
+  text = (out / 'localisation.md').read_text()
+  assert 'pointing' in text and 'randomised: classifier' in text and 'shuffled labels' in text
 
 
 def _pointing_maps(image_paths, boxes, shapes, spec, cells):
@@ -182,24 +248,29 @@ def test_cam_mode_pointing_beats_the_random_baseline_with_maps_that_point(
   shapes = {p: Image.open(synthetic_dir / p).size[::-1] for p in boxes}  # (rows, columns)
   spec = preprocessing.Preprocessing.from_config(config)
   pointing = _pointing_maps(index.image_path, boxes, shapes, spec, cells=64)
-  real_predict_split, real_sanity_checks, model_maps = inference_steps.predict_split, localisation.sanity_checks, {}
+  real_predict_split, calls = inference_steps.predict_split, []
 
-  def predict_split(*args, **kwargs):
+  def predict_split(*args, **kwargs):  # the trained model's maps point; its controls' are real
     out = real_predict_split(*args, **kwargs)
-    model_maps['map'] = out['map']
-    return {**out, 'map': pointing}
-
-  def sanity_checks(predictor, maps, *args, **kwargs):  # they compare with the model's own maps
-    return real_sanity_checks(predictor, model_maps['map'], *args, **kwargs)
+    calls.append(1)
+    return {**out, 'map': pointing} if len(calls) == 1 else out
 
   monkeypatch.setattr(inference_steps, 'predict_split', predict_split)
-  monkeypatch.setattr(localisation, 'sanity_checks', sanity_checks)
+  # The maps that point are 64 x 64, the controls' 4 x 4: no rank correlation between them.
+  monkeypatch.setattr(sanity, 'rank_correlation', lambda a, b: 0.0)
   run = config.copy_and_resolve_references()
   run.cam.annotations = str(synthetic_dir / 'synthetic_annotations.csv')
   run.cam.num_abnormal, run.cam.num_uncertain, run.cam.bootstrap_resamples = 1, 0, 200
-  local = cam.run(run, str(workdir))['localisation']
+  summary = cam.run(run, str(workdir))
+  local = summary['localisation']
   assert local['n_views'] == len(boxes)
+  assert 'No shuffled-labels model' in (workdir / 'cam' / 'validation' / 'localisation.md'
+                                         ).read_text()
   scored = local['groups']['all']
   assert scored['cam']['pointing']['value'] == 1.0
   assert scored['random']['pointing']['value'] < 0.5
   assert local['advantage']['random']['ci_low'] > 0  # paired over the same resampled views
+  # The controls (random networks) do not point: the trained model beats each, paired.
+  checks = summary['sanity']['controls']
+  for name in (k for k in checks if k.startswith('randomised: ')):
+    assert checks[name]['trained_minus_control']['ci_low'] > 0, name

@@ -11,9 +11,12 @@ import pytest
 
 from mura_jax import checkpoints
 from mura_jax.data import preprocessing
+from mura_jax.inference import display_scale
 from mura_jax.inference import exported as exported_lib
 from mura_jax.inference import predictor as predictor_lib
 from mura_jax.inference import steps as inference_steps
+from mura_jax.interpretation import maps as maps_lib
+from mura_jax.interpretation import pictures
 from mura_jax.serving import export
 from mura_jax.serving import predict
 
@@ -231,3 +234,35 @@ def test_export_errors(trained_workdir, exported, tmp_path, monkeypatch):
   (damaged / 'model.jax_export').write_bytes(b'garbage')
   with pytest.raises(exported_lib.ExportError, match='sha256'):
     exported_lib.load(damaged)
+
+
+def test_the_cam_display_scale_travels_with_the_export(trained_workdir, synthetic_dir, tmp_path,
+                                                       monkeypatch):
+  """The CAM job's display range for the checkpoint goes into the export, and mura-predict --cam
+  draws on it from the export as from the workdir."""
+  workdir, config = trained_workdir
+  step = checkpoints.choose(workdir, 'best')[1]
+  path = display_scale.workdir_path(workdir)
+  before = path.read_bytes() if path.exists() else None  # the CAM tests' own, put back after
+  try:
+    stored = display_scale.write(path, top=2.5, percentile=99.0, split='validation', n_views=3,
+                                 step=step)
+    folder = tmp_path / 'export'
+    manifest = export.export(workdir, 'best', folder, config=config)
+    assert display_scale.EXPORT_FILE in manifest['files']
+    assert exported_lib.load(folder).display_scale() == stored
+    scales = []
+    real = pictures.draw_study
+    monkeypatch.setattr(pictures, 'draw_study', lambda *args, **kwargs: scales.append(args[4]) or
+                        real(*args, **kwargs))
+    study = synthetic_dir / 'MURA-v1.1' / 'valid' / 'XR_HAND'
+    for name, flag in (('model', '--model'), ('workdir', '--workdir')):
+      source = folder if name == 'model' else workdir
+      assert predict.main([str(study), flag, str(source), '--out', str(tmp_path / name),
+                           '--cam']) == predict.EXIT_OK
+    assert scales and set(scales) == {maps_lib.DisplayScale.of(stored)}
+  finally:
+    if before is None:
+      path.unlink()
+    else:
+      path.write_bytes(before)

@@ -64,6 +64,13 @@ def test_demo_chain_end_to_end_without_tensorflow(tmp_path):
   epochs = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert sum('validation_loss' in e for e in epochs) == 2
   assert (tmp_path / 'synthetic' / 'MURA-v1.1' / 'train_labeled_studies.csv').exists()
+  # The demo's control (train.shuffled_labels_control): trained as long, on the run's data, and
+  # compared in the CAM report with the cascading randomisation.
+  control = tmp_path / 'controls' / 'shuffled_labels'
+  assert sum('validation_loss' in json.loads(line)
+             for line in (control / 'metrics.jsonl').read_text().splitlines()) == 2
+  sanity = json.loads((tmp_path / 'cam' / 'validation' / 'localisation.json').read_text())['sanity']
+  assert 'shuffled labels' in sanity['controls'] and 'randomised: classifier' in sanity['controls']
   # Evaluating again, the latest checkpoint this time, reuses everything.
   again = run_main('--workdir', str(tmp_path), '--config.mode=evaluate',
                    '--config.evaluation.checkpoint=latest', '--config.data.image_size=32',

@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3  # latest steps kept for resuming
   config.train.keep_best = 5         # lowest validation losses kept for inference (later paper: 5)
+  # True: after training, the same model and recipe trained again on study labels permuted within
+  # body part, into WORKDIR/controls/shuffled_labels: the CAM report's control
+  # (training/controls.py)
+  config.train.shuffled_labels_control = False
 
   config.evaluation = ml_collections.ConfigDict()
   config.evaluation.global_batch_size = 64
@@ -121,6 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.cam.num_abnormal = 4      # the most confidently abnormal studies
   config.cam.num_uncertain = 4     # the studies closest to the threshold
   config.cam.annotations = ''      # boxes CSV; '' = MANUAL_DIR/synthetic_annotations.csv if there
+  # confounder boxes CSV (image_path,confounder,x0,y0,x1,y1); '' = MANUAL_DIR/
+  # synthetic_confounders.csv if there
+  config.cam.confounders = ''
+  config.cam.randomisation_seed = 1  # the cascading randomisation's fresh initialisation
   config.cam.bootstrap_resamples = 2_000
 
   config.export = ml_collections.ConfigDict()  # mode export (export.py)

@@ -38,4 +38,5 @@ def get_config():
   # 5-best ensemble (eval/validation-ensemble/) with its paired comparison against it.
   config.evaluation.ensemble = 5
   config.after_training = 'evaluate,cam'  # the demo draws and measures its maps too
+  config.train.shuffled_labels_control = True  # the CAM report's control: training twice
   return config

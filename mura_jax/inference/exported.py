@@ -15,6 +15,7 @@ import numpy as np
 
 from mura_jax.data import preprocessing as preprocessing_lib
 from mura_jax.errors import UserError
+from mura_jax.inference import display_scale as display_scale_lib
 
 FORMAT_VERSION = 1
 
@@ -124,6 +125,11 @@ class ExportedPredictor:
 
   def predict_views(self, views) -> np.ndarray:
     return self.predict_views_and_maps(views)[0]
+
+  def display_scale(self) -> dict | None:
+    """The CAM display scale the export carries (display_scale.py), or None."""
+    return display_scale_lib.read(self.folder / display_scale_lib.EXPORT_FILE,
+                                  self.checkpoint.get('step'))
 
 
 def load(folder) -> ExportedPredictor:

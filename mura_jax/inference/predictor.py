@@ -28,6 +28,7 @@ from etils import epath
 from mura_jax import checkpoints
 from mura_jax.data import preprocessing as preprocessing_lib
 from mura_jax.evaluation import studies
+from mura_jax.inference import display_scale as display_scale_lib
 from mura_jax.inference import steps
 from mura_jax.models import densenet
 from mura_jax.runtime import parallel
@@ -49,6 +50,7 @@ class Predictor:
   # Compiled steps by kind, shared by the predictors `with_variables` makes (one compile for
   # every epoch's validation, or every member of an ensemble with the same network).
   compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+  workdir: Any = None             # where from_workdir restored it (its CAM display scale)
 
   @classmethod
   def from_workdir(cls, workdir, which: str | int = 'best', *, config=None,
@@ -83,6 +85,7 @@ class Predictor:
       temperature = 1.0 if stored is None else float(stored['temperature'])
     return cls(model=model, variables=variables, preprocessing=preprocessing, mesh=mesh,
                spec=found, global_batch=global_batch, tta=tta, temperature=float(temperature),
+               workdir=epath.Path(workdir),
                checkpoint={'which': str(which), 'step': int(step),
                            'directory': str(epath.Path(workdir) / name)})
 
@@ -149,6 +152,13 @@ class Predictor:
   @property
   def classifier_bias(self) -> float:
     return steps.classifier_bias(self.variables)
+
+  def display_scale(self) -> dict | None:
+    """The CAM display scale the CAM job stored for this checkpoint (display_scale.py), or None."""
+    if self.workdir is None:
+      return None
+    return display_scale_lib.read(display_scale_lib.workdir_path(self.workdir),
+                                  self.checkpoint.get('step'))
 
   def predict_views_and_maps(self, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (V,), class activation maps (V, h, w)) of gray uint8 views of any size."""

@@ -1,7 +1,10 @@
 """The CAM job (`--config.mode=cam`, and after training where config.after_training lists cam):
-class activation maps of a checkpoint on a split, overlays of the chosen studies, and how well the
-maps localise (localisation.py) -> WORKDIR/cam/<split>/, over the views of the body parts the
-model was trained on (its scope). The maps: maps.py; pictures: pictures.py.
+class activation maps of a checkpoint on a split, over the views of the body parts the model
+was trained on (its scope); overlays of the chosen studies on the model's display scale
+(stored in WORKDIR/cam/display_scale.json from the validation split), how well the maps
+localise (localisation.py) and whether they explain the model (sanity.py: randomised and
+shuffled-labels controls, peaks on confounders, borders and black margins) ->
+WORKDIR/cam/<split>/. The maps: maps.py; pictures: pictures.py.
 """
 
 from __future__ import annotations
@@ -13,17 +16,21 @@ from absl import logging
 from etils import epath
 import jax
 import numpy as np
-from tfds_mura import ANNOTATIONS_FILE, BODY_PARTS
+from tfds_mura import ANNOTATIONS_FILE, BODY_PARTS, CONFOUNDERS_FILE
 
 from mura_jax import checkpoints
+from mura_jax import workdir as workdir_lib
 from mura_jax.data import dataset as data_lib
 from mura_jax.data import input_pipeline
 from mura_jax.errors import ConfigError
 from mura_jax.evaluation import scoring
 from mura_jax.evaluation import studies
+from mura_jax.inference import display_scale as display_scale_lib
 from mura_jax.inference import predictor as predictor_lib
 from mura_jax.interpretation import localisation as localisation_lib
+from mura_jax.interpretation import maps as maps_lib
 from mura_jax.interpretation import pictures
+from mura_jax.interpretation import sanity
 
 check = scoring.check_evaluation_config  # the studies drawn and their verdicts use its threshold
 
@@ -63,6 +70,23 @@ def no_boxes(split: str, given: str, manual_dir) -> str:
           'of its abnormal views.')
 
 
+def display_scale(predictor, maps: np.ndarray, split: str, workdir,
+                  write: bool) -> maps_lib.DisplayScale:
+  """The display scale of the pictures: on the validation split, fixed from its maps and stored
+  for the checkpoint (display_scale.py: mura-predict --cam and exports read it); on another
+  split, the stored one, else one fixed from that split's maps (the caption says which)."""
+  step = predictor.checkpoint['step']
+  if split != 'validation':
+    stored = predictor.display_scale()
+    if stored is not None:
+      return maps_lib.DisplayScale.of(stored)
+  found = {'top': maps_lib.display_top(maps), 'percentile': maps_lib.DISPLAY_PERCENTILE,
+           'split': split, 'n_views': len(maps), 'step': step}
+  if split == 'validation' and write:
+    display_scale_lib.write(display_scale_lib.workdir_path(workdir), **found)
+  return maps_lib.DisplayScale.of(found)
+
+
 def run(config, workdir: str) -> dict:
   """Writes WORKDIR/cam/<split>/: overlays of the chosen studies (studies/<study>/), peaks.png,
   and localisation.json / localisation.md (with the pointing and Otsu figures where the split's
@@ -91,23 +115,23 @@ def run(config, workdir: str) -> dict:
   table = studies.from_split(index, out['probability'], config.evaluation.aggregation)
   threshold = config.evaluation.threshold
   is_main = jax.process_index() == 0
+  scale = display_scale(predictor, maps, c.split, workdir, write=is_main)
+  summary['display_scale'] = {'top': scale.top, 'outline': scale.outline, 'source': scale.source}
   for s in choose_studies(table.probability, index.studies, threshold, c.studies,
                           c.num_abnormal, c.num_uncertain):
     views = sorted(np.flatnonzero(index.study_index == s),  # image1, image2, ... as on disk
                    key=lambda v: (len(index.image_path[v]), index.image_path[v]))
     folder = out_dir / 'studies' / _study_folder(index.studies[s])
-    verdict = 'abnormal' if table.probability[s] > threshold else 'normal'
-    title = (f'{index.studies[s]}\nstudy probability {table.probability[s]:.3f} -> {verdict} '
-             f'(> {threshold:g}); {config.evaluation.aggregation} of {len(views)} views; '
-             f'label {"abnormal" if table.label[s] else "normal"}')
+    title = (f'{index.studies[s]} (label: {"abnormal" if table.label[s] else "normal"})\n'
+             f'study {pictures.verdict_caption(table.probability[s], threshold)} '
+             f'({config.evaluation.aggregation} of {len(views)} view{"s" * (len(views) != 1)})')
     names = [index.image_path[v].rsplit('/', 1)[-1] for v in views]
     pictures.draw_study(folder, title, [
         (name, name, image(v), maps[v], out['probability'][v]) for name, v in zip(names, views)],
-                        spec, bias, write=is_main)
+                        spec, scale, threshold, write=is_main)
     summary['studies'].append(str(folder))
   annotations = epath.Path(c.annotations or epath.Path(manual_dir) / ANNOTATIONS_FILE)
   boxes = localisation_lib.read_boxes(annotations) if annotations.exists() else {}
-  annotated = [i for i, path in enumerate(index.image_path) if path in boxes]
   if boxes:
     summary['annotations'] = str(annotations)
     summary['localisation'] = localisation_lib.localisation(
@@ -116,9 +140,28 @@ def run(config, workdir: str) -> dict:
   else:
     summary['no_boxes'] = no_boxes(c.split, c.annotations, manual_dir)
     logging.info('%s', summary['no_boxes'])
-  summary['sanity'] = localisation_lib.sanity_checks(predictor, maps, image, annotated,
-                                    lambda i: boxes[index.image_path[i]])
-  text = localisation_lib.format_localisation(summary)
+  confounders_file = epath.Path(c.confounders or epath.Path(manual_dir) / CONFOUNDERS_FILE)
+  confounders = (sanity.read_confounders(confounders_file) if confounders_file.exists() else {})
+  if confounders:
+    summary['confounders'] = str(confounders_file)
+  shuffled_dir = epath.Path(workdir) / workdir_lib.SHUFFLED_LABELS_CONTROL
+  shuffled = None
+  if checkpoints.steps_of(shuffled_dir / checkpoints.BEST):  # a finished control
+    shuffled = predictor_lib.Predictor.from_workdir(
+        shuffled_dir, 'best', config=config, global_batch=config.evaluation.global_batch_size)
+  start = time.perf_counter()
+  controls = sanity.control_maps(predictor, source, shuffled=shuffled,
+                                 num_workers=config.data.num_workers, seed=c.randomisation_seed)
+  controls_seconds = time.perf_counter() - start
+  summary['sanity'] = sanity.sanity_checks(
+      predictor, maps, out['probability'], image, index.image_path, boxes, confounders, controls,
+      threshold, num_resamples=c.bootstrap_resamples, seed=config.evaluation.seed)
+  summary['sanity']['shuffled_labels_workdir'] = str(shuffled_dir)
+  if shuffled is not None:
+    summary['sanity']['shuffled_labels_checkpoint'] = shuffled.checkpoint
+  summary['sanity']['seconds'] = {'control_maps': controls_seconds,
+                                   'all': time.perf_counter() - start}
+  text = localisation_lib.format_localisation(summary) + sanity.format_sanity(summary)
   if is_main:
     out_dir.mkdir(parents=True, exist_ok=True)
     histogram = np.asarray(summary['sanity']['peak_histogram'])

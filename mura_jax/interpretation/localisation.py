@@ -7,21 +7,19 @@
 Beside the same figures for three baselines that use no model: a random map, a centred Gaussian,
 the image intensity. Each rate comes with a bootstrap CI over views, and the model's advantage
 over each baseline with a paired CI (the same resampled views).
-The sanity checks: a blank image's map, where the peaks fall, the model randomisation test.
+The sanity checks: sanity.py.
 """
 
 from __future__ import annotations
 
 import csv
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mura_jax.data import preprocessing
 from mura_jax.errors import DataError
 from mura_jax.evaluation import bootstrap
-from mura_jax.interpretation.maps import display_map, peak, upsample
+from mura_jax.interpretation.maps import peak, upsample
 from etils import epath
 from scipy import ndimage
 
@@ -181,86 +179,15 @@ def localisation(maps: np.ndarray, images, image_paths, body_parts, boxes: dict,
   return result
 
 
-def peak_histogram(maps: np.ndarray, bins: int = 8) -> np.ndarray:
-  """(bins, bins) counts of where each view's map peaks, in relative map coordinates: a fixed
-  hotspot (the corner bug of some CAM tools) shows up as one full bin."""
-  h, w = maps.shape[1:]
-  flat = maps.reshape(len(maps), -1).argmax(1)
-  i, j = np.divmod(flat, w)
-  counts = np.zeros((bins, bins), np.int64)
-  np.add.at(counts, ((i * bins) // h, (j * bins) // w), 1)
-  return counts
-
-
-def randomised_variables(variables, model, seed: int = 1):
-  """The model-randomisation test's network: the classifier and the last dense block
-  re-initialised, the rest kept. Maps that do not change are not explanations of the model."""
-  fresh = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)), train=False)['params']
-  last_block = max((k for k in variables['params']['features'] if k.startswith('denseblock')),
-                   key=lambda k: int(k[len('denseblock'):]))
-  params = dict(variables['params'])
-  params['classifier'] = fresh['classifier']
-  params['features'] = {**params['features'], last_block: fresh['features'][last_block]}
-  return {'params': params, 'batch_stats': variables['batch_stats']}
-
-
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman's correlation of two maps' values."""
-  ranks = [np.argsort(np.argsort(x.ravel())).astype(np.float64) for x in (a, b)]
-  if ranks[0].std() == 0 or ranks[1].std() == 0:
-    return 0.0
-  return float(np.corrcoef(*ranks)[0, 1])
-
-
-def sanity_checks(predictor, maps, images, annotated: list[int], boxes_of, seed: int = 1) -> dict:
-  """The blank image's map, the map's peak histogram, and the model-randomisation test."""
-  spec = predictor.preprocessing
-  blank = np.full((1, spec.image_size, spec.image_size, 1), 128, np.uint8)
-  blank_logit, blank_map = predictor.view_maps(blank)
-  bias = predictor.classifier_bias
-  histogram = peak_histogram(maps)
-  sample = annotated[:64]
-  result = {
-      'blank_image': {'probability': float(1 / (1 + np.exp(-blank_logit[0]))),
-                      'raw_min': float(blank_map.min()), 'raw_max': float(blank_map.max()),
-                      'display_min': float(display_map(blank_map.min(), bias)),
-                      'display_max': float(display_map(blank_map.max(), bias))},
-      'peak_histogram': histogram.tolist(),
-      'peak_histogram_largest_share': float(histogram.max() / max(histogram.sum(), 1)),
-  }
-  # Views with an abnormality apart from the others: a map without evidence anywhere peaks at
-  # its weak maximum, wherever that is, which says nothing about localisation.
-  others = np.setdiff1d(np.arange(len(maps)), annotated)
-  for name, members in (('annotated', annotated), ('other', others)):
-    if len(members):
-      counts = peak_histogram(maps[np.asarray(members)])
-      result[f'peak_largest_share_{name}'] = float(counts.max() / counts.sum())
-      result[f'peak_mean_max_{name}'] = float(maps[np.asarray(members)].max((1, 2)).mean())
-  if sample:
-    inputs = np.stack([preprocessing.view_input(images(i)[..., None], spec) for i in sample])
-    randomised = predictor.with_variables(
-        randomised_variables(predictor.variables, predictor.model, seed))
-    _, random_maps = randomised.view_maps(inputs)
-    correlations = [rank_correlation(maps[i], m) for i, m in zip(sample, random_maps)]
-    hits = []
-    for i, m in zip(sample, random_maps):
-      rows, columns = images(i).shape
-      hits.append(distance_to_box(*peak(m, rows, columns, spec), boxes_of(i)) == 0)
-    result['model_randomisation'] = {
-        'n_views': len(sample), 'randomised': 'classifier and the last dense block',
-        'mean_rank_correlation': float(np.mean(correlations)),
-        'pointing_randomised': float(np.mean(hits)),
-        'pointing_trained': float(np.mean([distance_to_box(*peak(
-            maps[i], *images(i).shape, spec), boxes_of(i)) == 0 for i in sample]))}
-  return result
+def cell(entry: dict) -> str:
+  """A rate with its CI, as the reports write it: 0.958 (0.939-0.978)."""
+  if entry['value'] is None:
+    return 'n/a'
+  return f'{entry["value"]:.3f} ({entry["ci_low"]:.3f}-{entry["ci_high"]:.3f})'
 
 
 def format_localisation(summary: dict) -> str:
-  """localisation.md: the table of pointing and Otsu figures, then the sanity checks."""
-  def cell(entry):
-    if entry['value'] is None:
-      return 'n/a'
-    return f'{entry["value"]:.3f} ({entry["ci_low"]:.3f}-{entry["ci_high"]:.3f})'
+  """localisation.md's first part: the table of pointing and Otsu figures, the maps' speed."""
   lines = [f'# CAM localisation: {summary["split"]}, {summary["checkpoint"]["which"]} checkpoint '
            f'(step {summary["checkpoint"]["step"]})', '']
   local = summary.get('localisation')
@@ -285,26 +212,10 @@ def format_localisation(summary: dict) -> str:
                    f'{cell(entry["cam"]["pointing"])} | {best} {cell(entry[best]["pointing"])} |')
     lines += ['', 'CAM pointing minus each baseline\'s, paired over the same resampled views:', '']
     lines += [f'- {name}: {cell(entry)}' for name, entry in local['advantage'].items()]
-  sanity = summary['sanity']
-  blank = sanity['blank_image']
-  lines += ['', '## Sanity checks', '',
-            f'- Blank (uniform gray) image: probability {blank["probability"]:.3f}, display map '
-            f'{blank["display_min"]:.3f}..{blank["display_max"]:.3f}.',
-            f'- Peak positions over {summary["n_views"]} views (peaks.png): the fullest of 8 x 8 '
-            f'bins holds {sanity["peak_histogram_largest_share"]:.1%} (a fixed hotspot would hold '
-            '~100%).']
-  if 'peak_largest_share_annotated' in sanity and 'peak_largest_share_other' in sanity:
-    lines.append(f'  Views with a box: {sanity["peak_largest_share_annotated"]:.1%} in the '
-                 f'fullest bin, mean map maximum {sanity["peak_mean_max_annotated"]:.1f}; the '
-                 f'other views: {sanity["peak_largest_share_other"]:.1%}, mean maximum '
-                 f'{sanity["peak_mean_max_other"]:.1f} (no evidence anywhere: their weak peak '
-                 'falls where it may).')
-  random = sanity.get('model_randomisation')
-  if random:
-    lines.append(f'- Model randomisation ({random["randomised"]} re-initialised, '
-                 f'{random["n_views"]} views): mean rank correlation with the trained maps '
-                 f'{random["mean_rank_correlation"]:.3f}; pointing {random["pointing_trained"]:.3f}'
-                 f' trained vs {random["pointing_randomised"]:.3f} randomised.')
+  scale = summary.get('display_scale')
+  if scale:
+    lines += ['', f'Pictures: M from 0 to {scale["top"]:.3g} logit units ({scale["source"]}), '
+              f'outlined from {scale["outline"]:.3g}.']
   lines += ['', f'Maps of {summary["n_views"]} views ({summary["map_shape"]} per view) in '
             f'{summary["seconds"]:.1f} s: {summary["views_per_second"]:.0f} views/s.']
   return '\n'.join(lines) + '\n'

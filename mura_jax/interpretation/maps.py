@@ -4,11 +4,14 @@
 
 f_k(X) are the final feature maps (after the last BN + ReLU: what global pooling averages) and w_k
 the classifier's weights, so the spatial mean of M plus the classifier's bias is the view's logit
-exactly (`inference.steps.view_maps`). Two maps per view:
-  raw      M in logit units, for measuring;
-  display  sigmoid(M + b) on the fixed scale [0, 1]: a confident normal view is dark everywhere,
-           never stretched per image (min-max normalising every map turns any view, normal ones
-           included, into a full-range hotspot).
+exactly (`inference.steps.view_maps`).
+
+How they are shown: M itself, in logit units, on one range for every view of a model: from 0
+(evidence for normal or none: transparent) to `top`, a high percentile of M's cells over the
+validation split (`display_top`, stored with the model: inference/display_scale.py). Never
+stretched per image (min-max normalising every map turns any view, normal ones included, into a
+full-range hotspot), and not sigmoid(M + b) either: with a confident model's large M that
+saturates over the whole limb and much of the background.
 Maps are upsampled bilinearly (half-pixel centres) to the radiograph's own rows x columns through
 the inverse of the preprocessing's `fit` (squash: the whole map stretches over the image; pad: the
 padded square is undone), never transposed: `upsample` takes (rows, columns) and returns them.
@@ -18,14 +21,57 @@ How well they point: localisation.py; the pictures: pictures.py; the job: cam.py
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
 from mura_jax.data import preprocessing
 
 
+DISPLAY_PERCENTILE = 99.0  # of M's cells over the validation split: full colour from there up
+OUTLINE_SHARE = 0.5        # the outlined region: M above this share of the scale's top
+# Without a stored scale (no CAM run on the workdir): a fixed range, said in the caption.
+DEFAULT_TOP = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DisplayScale:
+  """M from 0 to `top` (logit units) in colour; `source` says where the range comes from."""
+  top: float
+  source: str
+
+  @property
+  def outline(self) -> float:
+    return OUTLINE_SHARE * self.top
+
+  @classmethod
+  def of(cls, stored: dict | None) -> DisplayScale:
+    """The scale of a stored display_scale.json's content, else the default (said so)."""
+    if stored is None:
+      return cls(DEFAULT_TOP, f'fixed default {DEFAULT_TOP:g} (no validation range stored for '
+                              'this checkpoint: run --config.mode=cam)')
+    return cls(float(stored['top']), f'{stored["percentile"]:g}th percentile of M over the '
+               f'{stored["split"]} split\'s maps (step {stored["step"]})')
+
+
+def display_top(maps: np.ndarray, percentile: float = DISPLAY_PERCENTILE) -> float:
+  """The scale's top: the `percentile` of M over every cell of the split's maps (V, h, w); if
+  that is not positive (no cell with evidence for abnormal in most views), the largest M, else 1."""
+  maps = np.asarray(maps, np.float64)
+  for top in (np.percentile(maps, percentile), maps.max()):
+    if top > 0:
+      return float(top)
+  return 1.0
+
+
+def scaled(raw_map: np.ndarray, scale: DisplayScale) -> np.ndarray:
+  """M / top clipped to [0, 1]: 0 where M <= 0 (drawn transparent), 1 from the top up."""
+  return np.clip(np.asarray(raw_map, np.float64) / scale.top, 0.0, 1.0)
+
+
 def display_map(raw_map, bias: float):
-  """sigmoid(M + b): the map on the probability scale, the same for every view."""
+  """sigmoid(M + b): a map's cells on the probability scale (the blank-image sanity check)."""
   return 1.0 / (1.0 + np.exp(-(np.asarray(raw_map, np.float64) + bias)))
 
 

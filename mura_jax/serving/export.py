@@ -24,6 +24,8 @@ writes WORKDIR/export/ (`config.export.dir` to choose another folder):
                          serialization: weights as tf.Variables, polymorphic batch, no gradient;
                          signature `serving_default(images) -> {probability, cam}`. It is run
                          in TensorFlow before it is kept; export.json says why when it is not.
+  cam_display_scale.json where the CAM job stored one for the checkpoint: the range its maps
+                         are drawn on (inference/display_scale.py), for mura-predict --cam.
   model_card.md/.json    intended use, preprocessing, architecture, training config and data,
                          validation metrics with CIs, reference figures, limitations, licence terms.
   export.json            format version, files with sha256, checkpoint, spec (the model, its
@@ -53,6 +55,7 @@ from etils import epath
 from mura_jax import checkpoints
 from mura_jax import workdir as workdir_lib
 from mura_jax.data import preprocessing as preprocessing_lib
+from mura_jax.inference import display_scale
 from mura_jax.inference import predictor as predictor_lib
 from mura_jax.inference import steps as inference_steps
 from mura_jax.inference.exported import FORMAT_VERSION, ExportError, sha256
@@ -250,6 +253,7 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
     card['calibration'] = model_card.calibration_card(spec_['temperature'])
     (staging / 'model_card.json').write_text(json.dumps(card, indent=2) + '\n')
     (staging / 'model_card.md').write_text(model_card.format_card(card))
+    display_scale.copy_into_export(workdir, staging, predictor.checkpoint['step'])
     files = sorted(p.name for p in staging.iterdir() if p.is_file())
     manifest = {
         'format_version': FORMAT_VERSION, 'checkpoint': predictor.checkpoint, 'spec': spec_,

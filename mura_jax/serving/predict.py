@@ -28,9 +28,10 @@ the mean of its views' (the paper); abnormal if > --threshold.
 Outputs: a table on the terminal; with --out DIR, predictions.csv (MURA's submission format: study,
 0/1, no header; scored studies only), studies.csv (every study found: study, body_part, views,
 probability, verdict, status, warnings, cam, worklist_rank, tier) and views.csv (study, file,
-probability, status, warnings); with --cam, class activation map overlays (DIR/cam/<study>/). With
---worklist, studies are ranked by probability (rank 1 read first) and tiered at the operating
-points of the checkpoint's validation report (WORKDIR/eval/validation/report.json, or the copy in
+probability, status, warnings); with --cam, class activation map overlays (DIR/cam/<study>/), on
+the display scale the CAM job stored for the checkpoint (carried by an export; else a fixed
+default, which the figure says). With --worklist, studies are ranked by probability (rank 1
+read first) and tiered at the operating points of the checkpoint's validation report (WORKDIR/eval/validation/report.json, or the copy in
 an export's model card): 'read first' above the threshold of specificity 0.95, 'deprioritise' at
 or below that of sensitivity 0.95 ('read first' wins where the two overlap). --out is checked
 before any work: an existing file, a folder that holds an input PATH or input image, or one with
@@ -69,6 +70,7 @@ from mura_jax.errors import UserError
 from mura_jax.evaluation import studies as studies_lib
 from mura_jax.inference import exported
 from mura_jax.inference import predictor as predictor_lib
+from mura_jax.interpretation import maps as maps_lib
 from mura_jax.interpretation import pictures
 from mura_jax.runtime import parallel
 from mura_jax.serving import study_folders
@@ -128,6 +130,7 @@ def predict(predictor, studies: list[study_folders.Study], threshold: float, cam
   maps = None
   if cam_dir is not None:
     probabilities, maps = predictor.predict_views_and_maps(views)
+    scale = maps_lib.DisplayScale.of(predictor.display_scale())  # the model's, stored by cam
   else:
     probabilities = predictor.predict_views(views)
   # Each study's probability: the mean of its views (the paper), as evaluation computes it.
@@ -145,11 +148,12 @@ def predict(predictor, studies: list[study_folders.Study], threshold: float, cam
     for view in study.views:
       study.warnings += [f'{os.path.basename(view.path)}: {w}' for w in view.warnings]
     if maps is not None:
-      study.cam = _draw_study(predictor, study, maps[start:start + n], threshold, cam_dir)
+      study.cam = _draw_study(predictor, study, maps[start:start + n], threshold, cam_dir, scale)
     start += n
 
 
-def _draw_study(predictor, study: study_folders.Study, maps, threshold: float, cam_dir) -> str:
+def _draw_study(predictor, study: study_folders.Study, maps, threshold: float, cam_dir,
+                scale: maps_lib.DisplayScale) -> str:
   folder = epath.Path(cam_dir) / study.id.strip('/').replace('/', '_').replace(':', '_')
   views, used = [], {'study'}
   for view, raw, probability in zip(study.views, maps, study.view_probabilities):
@@ -159,11 +163,10 @@ def _draw_study(predictor, study: study_folders.Study, maps, threshold: float, c
                 if (f'{stem}_{k}' if k else stem) not in used)
     used.add(stem)
     views.append((stem + '.png', study_folders.shown(name), view.pixels[..., 0], raw, probability))
-  verdict = 'abnormal' if study.probability > threshold else 'normal'
   pictures.draw_study(folder, f'{study_folders.shown(study.id)} ({study.body_part})\n'
-                      f'study probability {study.probability:.3f} -> {verdict} '
-                      f'(> {threshold:g}); mean of {len(views)} views', views,
-                      predictor.preprocessing, predictor.classifier_bias)
+                      f'study {pictures.verdict_caption(study.probability, threshold)} '
+                      f'(mean of {len(views)} view{"s" * (len(views) != 1)})', views,
+                      predictor.preprocessing, scale, threshold)
   return os.fspath(folder / 'study.png')
 
 

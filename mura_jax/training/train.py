@@ -41,6 +41,7 @@ from mura_jax.evaluation import reports
 from mura_jax.evaluation import scoring
 from mura_jax.evaluation import studies
 from mura_jax.runtime import parallel
+from mura_jax.training import controls
 from mura_jax.training import loss as loss_lib
 from mura_jax.training import metric_writer
 from mura_jax.training import state as train_state
@@ -131,11 +132,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   runs config.after_training) or 'preempted'."""
   if config.data.synthetic:
     data_lib.prepare_dataset(config, workdir)
-  return train_and_evaluate(config, workdir)['status']
+  status = train_and_evaluate(config, workdir)['status']
+  if status == 'done' and config.train.get('shuffled_labels_control', False):
+    control = controls.control_dir(workdir)  # the CAM report's control (controls.py)
+    controls.write_note(control, config.seed)
+    started = time.time()
+    status = train_and_evaluate(controls.control_config(config, workdir), str(control),
+                                relabel=controls.shuffled_labels(config.seed))['status']
+    logging.info('Shuffled-labels control trained in %.0f s: %s.', time.time() - started, control)
+  return status
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains as in the paper, resuming from the workdir if it holds checkpoints; returns a summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, relabel=None) -> dict:
+  """Trains as in the paper, resuming from the workdir if it holds checkpoints; returns a summary.
+  `relabel` (controls.py): (training source, data_dir, body parts) -> a source with other
+  labels, for a control."""
   started, first_step = time.time(), True
   mesh = parallel.make_mesh()
   parallel.log_topology(mesh)
@@ -152,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   body_parts = data_lib.training_body_parts(config, data_dir)
   config.data.body_parts = ','.join(body_parts)  # config.json and the specs record them
   train_source, _ = data_lib.split_of_body_parts(data_dir, 'train', body_parts)
+  if relabel is not None:
+    train_source = relabel(train_source, data_dir, body_parts)
   valid_source, valid_index = data_lib.split_of_body_parts(
       data_dir, 'validation', body_parts, input_pipeline.read_split_index(data_dir, 'validation'))
   loss_weights = loss_lib.dataset_loss_weights(data_dir, body_parts)
