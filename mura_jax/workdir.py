@@ -147,7 +147,8 @@ def config_of_run(workdir, config: ml_collections.ConfigDict,
   """The config evaluate, cam and export run with: the workdir's config.json (what the run was
   trained with, its command line's overrides included), so that none has to be repeated. Of the
   command line's `config` they take where and how they run (`_RUNTIME_KEYS`) and, where `given`
-  (the keys set with --config.KEY=VALUE; None: every key of `config`), their own keys
+  (the keys set with --config.KEY=VALUE; None, a config built in code: its keys that differ from
+  configs/base.py's defaults), their own keys
   (`_MODE_KEYS`, `_DATA_KEYS`). Another key given with another value than the run's is refused
   (ConfigError naming it): the model and its preprocessing are the checkpoints'. Other modes, or
   a workdir without config.json: `config` as it is."""
@@ -156,7 +157,10 @@ def config_of_run(workdir, config: ml_collections.ConfigDict,
     return config
   before, now = _flat(written), _flat(config)
   owned = _RUNTIME_KEYS + _DATA_KEYS + _MODE_KEYS[config.mode]
-  given = set(now) if given is None else set(given) & set(now)
+  if given is None:  # a config built in code: the keys it sets away from the defaults
+    defaults = _flat(base.base_config())
+    given = {k for k in now if k not in defaults or now[k] != defaults[k]}
+  given = set(given) & set(now)
   refused = {k: (before[k], now[k]) for k in sorted(given) if not _named(k, owned)
              and k in before and before[k] != now[k]}
   if refused:

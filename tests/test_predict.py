@@ -171,7 +171,9 @@ def test_worklist_ranks_and_tiers(trained_workdir, synthetic_dir, capsys, tmp_pa
     else:
       expected.append('read')
   assert [r['tier'] for r in ranked] == expected, (high, low, probabilities)
-  assert set(expected) == set(predict.TIERS), expected  # so that a swap of tiers would show
+  # At least two tiers, so that a swap would show (which two depends on the tiny fixture model;
+  # test_worklist_tiers_by_hand covers all three and their boundaries).
+  assert len(set(expected)) >= 2, expected
   assert 'tiers from' in err
   assert out.splitlines()[0].startswith('rank')
 

@@ -118,7 +118,7 @@ def test_annotations_mark_abnormal_views_inside_the_image(synthetic_dir):
     # The abnormality is localised: the box is a small part of the view and looks different.
     assert (x1 - x0) * (y1 - y0) < 0.5 * w * h
     inside = gray[y0:y1, x0:x1]
-    assert inside.max() - inside.min() > 100
+    assert inside.max() - inside.min() > 60  # subtle (a fracture line), yet visible
     annotated_studies.add(row['image_path'].rsplit('/', 1)[0])
   positives = {line.split(',')[0].rstrip('/') for split in ('train', 'valid') for line in
                read_lines(synthetic_dir / 'MURA-v1.1' / f'{split}_labeled_studies.csv')

@@ -48,7 +48,9 @@ def test_evaluate_fits_on_validation_logits_stores_and_reports(calibrated):
   index = input_pipeline.read_split_index(config.data.data_dir, 'validation')
   logits = _raw_predictor(workdir).predict_split(source)['logit']
   expected = calibration.fit_temperature(logits, index.label)
-  assert record['temperature'] == pytest.approx(expected['temperature'], rel=1e-6)
+  # 1e-5: evaluate's logits and these come from differently batched runs (float32 sums); a wrong
+  # fit (1/T, another objective) is off by far more.
+  assert record['temperature'] == pytest.approx(expected['temperature'], rel=1e-5)
   assert abs(np.log(record['temperature'])) > 0.05  # a temperature that changes something
   step = report['checkpoint']['step']
   assert record['checkpoint'] == {'name': 'best', 'step': step}

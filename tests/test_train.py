@@ -16,7 +16,7 @@ from mura_jax import checkpoints
 from mura_jax import cli
 from mura_jax.configs import base
 from mura_jax.data import input_pipeline
-from mura_jax.errors import UserError, WorkdirError
+from mura_jax.errors import ConfigError, UserError, WorkdirError
 from mura_jax.evaluation import evaluate
 from mura_jax.evaluation import studies
 from mura_jax.runtime import parallel
@@ -452,6 +452,10 @@ def test_metrics_and_plateau_in_a_real_run(straight_run):
 def test_checkpoint_of_another_model_is_refused(straight_run):
   workdir, config, _ = straight_run
   other = tiny_config(config.data.data_dir, **{'model.growth_rate': 6})
+  # The recorded config names the change first; told to go on, the checkpoints still refuse.
+  with pytest.raises(ConfigError, match=r'model.growth_rate: \d+ in the workdir, 6 now'):
+    train.train_and_evaluate(other, str(workdir))
+  other.allow_config_change = True
   with pytest.raises(checkpoints.CheckpointMismatchError, match='growth_rate'):
     train.train_and_evaluate(other, str(workdir))
 

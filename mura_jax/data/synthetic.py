@@ -146,13 +146,13 @@ def write_study(root: str, study: Study) -> list[tuple[str, views_lib.View]]:
   """Writes one study's views (and maybe sidecars); returns (image path, view) per view, the
   view without its pixels (its boxes)."""
   rng = np.random.default_rng([study.seed, 1])
-  look = views_lib.study_look(rng)  # exposure, contrast, collimator, side: the study's own
   folder = epath.Path(root) / study.path
   folder.mkdir(parents=True, exist_ok=True)
   # Abnormal studies show their abnormality in most views, and always in at least one.
   visible = rng.random(study.num_views) < 0.9
   visible[rng.integers(study.num_views)] = True
   sidecars = rng.random() < SIDECAR_FRACTION
+  look = views_lib.study_look(rng)  # exposure, contrast, collimator, side: the study's own
   views = []
   for number in range(1, study.num_views + 1):
     kind = study.abnormality if (study.abnormal and visible[number - 1]) else None

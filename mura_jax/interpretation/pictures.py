@@ -84,7 +84,9 @@ def study_figure(title: str, views: list[tuple[str, np.ndarray, str]], driver: i
       ax.imshow(picture)
       ax.set_title(f'{name}\n{caption}' + ('\ndrives the study' if k == driver else ''),
                    fontsize=9, fontweight='bold' if k == driver else 'normal')
-  figure.suptitle(title, fontsize=10)
+  # Wrapped to the figure's width: one narrow view's figure cut a long study id off at both sides.
+  figure.suptitle('\n'.join(textwrap.fill(line, int(width * 11), break_on_hyphens=False)
+                            for line in title.split('\n')), fontsize=10)
   # The bar as the overlay shows it over mid-gray: the colour fades in with M.
   level = np.linspace(0, 1, 256)[:, None]
   shown = (1 - OPACITY * level) * 0.5 + OPACITY * level * colormaps['jet'](level[:, 0])[:, :3]
