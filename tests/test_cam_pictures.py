@@ -129,6 +129,14 @@ def test_study_figure_title_captions_and_colour_bar_never_overlap():
                                    f'\nstudy p = 0.49 < 0.5: normal (mean of {n} views)', views,
                                    1, scale)
     _assert_no_overlap(figure, n)
+  # Two square views with the captions cam mode writes (peak M, the driver's line: four lines):
+  # the demo's forearm study, whose driver caption ran into the title.
+  square = np.repeat(image[:300, :300, None], 3, -1)
+  views = [(f'image{k}.png', square, 'p = 0.99 > 0.5: abnormal\npeak M = 26.53') for k in (1, 2)]
+  figure = pictures.study_figure('valid/XR_FOREARM/patient00354/study1_positive (label: '
+                                 'abnormal)\nstudy p = 0.99 > 0.5: abnormal (mean of 2 views)',
+                                 views, 1, scale)
+  _assert_no_overlap(figure, 2)
 
 
 def _assert_no_overlap(figure, n):

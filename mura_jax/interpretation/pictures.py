@@ -74,7 +74,12 @@ def study_figure(title: str, views: list[tuple[str, np.ndarray, str]], driver: i
   columns = min(len(views), 4)
   rows = -(-len(views) // columns)
   width = 3.2 * columns + 1.4
-  figure = Figure(figsize=(width, 3.7 * rows + 1.6), layout='constrained')
+  # Each row as tall as its views at 3.2 in wide (capped), plus room for four-line captions, the
+  # title and the legend: a fixed height ran the constrained layout out of room for square views
+  # (the driver's caption ran into the title) or for tall ones.
+  aspect = max(v[1].shape[0] / v[1].shape[1] for v in views)
+  figure = Figure(figsize=(width, rows * (min(3.2 * aspect, 5.0) + 0.9) + 1.4),
+                  layout='constrained')
   FigureCanvasAgg(figure)
   axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
   for k, ax in enumerate(axes):
