@@ -7,16 +7,9 @@ Overrides of configs/densenet169.py for many devices, every one stated:
   - bfloat16 compute (parameters, batch statistics and the loss stay float32);
   - 8 views per device: the global batch is 8 x the number of TPU chips' cores (a v4-32 slice:
     16 devices, 128 views), always a multiple of the device count;
-  - the learning rate scaled by sqrt(global batch / 8), the square-root rule for Adam (Malladi
-    et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022): 1e-4
-    at the paper's batch 8, 4e-4 at 128;
-    the square root, not Goyal et al.'s linear rule: that one is derived for SGD, and the
-    SDE analysis above gives the square root for Adam;
-  - a linear warm-up of the learning rate over the first epoch (optimizer.warmup_epochs=1: from
-    lr/W at the first update to lr at the W-th): Goyal et al., "Accurate, Large Minibatch SGD:
-    Training ImageNet in 1 Hour" (2017), section 2.2's gradual warm-up, for the optimisation
-    difficulty of a large batch's larger learning rate in the first updates (5 epochs of 90
-    there, 1 of 20 here: about the same share);
+  - the learning rate scaled by sqrt(global batch / 8), 1e-4 at the paper's batch 8, 4e-4 at 128,
+    and warmed up linearly over the first epoch (optimizer.lr_scaling='sqrt',
+    warmup_epochs=1: mura_jax/configs/base.py gives each rule and its source);
   - grain workers from the host's cores (data.num_workers=-1, input_pipeline.worker_count);
   - jax.distributed started on every host (config.distributed=on): plain TPU VMs are not detected
     by an environment variable.
@@ -38,6 +31,6 @@ def get_config():
   config.train.per_device_batch_size = 8
   config.evaluation.per_device_batch_size = 32
   config.optimizer.lr_scaling = 'sqrt'
-  config.optimizer.warmup_epochs = 1.0  # linear warm-up (Goyal et al. 2017), the docstring
+  config.optimizer.warmup_epochs = 1.0  # linear warm-up (Goyal et al. 2017; base.py)
   config.train.checkpoint_every_steps = 500
   return config

@@ -70,11 +70,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.plateau_rtol = 1e-4
   # Many devices (configs/tpu_pod.py, gpu_cluster.py): 'sqrt' multiplies the learning rate by
   # sqrt(global batch / reference_batch_size), the square-root rule for Adam (Malladi et al.,
-  # "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022).
+  # "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022); not Goyal
+  # et al.'s linear rule, which is derived for SGD.
   config.optimizer.lr_scaling = 'none'   # none | sqrt
   config.optimizer.reference_batch_size = 8  # the paper's batch, for which lr 1e-4 is tuned
   # A linear warm-up of the learning rate over this many epochs' steps (0: none, as the paper);
-  # the large-batch configs use 1 (training/state.py's warmup_scale, and its source).
+  # the large-batch configs use 1: Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet
+  # in 1 Hour" (2017), section 2.2's gradual warm-up, for a large batch's larger learning rate in
+  # the first updates (5 epochs of 90 there, 1 of 20 here: about the same share;
+  # training/state.py's warmup_scale).
   config.optimizer.warmup_epochs = 0.0
 
   config.train = ml_collections.ConfigDict()

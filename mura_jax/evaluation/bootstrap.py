@@ -268,3 +268,13 @@ def _linear_quantile(ordered, count, q):
   lower = np.take_along_axis(ordered, below[None], 0)[0]
   upper = np.take_along_axis(ordered, above[None], 0)[0]
   return np.where(count > 0, lower + (upper - lower) * fraction, np.nan)
+
+
+def ci_text(entry: dict, digits: int = 3) -> str:
+  """'0.812 (0.771, 0.850)' of a {value, ci_low, ci_high} entry; 'n/a' without a value."""
+  if entry['value'] is None:
+    return 'n/a'
+  text = f'{entry["value"]:.{digits}f}'
+  if entry['ci_low'] is not None:
+    text += f' ({entry["ci_low"]:.{digits}f}, {entry["ci_high"]:.{digits}f})'
+  return text

@@ -155,15 +155,6 @@ def temperature_section(record: dict, before: dict, split: str) -> dict:
 # Rendering (reports.py writes the files).
 
 
-def _ece_text(entry: dict) -> str:
-  if entry['value'] is None:
-    return 'n/a'
-  text = f'{entry["value"]:.3f}'
-  if entry['ci_low'] is not None:
-    text += f' ({entry["ci_low"]:.3f}, {entry["ci_high"]:.3f})'
-  return text
-
-
 def markdown_lines(report: dict) -> list[str]:
   """report.md's calibration section: ECE per group (before and after a temperature), the
   binning, the reliability diagram."""
@@ -188,12 +179,12 @@ def markdown_lines(report: dict) -> list[str]:
     lines += ['', '| Study type | Studies | ECE before T | ECE after T |', '|---|---:|---|---|']
     for group, entry in section['groups'].items():
       lines.append(f'| {_title(group)} | {entry["ece"]["n_studies"]} | '
-                   f'{_ece_text(before[group])} | {_ece_text(entry["ece"])} |')
+                   f'{bootstrap.ci_text(before[group])} | {bootstrap.ci_text(entry["ece"])} |')
   else:
     lines += ['', '| Study type | Studies | ECE |', '|---|---:|---|']
     for group, entry in section['groups'].items():
       lines.append(f'| {_title(group)} | {entry["ece"]["n_studies"]} | '
-                   f'{_ece_text(entry["ece"])} |')
+                   f'{bootstrap.ci_text(entry["ece"])} |')
   lines += ['', '![Reliability diagram: abnormal fraction against mean probability per bin]'
             '(reliability.png)', '']
   lines.append('[reliability.png](reliability.png): per study type, each bin\'s abnormal '
@@ -233,7 +224,7 @@ def reliability_figure(section: dict):
                'o-', color='C0', lw=1.5, ms=4,
                label="each bin's abnormal fraction at its mean study probability")
     ece = entry['ece']
-    curve.set_title(f'{_title(group)} (n={ece["n_studies"]})\nECE {_ece_text(ece)}',
+    curve.set_title(f'{_title(group)} (n={ece["n_studies"]})\nECE {bootstrap.ci_text(ece)}',
                     fontsize=10)
     curve.set(xlim=(0, 1), ylim=(-0.02, 1.02))
     curve.set_ylabel('abnormal fraction', fontsize=9)

@@ -20,6 +20,7 @@ from etils import epath
 import numpy as np
 
 from mura_jax.errors import ConfigError, DataError
+from mura_jax.evaluation import bootstrap
 from mura_jax.evaluation import calibration
 from mura_jax.evaluation import metrics
 from mura_jax.evaluation import readers as readers_lib
@@ -28,15 +29,6 @@ from mura_jax.evaluation.metrics import BODY_PARTS, GROUPS, METRICS
 from mura_jax.evaluation.readers import READER_METRICS
 from mura_jax.evaluation.scoring import THRESHOLDED
 from mura_jax.evaluation.studies import StudyTable
-
-
-def _ci_text(entry: dict, digits: int = 3) -> str:
-  if entry['value'] is None:
-    return 'n/a'
-  text = f'{entry["value"]:.{digits}f}'
-  if entry['ci_low'] is not None:
-    text += f' ({entry["ci_low"]:.{digits}f}, {entry["ci_high"]:.{digits}f})'
-  return text
 
 
 _METRIC_TITLES = {'f1': 'F1', 'kappa': 'Kappa', 'auroc': 'AUROC', 'accuracy': 'Accuracy',
@@ -70,7 +62,7 @@ def format_markdown(report: dict) -> str:
     cells = []
     for m in METRICS:
       entry = section['metrics'][m]
-      cell = _ci_text(entry)
+      cell = bootstrap.ci_text(entry)
       if entry['reason']:
         cell += f' [{notes.setdefault(entry["reason"], len(notes) + 1)}]'
       cells.append(cell)
@@ -91,7 +83,7 @@ def format_markdown(report: dict) -> str:
         lines.append(f'| {target} | n/a ({op["reason"]}) |' + ' |' * len(THRESHOLDED))
         continue
       lines.append(f'| {target} | {op["threshold"]:.4f} | ' +
-                   ' | '.join(_ci_text(op['metrics'][m]) for m in THRESHOLDED) + ' |')
+                   ' | '.join(bootstrap.ci_text(op['metrics'][m]) for m in THRESHOLDED) + ' |')
     lines.append('')
     lines.append('Thresholds are chosen on these studies and held fixed across resamples.')
   work = report['worklist']
@@ -103,9 +95,9 @@ def format_markdown(report: dict) -> str:
         f'Ranking studies by probability, the {work["n_deprioritised"]} lowest '
         f'({work["fraction_of_studies"]:.1%} of {work["n_studies"]} studies, threshold '
         f'{work["threshold"]:.4f}) could be deprioritised at sensitivity '
-        f'{_ci_text(work["sensitivity"])} (>= {work["min_sensitivity"]:g}): '
+        f'{bootstrap.ci_text(work["sensitivity"])} (>= {work["min_sensitivity"]:g}): '
         f'{work["n_normal_deprioritised"]} normal studies, a fraction '
-        f'{_ci_text(work["fraction_of_normals"])} of all normal studies, and '
+        f'{bootstrap.ci_text(work["fraction_of_normals"])} of all normal studies, and '
         f'{work["n_abnormal_deprioritised"]} abnormal.')
   readers = report['readers']
   header = lambda first, who: f'| {first} | ' + ' | '.join(  # pylint: disable=g-long-lambda
@@ -121,8 +113,8 @@ def format_markdown(report: dict) -> str:
     def row(title, summaries):
       cells = []
       for m, (reader, model, diff) in zip(READER_METRICS, summaries):
-        cells += [_ci_text(reader), _ci_text(model),
-                  _ci_text(diff) + (' *' if diff['significant'] else '')]
+        cells += [bootstrap.ci_text(reader), bootstrap.ci_text(model),
+                  bootstrap.ci_text(diff) + (' *' if diff['significant'] else '')]
       return f'| {title} | ' + ' | '.join(cells) + ' |'
 
     for group, section in readers['groups'].items():
@@ -166,10 +158,10 @@ def _scored_what_lines(report: dict) -> list[str]:
                else ', '.join(member['body_parts']))
       lines.append(f'| {member["name"]} | {member["epoch"]} | '
                    f'{"n/a" if loss is None else f"{loss:.4f}"} | {parts} | ' +
-                   ' | '.join(_ci_text(member['groups']['all']['metrics'][m]) for m in _COMPARED)
+                   ' | '.join(bootstrap.ci_text(member['groups']['all']['metrics'][m]) for m in _COMPARED)
                    + ' |')
     lines.append('| **ensemble** | | | | ' + ' | '.join(
-        _ci_text(report['groups']['all']['metrics'][m]) for m in _COMPARED) + ' |')
+        bootstrap.ci_text(report['groups']['all']['metrics'][m]) for m in _COMPARED) + ' |')
   compared = report.get('comparison')
   if compared:
     lines += ['', f'## Paired comparison: {compared["a"]} - {compared["b"]}', '',
@@ -225,7 +217,7 @@ def format_terminal_table(report: dict) -> str:
   rows = [header]
   for group, section in report['groups'].items():
     rows.append([group, str(section['n_studies']), str(section['n_abnormal'])] +
-                [_ci_text(section['metrics'][m], 3).replace(' (', ' [').replace(', ', '-')
+                [bootstrap.ci_text(section['metrics'][m], 3).replace(' (', ' [').replace(', ', '-')
                  .replace(')', ']') for m in METRICS])
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
   text = ['  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
