@@ -136,9 +136,11 @@ def test_cascading_randomisation_reinitialises_from_the_classifier_down():
 def test_controls_against_the_trained_model_are_paired():
   rng = np.random.default_rng(0)
   maps = rng.normal(size=(40, 4, 4))
-  controls = {'same': maps.copy(), 'reversed': -maps}
+  controls = {'same': [maps.copy()], 'reversed': [-maps],
+              'two draws': [maps.copy(), -maps]}  # a random network drawn twice
   trained = np.ones(40)
-  hits = {'trained': trained, 'same': trained.copy(), 'reversed': (np.arange(40) % 2).astype(float)}
+  hits = {'trained': trained, 'same': trained.copy(), 'reversed': (np.arange(40) % 2).astype(float),
+          'two draws': np.stack([trained, np.zeros(40)])}  # (draws, views)
   result = sanity.against_trained(maps, controls, hits, list(range(40)), num_resamples=200)
   assert result['same']['rank_correlation']['value'] == pytest.approx(1.0)
   assert result['reversed']['rank_correlation']['value'] == pytest.approx(-1.0)
@@ -147,6 +149,13 @@ def test_controls_against_the_trained_model_are_paired():
   diff = result['reversed']['trained_minus_control']
   assert diff['value'] == 0.5 and 0.3 < diff['ci_low'] < 0.5 < diff['ci_high'] < 0.7
   assert result['reversed']['pointing']['value'] == 0.5
+  # Two draws, one pointing at every box and one at none: each view's hit is their mean (0.5),
+  # each draw's own pointing is kept, and their maps' correlations average to 0.
+  drawn = result['two draws']
+  assert drawn['draws'] == 2 and drawn['pointing_per_draw'] == [1.0, 0.0]
+  assert drawn['pointing']['value'] == 0.5
+  assert drawn['pointing']['ci_low'] == drawn['pointing']['ci_high'] == 0.5  # every view: 0.5
+  assert drawn['rank_correlation']['value'] == pytest.approx(0.0)
 
 
 def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_dir):
@@ -199,6 +208,9 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
     entry = checks['controls'][name]
     assert -1 <= entry['rank_correlation']['value'] <= 1
     assert entry['pointing']['n_views'] == local['n_views']
+    # each stage drawn as often as configured, each draw's pointing kept beside the mean
+    assert entry['draws'] == config.cam.randomisation_draws == len(entry['pointing_per_draw'])
+    assert entry['pointing']['value'] == pytest.approx(np.mean(entry['pointing_per_draw']))
     assert entry['trained_minus_control']['ci_low'] <= entry['trained_minus_control']['value']
   regions = checks['peak_regions']['models']
   assert set(regions) == {'trained', 'image intensity', 'shuffled labels', *stages}

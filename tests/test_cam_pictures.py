@@ -63,11 +63,16 @@ def test_peak_regions_count_confounders_and_borders_against_chance(tmp_path):
       'trained': [(200, 150), (200, 150), (200, 150), (200, 150)],   # on the bone: no confounder
       'on markers': [(70, 105), (70, 105), (100, 290), (5, 5)],      # every confounder view
   }
-  peak_of = {model: lambda i, image, at=at: at[i] for model, at in peaks.items()}
+  peak_of = {model: [lambda i, image, at=at: at[i]] for model, at in peaks.items()}
+  # Two draws of one control: the first on the bone, the second on the markers; each view
+  # counts half of each region the second puts it in.
+  peak_of['two draws'] = peak_of['trained'] + peak_of['on markers']
   result, found = sanity.peak_regions(peak_of, lambda i: image, paths,
                                       np.array([0.9, 0.2, 0.8, 0.1]), 0.5, confounders,
                                       {'a.png', 'c.png'}, num_resamples=200)
-  assert result['n_views_with_confounders'] == 3 and found == peaks
+  assert result['n_views_with_confounders'] == 3
+  assert found['trained'] == [[p] for p in peaks['trained']]
+  assert found['two draws'] == [list(p) for p in zip(peaks['trained'], peaks['on markers'])]
   trained, marked = result['models']['trained'], result['models']['on markers']
   assert trained['confounders']['peaks']['value'] == 0.0
   assert marked['confounders']['peaks']['value'] == 1.0
@@ -80,6 +85,8 @@ def test_peak_regions_count_confounders_and_borders_against_chance(tmp_path):
   assert not inside[100, 290] and not inside[5, 5] and inside[70, 105]
   assert marked['border']['peaks']['value'] == 0.5 and trained['border']['peaks']['value'] == 0
   assert marked['margin']['peaks']['value'] == 0.5 and trained['margin']['peaks']['value'] == 0
+  both = result['models']['two draws']
+  assert both['confounders']['peaks']['value'] == 0.5 and both['border']['peaks']['value'] == 0.25
   assert trained['border, p > 0.5']['peaks']['n_views'] == 2
   border = trained['border']
   assert border['excess']['value'] == pytest.approx(-border['chance']['value'])

@@ -132,7 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   # confounder boxes CSV (image_path,confounder,x0,y0,x1,y1); '' = MANUAL_DIR/
   # synthetic_confounders.csv if there
   config.cam.confounders = ''
-  config.cam.randomisation_seed = 1  # the cascading randomisation's fresh initialisation
+  config.cam.randomisation_seed = 1  # the cascading randomisation's fresh initialisation ...
+  # ... drawn this many times per stage (seeds randomisation_seed, +1, ...): one random network's
+  # pointing is one sample (its classifier's random signs decide where its map peaks)
+  config.cam.randomisation_draws = 5
   config.cam.bootstrap_resamples = 2_000
 
   config.export = ml_collections.ConfigDict()  # mode export (export.py)
@@ -214,6 +217,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   number('optimizer.warmup_epochs', low=0)
   _check_choice(config, 'optimizer.lr_scaling', ('none', 'sqrt'))
   integer('seed', low=0)
+  integer('cam.randomisation_seed', low=0)
+  integer('cam.randomisation_draws', low=1)
   integer('data.synthetic_studies_per_part', low=1)
   integer('data.synthetic_valid_studies_per_part', low=1)
   integer('data.synthetic_seed', low=0)

@@ -151,7 +151,8 @@ def run(config, workdir: str) -> dict:
         shuffled_dir, 'best', config=config, global_batch=config.evaluation.global_batch_size)
   start = time.perf_counter()
   controls = sanity.control_maps(predictor, source, shuffled=shuffled,
-                                 num_workers=config.data.num_workers, seed=c.randomisation_seed)
+                                 num_workers=config.data.num_workers, seed=c.randomisation_seed,
+                                 draws=c.randomisation_draws)
   controls_seconds = time.perf_counter() - start
   summary['sanity'] = sanity.sanity_checks(
       predictor, maps, out['probability'], image, index.image_path, boxes, confounders, controls,

@@ -4,8 +4,9 @@
       network re-initialised from the classifier down, one stage more each time (the classifier;
       + the last dense block with the final norm; + the transition and dense block before it; ...
       ; + the stem: a wholly random network). Re-initialised modules get fresh parameters and
-      batch statistics, as a newly initialised network has. Maps that survive this are not
-      explanations of what the model learnt;
+      batch statistics, as a newly initialised network has; each stage is drawn several times
+      (config.cam.randomisation_draws) and scored as the mean over its draws. Maps that survive
+      this are not explanations of what the model learnt;
   a model trained on shuffled labels (training's control, WORKDIR/controls/shuffled_labels:
       the same network and recipe on study labels permuted within body part);
       each against the trained model on the same views: pointing, paired bootstrap CI of the
@@ -73,19 +74,26 @@ def cascading_stages(variables, model, in_channels: int, seed: int = 1) -> list[
   return stages
 
 
-def control_maps(predictor, source, *, shuffled=None, num_workers: int = 0,
-                 seed: int = 1) -> dict[str, dict]:
-  """{control: {'map', 'probability'}} over the split: each cascading randomisation stage, and
-  the shuffled-labels model (`shuffled`, a Predictor) where given."""
+def control_maps(predictor, source, *, shuffled=None, num_workers: int = 0, seed: int = 1,
+                 draws: int = 1) -> dict[str, list[dict]]:
+  """{control: [{'map', 'probability'} per draw]} over the split: each cascading randomisation
+  stage, drawn `draws` times (fresh initialisations from seeds seed, seed + 1, ...), and the
+  shuffled-labels model (`shuffled`, a Predictor; one draw) where given.
+
+  One random network is one sample: its classifier's random signs alone decide whether its map
+  peaks where the trained features are strongest or where they are weakest (on the demo, one
+  draw of the classifier stage pointed at 0.68, another at 0.02), so a stage's pointing is the
+  mean over several draws, and their spread is reported beside it."""
   controls = {}
-  for name, variables in cascading_stages(predictor.variables, predictor.model,
-                                          predictor.preprocessing.in_channels, seed):
-    out = predictor.with_variables(jax.device_put(variables, parallel.replicated(
-        predictor.mesh))).map_split(source, num_workers=num_workers, progress=False)
-    controls[f'randomised: {name}'] = out
+  for draw in range(draws):
+    for name, variables in cascading_stages(predictor.variables, predictor.model,
+                                            predictor.preprocessing.in_channels, seed + draw):
+      out = predictor.with_variables(jax.device_put(variables, parallel.replicated(
+          predictor.mesh))).map_split(source, num_workers=num_workers, progress=False)
+      controls.setdefault(f'randomised: {name}', []).append(out)
   if shuffled is not None:
-    controls['shuffled labels'] = shuffled.map_split(source, num_workers=num_workers,
-                                                     progress=False)
+    controls['shuffled labels'] = [shuffled.map_split(source, num_workers=num_workers,
+                                                      progress=False)]
   return controls
 
 
@@ -156,10 +164,11 @@ def peak_regions(peak_of: dict, images, image_paths, probabilities, threshold: f
                  seed: int = 0) -> tuple[dict, dict[str, list]]:
   """Shares of peaks on the border, the black margin and (where known) confounder boxes, each
   against chance (the region's share of the image; its excess paired over the same views).
-  Returns (those figures, {model: [(row, column) per view]}): each image is read once.
+  Returns (those figures, {model: [[(row, column) per draw] per view]}): each image is read once.
 
   Args:
-    peak_of: {model: (view i, its image) -> (row, column) of its peak in the radiograph}.
+    peak_of: {model: [(view i, its image) -> (row, column) of its peak in the radiograph, one
+      per draw of the model]}: a view's region counts are the mean over its draws.
     images: callable i -> uint8 (rows, columns); image_paths: (V,) as in the boxes' files.
     probabilities: (V,) the trained model's view probabilities (the border split).
     confounders: `read_confounders(...)` ({} where unknown); abnormal: image paths with an
@@ -182,11 +191,12 @@ def peak_regions(peak_of: dict, images, image_paths, probabilities, threshold: f
     if boxes:
       box_share[position[i]] = _boxes_share(rows, columns, boxes)
     for model, at in peaks.items():
-      at.append(peak_of[model](i, image))
-      row, column = at[i]
-      in_border[model][i], in_margin[model][i] = edge[row, column], margin[row, column]
+      at.append([peak_at(i, image) for peak_at in peak_of[model]])
+      in_border[model][i] = np.mean([edge[row, column] for row, column in at[i]])
+      in_margin[model][i] = np.mean([margin[row, column] for row, column in at[i]])
       if boxes:
-        in_box[model][position[i]] = _in_boxes(row, column, boxes)
+        in_box[model][position[i]] = np.mean([_in_boxes(row, column, boxes)
+                                              for row, column in at[i]])
   positive = np.asarray(probabilities) > threshold
   result = {'border_share_of_each_side': BORDER_SHARE, 'margin_level': MARGIN_LEVEL,
             'threshold': threshold, 'models': {}}
@@ -217,19 +227,28 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.corrcoef(*ranks)[0, 1])
 
 
-def against_trained(maps: np.ndarray, controls: dict[str, np.ndarray], hits: dict[str, np.ndarray],
-                    annotated: list[int], *, num_resamples: int = 2000, seed: int = 0) -> dict:
+def against_trained(maps: np.ndarray, controls: dict[str, list[np.ndarray]],
+                    hits: dict[str, np.ndarray], annotated: list[int], *,
+                    num_resamples: int = 2000, seed: int = 0) -> dict:
   """Each control against the trained model: pointing on the annotated views (`hits`: per model,
-  per annotated view, 1 where the peak is in the box), the trained model's minus the control's
-  paired over the same resampled views, and the maps' rank correlation over every view."""
-  result = {'trained': {'pointing': bootstrap_rate(hits['trained'], num_resamples, seed)}}
-  for name, control in controls.items():
-    correlations = [rank_correlation(a, b) for a, b in zip(maps, control)]
-    result[name] = {'rank_correlation': bootstrap_rate(correlations, num_resamples, seed)}
+  (draws, annotated views), 1 where the peak is in the box; a view's hit is its mean over the
+  draws), the trained model's minus the control's paired over the same resampled views, each
+  draw's own pointing, and the maps' rank correlation over every view (mean over draws).
+  `controls`: {name: [maps (V, h, w) per draw]}."""
+  hits = {name: np.atleast_2d(np.asarray(h, np.float64)) for name, h in hits.items()}
+  result = {'trained': {'pointing': bootstrap_rate(hits['trained'].mean(0), num_resamples,
+                                                   seed)}}
+  for name, draws in controls.items():
+    correlations = np.mean([[rank_correlation(a, b) for a, b in zip(maps, control)]
+                            for control in draws], axis=0)
+    result[name] = {'rank_correlation': bootstrap_rate(correlations, num_resamples, seed),
+                    'draws': len(draws)}
     if len(annotated):
-      result[name]['pointing'] = bootstrap_rate(hits[name], num_resamples, seed)
+      per_view = hits[name].mean(0)
+      result[name]['pointing'] = bootstrap_rate(per_view, num_resamples, seed)
+      result[name]['pointing_per_draw'] = [float(h.mean()) for h in hits[name]]
       result[name]['trained_minus_control'] = bootstrap_rate(
-          hits['trained'], num_resamples, seed, baseline=hits[name])
+          hits['trained'].mean(0), num_resamples, seed, baseline=per_view)
   return result
 
 
@@ -274,24 +293,29 @@ def sanity_checks(predictor, maps, probabilities, images, image_paths, boxes: di
                   confounders: dict, controls: dict[str, dict], threshold: float, *,
                   num_resamples: int = 2000, seed: int = 0) -> dict:
   """Every check above, for localisation.json's "sanity". `maps`, `probabilities`: the trained
-  model's over the split; `controls`: `control_maps(...)`; `boxes`: the abnormality boxes
+  model's over the split; `controls`: `control_maps(...)` (draws per control); `boxes`: the
+  abnormality boxes
   (localisation.read_boxes; {} where unknown)."""
   spec = predictor.preprocessing
   annotated = [i for i, path in enumerate(image_paths) if path in boxes]
   result = blank_and_histogram(predictor, maps, annotated)
   def cam_peak(raw_maps):
     return lambda i, image: peak(raw_maps[i], *image.shape, spec)
-  peak_of = {'trained': cam_peak(maps),
-             'image intensity': lambda i, image: np.unravel_index(int(np.argmax(image)),
-                                                                  image.shape)}
-  peak_of.update({name: cam_peak(out['map']) for name, out in controls.items()})
+  peak_of = {'trained': [cam_peak(maps)],
+             'image intensity': [lambda i, image: np.unravel_index(int(np.argmax(image)),
+                                                                   image.shape)]}
+  peak_of.update({name: [cam_peak(out['map']) for out in draws]
+                  for name, draws in controls.items()})
   result['peak_regions'], peaks = peak_regions(
       peak_of, images, image_paths, probabilities, threshold, confounders,
       {image_paths[i] for i in annotated}, num_resamples=num_resamples, seed=seed)
-  hits = {name: np.asarray([distance_to_box(*at[i], boxes[image_paths[i]]) == 0
-                            for i in annotated], np.float64) for name, at in peaks.items()}
-  result['controls'] = against_trained(maps, {n: o['map'] for n, o in controls.items()}, hits,
-                                       annotated, num_resamples=num_resamples, seed=seed)
+  hits = {name: np.asarray([[distance_to_box(*at[i][draw], boxes[image_paths[i]]) == 0
+                             for i in annotated] for draw in range(len(peak_of[name]))],
+                           np.float64).reshape(len(peak_of[name]), len(annotated))
+          for name, at in peaks.items()}
+  result['controls'] = against_trained(
+      maps, {name: [out['map'] for out in draws] for name, draws in controls.items()}, hits,
+      annotated, num_resamples=num_resamples, seed=seed)
   result['controls']['n_views'], result['controls']['n_annotated'] = len(maps), len(annotated)
   return result
 
@@ -315,22 +339,27 @@ def format_sanity(summary: dict) -> str:
   controls = sanity['controls']
   lines += ['', '### Controls against the trained model', '',
             'Cascading randomisation re-initialises the network from the classifier down, one '
-            'stage more each row (fresh parameters and batch statistics); "shuffled labels" is '
+            'stage more each row (fresh parameters and batch statistics), each stage drawn '
+            'several times (a view\'s hit is its mean over the draws; each draw\'s own pointing '
+            'beside it: one random network is one sample); "shuffled labels" is '
             'the same network trained on study labels permuted within body part '
             '(train.shuffled_labels_control). Pointing on the '
             f'{controls["n_annotated"]} views with an abnormality box; the difference paired '
             'over the same resampled views; rank correlation of the maps over all '
             f'{controls["n_views"]} views. A control that points as well as the trained model '
             'says the pointing game measures the data, not the model.', '',
-            '| model | pointing | trained minus it | rank correlation with trained |',
-            '|---|---|---|---|']
+            '| model | pointing | trained minus it | draws: their pointing | rank correlation '
+            'with trained |', '|---|---|---|---|---|']
   for name, entry in controls.items():
     if not isinstance(entry, dict):
       continue
     pointing, difference, correlation = (
         cell(entry[k]) if k in entry else '' for k in
         ('pointing', 'trained_minus_control', 'rank_correlation'))
-    lines.append(f'| {name} | {pointing or "n/a"} | {difference} | {correlation} |')
+    per_draw = entry.get('pointing_per_draw', [])
+    draws = (f'{len(per_draw)}: {min(per_draw):.3f}-{max(per_draw):.3f}' if len(per_draw) > 1
+             else f'{entry["draws"]}' if 'draws' in entry else '')
+    lines.append(f'| {name} | {pointing or "n/a"} | {difference} | {draws} | {correlation} |')
   if 'shuffled labels' not in controls:
     lines += ['', f'No shuffled-labels model ({sanity.get("shuffled_labels_workdir", "")}): '
               'train with --config.train.shuffled_labels_control=True for it.']
