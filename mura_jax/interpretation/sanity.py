@@ -46,10 +46,12 @@ CONFOUNDERS = ('marker', 'text', 'ruler')
 # The controls' networks.
 
 
-def cascading_stages(variables, model, in_channels: int, seed: int = 1) -> list[tuple[str, dict]]:
-  """[(what is re-initialised, variables)], from the classifier down to the whole network."""
-  fresh = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, in_channels)))
+def cascading_stages(variables, model, in_channels: int, seed: int = 1,
+                     init=None) -> list[tuple[str, dict]]:
+  """[(what is re-initialised, variables)], from the classifier down to the whole network.
+  `init`: the model's jitted init, where several draws share one compilation."""
+  init = init or jax.jit(functools.partial(model.init, train=False))
+  fresh = init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, in_channels)))
   features = variables['params']['features']
   blocks = sorted((k for k in features if k.startswith('denseblock')),
                   key=lambda k: int(k[len('denseblock'):]))
@@ -85,9 +87,11 @@ def control_maps(predictor, source, *, shuffled=None, num_workers: int = 0, seed
   draw of the classifier stage pointed at 0.68, another at 0.02), so a stage's pointing is the
   mean over several draws, and their spread is reported beside it."""
   controls = {}
+  init = jax.jit(functools.partial(predictor.model.init, train=False))
   for draw in range(draws):
     for name, variables in cascading_stages(predictor.variables, predictor.model,
-                                            predictor.preprocessing.in_channels, seed + draw):
+                                            predictor.preprocessing.in_channels, seed + draw,
+                                            init):
       out = predictor.with_variables(jax.device_put(variables, parallel.replicated(
           predictor.mesh))).map_split(source, num_workers=num_workers, progress=False)
       controls.setdefault(f'randomised: {name}', []).append(out)
