@@ -91,9 +91,22 @@ def test_localisation_measures_on_hand_made_maps():
   score_map = np.zeros((100, 100))
   score_map[20:50, 40:60] = 1.0
   result = localisation.score_view(score_map, box)
-  assert result == {'pointing': 1.0, 'pointing_15px': 1.0, 'otsu_iou': 1.0, 'otsu_hit': 1.0}
+  assert result == {'pointing': 1.0, 'pointing_cell': 1.0, 'pointing_15px': 1.0,
+                    'otsu_iou': 1.0, 'otsu_hit': 1.0}
   miss = localisation.score_view(np.roll(score_map, 40, axis=1), box)
   assert miss['pointing'] == 0 and miss['otsu_iou'] == 0
+  # One map cell: a 8 x 8 map over a 400 x 320 radiograph (squash) has cells of 50 x 40 px. A
+  # peak 16 px right of the box is within a cell; 45 px right and 10 px below it is not (10 <= 50
+  # rows, but 45 > 40 columns); 30 px above it is.
+  spec = preprocessing.Preprocessing(image_size=64, resize='squash', in_channels=3)
+  cell = localisation.cell_size(400, 320, (8, 8), spec)
+  assert cell == pytest.approx((50.0, 40.0))
+  for peak_at, cell_hit in (((30, 75), 1.0), ((59, 104), 0.0), ((-10, 50), 1.0)):
+    scored = localisation.score_view(score_map, box, peak_at, cell)
+    assert scored['pointing'] == 0 and scored['pointing_cell'] == cell_hit, peak_at
+  # 'pad' keeps the aspect ratio: a 400 x 200 radiograph in a 400 px square, cells of 50 px.
+  padded = preprocessing.Preprocessing(image_size=64, resize='pad', in_channels=3)
+  assert localisation.cell_size(400, 200, (8, 8), padded) == pytest.approx((50.0, 50.0))
   # Otsu splits a bimodal histogram between its modes.
   low, high = np.random.default_rng(0).normal(0, 0.1, 500), np.random.default_rng(1).normal(
       5, 0.1, 500)
