@@ -49,7 +49,7 @@ _FREE_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',
 # Evaluate, cam and export run with the workdir's config (`config_of_run`); of it they may change
 # only their own keys (a prefix ending in '.' names a section) and where the data are ...
 _MODE_KEYS = {'evaluate': ('evaluation.', 'data.body_parts'), 'cam': ('cam.', 'evaluation.'),
-              'export': ('export.',)}
+              'export': ('export.', 'cam.flip_average')}  # how the export's maps are made
 _DATA_KEYS = ('data.data_dir', 'data.manual_dir')
 # ... and where and how they run, always the command line's (the workdir's says how training ran).
 _RUNTIME_KEYS = ('mode', 'after_training', 'distributed', 'compilation_cache_dir',

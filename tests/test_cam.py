@@ -51,6 +51,27 @@ def test_map_mean_plus_bias_is_the_logit(resize):
   np.testing.assert_allclose(maps_lib.display_map(flat, bias), 1 / (1 + np.exp(-logits[0])), rtol=1e-5)
 
 
+def test_flip_averaged_map_is_the_mean_of_the_view_and_its_mirror():
+  """cam.flip_average: the view's map and its mirror's map mirrored back, averaged; the logit
+  stays the view's own, and mean(M) + bias is the mean of the two logits."""
+  model = densenet.create_model(TINY)
+  variables = densenet.init_variables(model, jax.random.PRNGKey(1), 64, 3)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.3 if 'bias' in jax.tree_util.keystr(path) else x, variables)
+  images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 1), dtype=np.uint8)
+  maps_of = functools.partial(inference_steps.view_maps, variables, model=model, in_channels=3)
+  logits, plain = jax.device_get(maps_of(images))
+  mirror_logits, mirror = jax.device_get(maps_of(images[:, :, ::-1]))
+  averaged_logits, averaged = jax.device_get(maps_of(images, flip_average=True))
+  np.testing.assert_allclose(averaged, (plain + mirror[:, :, ::-1]) / 2, atol=1e-5)
+  np.testing.assert_allclose(averaged_logits, logits, atol=1e-5)
+  bias = inference_steps.classifier_bias(variables)
+  np.testing.assert_allclose(averaged.mean((1, 2)) + bias, (logits + mirror_logits) / 2,
+                             atol=1e-5)
+  # A random network is not mirror-symmetric: the averaged map is another map.
+  assert np.abs(averaged - plain).max() > 1e-2
+
+
 def _aligned_map(image, spec, cells):
   """A map that is exactly the fitted input, average-pooled to cells x cells (what a feature map
   of perfect localisation would be)."""
@@ -177,6 +198,9 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
   config.cam.annotations = str(synthetic_dir / 'synthetic_annotations.csv')
   config.cam.num_abnormal, config.cam.num_uncertain = 2, 1
   config.cam.bootstrap_resamples = 200
+  # Mirror-averaged maps, for the model and every control alike: the stand-in below, made
+  # otherwise, would not come out identical.
+  config.cam.flip_average = True
   # A stand-in for training's shuffled-labels control: the trained model itself, so it must
   # come out identical to the trained model (pointing difference 0, rank correlation 1).
   control = workdir / 'controls' / 'shuffled_labels'
@@ -238,6 +262,10 @@ def test_cam_mode_writes_overlays_and_localisation(trained_workdir, synthetic_di
   assert display_scale.read(workdir / 'cam' / 'display_scale.json', stored['step'] + 1) is None
   text = (out / 'localisation.md').read_text()
   assert 'pointing' in text and 'randomised: classifier' in text and 'shuffled labels' in text
+  assert summary['flip_average'] and "the mean of the view's and its mirror's map" in text
+  assert predictor.flip_average  # from the config given ...
+  # ... else from the workdir's config.json (the fixture's run: the paper's plain maps)
+  assert not predictor_lib.Predictor.from_workdir(workdir, 'best').flip_average
 
 
 def _pointing_maps(image_paths, boxes, shapes, spec, cells):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -29,6 +30,7 @@ class Blocked(importlib.abc.MetaPathFinder):
     if name.split('.')[0] in ('mura_jax', 'flax', 'tfds_mura', 'tensorflow', 'torch'):
       raise ImportError(f'{name} must not be needed')
 sys.meta_path.insert(0, Blocked())
+import jax
 import numpy as np
 from jax import export
 model = export.deserialize(open(sys.argv[1], 'rb').read())
@@ -266,3 +268,29 @@ def test_the_cam_display_scale_travels_with_the_export(trained_workdir, syntheti
       path.unlink()
     else:
       path.write_bytes(before)
+
+
+def test_export_of_mirror_averaged_maps(trained_workdir, tmp_path, monkeypatch):
+  """--config.cam.flip_average=True (an export's own choice): the artifact's maps are the mean
+  of each view's and its mirror's, as CAM mode makes them, and the export says so."""
+  workdir, config = trained_workdir
+  flip = config.copy_and_resolve_references()
+  flip.cam.flip_average = True
+  monkeypatch.setattr(export, 'export_saved_model',
+                      lambda *a: {'written': False, 'reason': 'not needed by this test'})
+  manifest = export.export(workdir, 'best', tmp_path / 'export', config=flip)
+  assert manifest['spec']['cam'] == {'flip_average': True}
+  sidecar = json.loads((tmp_path / 'export' / 'model.jax_export.json').read_text())
+  assert 'mirror' in sidecar['outputs'][1]['meaning']
+  predictor = predictor_lib.Predictor.from_workdir(workdir, 'best', config=config)
+  assert not predictor.flip_average  # the run's own config: plain maps
+  views = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
+  probability, maps = exported_lib.load(tmp_path / 'export').predict_views_and_maps(views)
+  variables = jax.device_get(predictor.variables)
+  logits, averaged = inference_steps.view_maps(variables, views, model=predictor.model,
+                                               in_channels=predictor.preprocessing.in_channels,
+                                               flip_average=True)
+  np.testing.assert_allclose(maps, averaged, atol=1e-4)
+  np.testing.assert_allclose(probability, predictor.predict_views(list(views)), atol=1e-5)
+  plain = predictor.predict_views_and_maps(list(views))[1]
+  assert np.abs(maps - plain).max() > 1e-3

@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   # confounder boxes CSV (image_path,confounder,x0,y0,x1,y1); '' = MANUAL_DIR/
   # synthetic_confounders.csv if there
   config.cam.confounders = ''
+  # The map of a view averaged with its lateral mirror's map mirrored back (inference/steps.py,
+  # view_maps): maps that do not lean to the side the network happened to learn. False: the
+  # paper's plain CAM. The demo turns it on (measured there: BENCHMARKS.md, "Mirror-averaged maps").
+  config.cam.flip_average = False
   config.cam.randomisation_seed = 1  # the cascading randomisation's fresh initialisation ...
   # ... drawn this many times per stage (seeds randomisation_seed, +1, ...): one random network's
   # pointing is one sample (its classifier's random signs decide where its map peaks)

@@ -26,12 +26,20 @@ from scipy import special
 from etils import epath
 
 from mura_jax import checkpoints
+from mura_jax import workdir as workdir_lib
 from mura_jax.data import preprocessing as preprocessing_lib
 from mura_jax.evaluation import studies
 from mura_jax.inference import display_scale as display_scale_lib
 from mura_jax.inference import steps
 from mura_jax.models import densenet
 from mura_jax.runtime import parallel
+
+
+def flip_average_of(config) -> bool:
+  """config.cam.flip_average; False (the paper's plain maps) where a config, or a workdir's
+  config.json that predates the key, does not say."""
+  cam = None if config is None else config.get('cam')
+  return bool(cam is not None and cam.get('flip_average', False))
 
 
 @dataclasses.dataclass
@@ -45,6 +53,7 @@ class Predictor:
   checkpoint: dict                # {'which', 'step', 'directory'}
   global_batch: int = 64
   tta: str = 'none'               # 'flip': test-time augmentation in predict_split / predict_views
+  flip_average: bool = False      # maps: the mean of the view's and its mirror's (config.cam)
   # Every probability it gives is sigmoid(logit / temperature) (checkpoints.read_temperature).
   temperature: float = 1.0
   # Compiled steps by kind, shared by the predictors `with_variables` makes (one compile for
@@ -55,13 +64,16 @@ class Predictor:
   @classmethod
   def from_workdir(cls, workdir, which: str | int = 'best', *, config=None,
                    global_batch: int = 64, mesh=None, tta: str = 'none',
-                   temperature: float | None = None) -> Predictor:
+                   temperature: float | None = None,
+                   flip_average: bool | None = None) -> Predictor:
     """Restores a checkpoint of a workdir: 'best', 'latest' or a step number.
 
     The model and preprocessing come from the checkpoint's spec. With a `config`, its model must
     be the checkpoint's (CheckpointMismatchError otherwise) and its compute dtype is used.
     `temperature`: None, the one stored for this checkpoint (WORKDIR/temperature.json, also put
     in the spec as 'temperature'), else 1; or a number (1.0: the network's own probabilities).
+    `flip_average` (maps, steps.view_maps): None, the config's cam.flip_average (the workdir's
+    config.json without a `config`; False where neither says).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(global_batch, mesh)
@@ -83,8 +95,12 @@ class Predictor:
       stored = checkpoints.read_temperature(workdir, name, step)
       found = {**found, 'temperature': stored}
       temperature = 1.0 if stored is None else float(stored['temperature'])
+    if flip_average is None:
+      flip_average = flip_average_of(config if config is not None else
+                                     workdir_lib.read_config(workdir))
     return cls(model=model, variables=variables, preprocessing=preprocessing, mesh=mesh,
                spec=found, global_batch=global_batch, tta=tta, temperature=float(temperature),
+               flip_average=bool(flip_average),
                workdir=epath.Path(workdir),
                checkpoint={'which': str(which), 'step': int(step),
                            'directory': str(epath.Path(workdir) / name)})
@@ -100,7 +116,8 @@ class Predictor:
   def network_key(self) -> str:
     """What the compiled steps depend on besides the variables' values: predictors with the same
     key can share them (`sharing_steps_of`), e.g. the K best checkpoints of one run."""
-    return repr((self.model, str(self.model.dtype), self.preprocessing, self.tta, self.mesh))
+    return repr((self.model, str(self.model.dtype), self.preprocessing, self.tta,
+                 self.flip_average, self.mesh))
 
   def sharing_steps_of(self, others: dict) -> Predictor:
     """This predictor with the compiled steps of an earlier one of the same network, kept in
@@ -122,10 +139,12 @@ class Predictor:
         self.compiled[key] = steps.compile_predict_step(self.model, in_channels, self.mesh,
                                                         loss_weights, tta=self.tta)
       elif kind == 'map':
-        self.compiled[key] = steps.compile_map_step(self.model, in_channels, self.mesh)
+        self.compiled[key] = steps.compile_map_step(self.model, in_channels, self.mesh,
+                                                    self.flip_average)
       else:  # 'maps': in-memory images already fitted to the input size, any batch
         self.compiled[key] = jax.jit(lambda variables, images: steps.view_maps(
-            variables, images, model=self.model, in_channels=in_channels))
+            variables, images, model=self.model, in_channels=in_channels,
+            flip_average=self.flip_average))
     return self.compiled[key]
 
   def predict_split(self, source, *, loss_weights=None, num_workers: int = 0,

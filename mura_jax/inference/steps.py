@@ -106,27 +106,44 @@ def compile_predict_step(model, in_channels: int, mesh, loss_weights=None, tta: 
                    f'loss weights {weights!r}\ntta {tta}')
 
 
-def view_maps(variables, images, *, model, in_channels: int):
+def view_maps(variables, images, *, model, in_channels: int, flip_average: bool = False):
   """uint8 (B, S, S, 1) views -> logits (B,) and the class activation maps (cam.py)
   M = sum_k w_k f_k (B, h, w) in logit units: the last BN + ReLU features weighted by the
-  classifier, so that mean(M) + bias is the logit."""
+  classifier, so that mean(M) + bias is the logit.
+
+  flip_average (config.cam.flip_average): M is the mean of the view's map and its lateral
+  mirror's map mirrored back, one forward pass over both. The network is trained on views and
+  their mirrors alike, yet where it puts a feature's evidence is its own: the demo's plain maps
+  peak a cell beside the abnormality, to the same side in most views (BENCHMARKS.md, "Mirror-
+  averaged maps"); the mirror's map errs to the other side. mean(M) + bias is then the mean of
+  the two logits; the logits returned stay the view's own (the prediction evaluated).
+  """
   x = preprocessing_lib.normalize(images, in_channels)
+  if flip_average:
+    x = jnp.concatenate([x, x[:, :, ::-1]])
   logits, features = model.apply(variables, x, train=False, return_features=True)
   kernel = jnp.asarray(variables['params']['classifier']['kernel'][:, 0], jnp.float32)
-  return logits[:, 0], jnp.einsum('bhwc,c->bhw', features, kernel)
+  maps = jnp.einsum('bhwc,c->bhw', features, kernel)
+  if flip_average:
+    n = images.shape[0]  # slices, not a split: export's batch size is symbolic
+    return logits[:n, 0], (maps[:n] + maps[n:, :, ::-1]) / 2
+  return logits[:, 0], maps
 
 
-def map_step(variables, batch, *, model, in_channels: int):
-  logits, maps = view_maps(variables, batch['image'], model=model, in_channels=in_channels)
+def map_step(variables, batch, *, model, in_channels: int, flip_average: bool = False):
+  logits, maps = view_maps(variables, batch['image'], model=model, in_channels=in_channels,
+                           flip_average=flip_average)
   return {'probability': jax.nn.sigmoid(logits), 'logit': logits, 'map': maps,
           'index': batch['index'], 'mask': batch['mask']}
 
 
-def compile_map_step(model, in_channels: int, mesh):
+def compile_map_step(model, in_channels: int, mesh, flip_average: bool = False):
   """`map_step`, jitted and sharded like `predict_step` (for `predict_split`)."""
   network = inference_network(model)
-  return _jit_over(functools.partial(map_step, model=network, in_channels=in_channels), mesh,
-                   f'map_step of {network!r}\nin_channels {in_channels}')
+  return _jit_over(functools.partial(map_step, model=network, in_channels=in_channels,
+                                     flip_average=flip_average), mesh,
+                   f'map_step of {network!r}\nin_channels {in_channels}\n'
+                   f'flip_average {flip_average}')
 
 
 def classifier_bias(variables) -> float:

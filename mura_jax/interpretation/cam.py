@@ -109,7 +109,8 @@ def run(config, workdir: str) -> dict:
     return np.asarray(source[int(i)]['image'])[..., 0]
 
   summary = {'split': c.split, 'checkpoint': predictor.checkpoint, 'n_views': len(index),
-             'map_shape': list(maps.shape[1:]), 'seconds': seconds,
+             'map_shape': list(maps.shape[1:]), 'flip_average': predictor.flip_average,
+             'seconds': seconds,
              'views_per_second': len(index) / seconds, 'studies': []}
   out_dir = epath.Path(workdir) / 'cam' / c.split
   table = studies.from_split(index, out['probability'], config.evaluation.aggregation)
@@ -148,7 +149,8 @@ def run(config, workdir: str) -> dict:
   shuffled = None
   if checkpoints.steps_of(shuffled_dir / checkpoints.BEST):  # a finished control
     shuffled = predictor_lib.Predictor.from_workdir(
-        shuffled_dir, 'best', config=config, global_batch=config.evaluation.global_batch_size)
+        shuffled_dir, 'best', config=config, global_batch=config.evaluation.global_batch_size,
+        flip_average=predictor.flip_average)  # the controls' maps are made as the model's
   start = time.perf_counter()
   controls = sanity.control_maps(predictor, source, shuffled=shuffled,
                                  num_workers=config.data.num_workers, seed=c.randomisation_seed,

@@ -45,12 +45,15 @@ def read_boxes(path) -> dict[str, tuple[str, int, int, int, int]]:
   return boxes
 
 
+def offsets_from_box(row: int, column: int, box) -> tuple[int, int]:
+  """(rows, columns) of pixels between (row, column) and the box along each axis (0 inside)."""
+  _, x0, y0, x1, y1 = box
+  return max(y0 - row, 0, row - (y1 - 1)), max(x0 - column, 0, column - (x1 - 1))
+
+
 def distance_to_box(row: int, column: int, box) -> float:
   """Pixels from (row, column) to the box (0 inside)."""
-  _, x0, y0, x1, y1 = box
-  dy = max(y0 - row, 0, row - (y1 - 1))
-  dx = max(x0 - column, 0, column - (x1 - 1))
-  return float(np.hypot(dy, dx))
+  return float(np.hypot(*offsets_from_box(row, column, box)))
 
 
 def cell_size(rows: int, columns: int, map_shape, spec: preprocessing.Preprocessing
@@ -63,9 +66,8 @@ def cell_size(rows: int, columns: int, map_shape, spec: preprocessing.Preprocess
 
 def within_cell(row: int, column: int, box, cell: tuple[float, float]) -> bool:
   """(row, column) at most one cell (rows, columns) from the box along each axis."""
-  _, x0, y0, x1, y1 = box
-  return (max(y0 - row, 0, row - (y1 - 1)) <= cell[0]
-          and max(x0 - column, 0, column - (x1 - 1)) <= cell[1])
+  dy, dx = offsets_from_box(row, column, box)
+  return dy <= cell[0] and dx <= cell[1]
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -240,6 +242,8 @@ def format_localisation(summary: dict) -> str:
   if scale:
     lines += ['', f'Pictures: M from 0 to {scale["top"]:.3g} logit units ({scale["source"]}), '
               f'outlined from {scale["outline"]:.3g}.']
-  lines += ['', f'Maps of {summary["n_views"]} views ({summary["map_shape"]} per view) in '
-            f'{summary["seconds"]:.1f} s: {summary["views_per_second"]:.0f} views/s.']
+  lines += ['', f'Maps of {summary["n_views"]} views ({summary["map_shape"]} per view'
+            + (', each the mean of the view\'s and its mirror\'s map (cam.flip_average)'
+               if summary.get('flip_average') else ', the paper\'s plain CAM') +
+            f') in {summary["seconds"]:.1f} s: {summary["views_per_second"]:.0f} views/s.']
   return '\n'.join(lines) + '\n'

@@ -4,7 +4,8 @@
 
 f_k(X) are the final feature maps (after the last BN + ReLU: what global pooling averages) and w_k
 the classifier's weights, so the spatial mean of M plus the classifier's bias is the view's logit
-exactly (`inference.steps.view_maps`).
+exactly (`inference.steps.view_maps`). With config.cam.flip_average, M is the mean of the view's
+map and its mirror's map mirrored back, and that mean plus the bias the mean of their logits.
 
 How they are shown: M itself, in logit units, on one range for every view of a model: from 0
 (evidence for normal or none: transparent) to `top`, a high percentile of M's cells over the

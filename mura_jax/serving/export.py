@@ -70,22 +70,25 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')
 # The artifacts.
 
 
-def serving_function(model, spec: preprocessing_lib.Preprocessing, temperature: float = 1.0):
+def serving_function(model, spec: preprocessing_lib.Preprocessing, temperature: float = 1.0,
+                     flip_average: bool = False):
   """(variables, images uint8 (b, S, S, 1)) -> (probability (b,), cam (b, h, w)): what both
   serialized forms run (jax.export with the weights closed over, the SavedModel with them as
   tf.Variables). The probability is sigmoid(logit / temperature): a stored temperature
-  (checkpoints.read_temperature) travels inside the artifact; the map stays unscaled."""
+  (checkpoints.read_temperature) travels inside the artifact; the map stays unscaled, and is
+  mirror-averaged where the run's cam.flip_average says (steps.view_maps)."""
   model = inference_steps.inference_network(model)  # unrolled, as every inference step compiles it
 
   def serve(variables, images):
     logits, maps = inference_steps.view_maps(variables, images, model=model,
-                                       in_channels=spec.in_channels)
+                                             in_channels=spec.in_channels,
+                                             flip_average=flip_average)
     return jax.nn.sigmoid(logits / temperature if temperature != 1.0 else logits), maps
   return serve
 
 
 def export_jax(serve, spec: preprocessing_lib.Preprocessing, folder: epath.Path,
-               bias: float, temperature: float = 1.0) -> dict:
+               bias: float, temperature: float = 1.0, flip_average: bool = False) -> dict:
   batch, = jax_export.symbolic_shape('batch')
   size = spec.image_size
   exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(
@@ -101,8 +104,7 @@ def export_jax(serve, spec: preprocessing_lib.Preprocessing, folder: epath.Path,
            'meaning': 'the view\'s abnormality probability; a study\'s is the mean of its views'
                       + _temperature_meaning(temperature)},
           {'name': 'cam', 'shape': ['batch', *cam.shape[1:]], 'dtype': str(cam.dtype),
-           'meaning': 'class activation map M in logit units; mean(M) + classifier_bias is the '
-                      'logit, sigmoid(M + classifier_bias) the display map'}],
+           'meaning': _cam_meaning(flip_average)}],
       'classifier_bias': bias,
       'temperature': temperature,
       'preprocessing': model_card.preprocessing_card(spec),
@@ -116,6 +118,15 @@ def export_jax(serve, spec: preprocessing_lib.Preprocessing, folder: epath.Path,
   }
   (folder / 'model.jax_export.json').write_text(json.dumps(sidecar, indent=2) + '\n')
   return sidecar
+
+
+def _cam_meaning(flip_average: bool) -> str:
+  if flip_average:
+    return ('class activation map M in logit units, the mean of the view\'s and its lateral '
+            'mirror\'s (mirrored back; cam.flip_average); mean(M) + classifier_bias is the mean '
+            'of the two logits, sigmoid(M + classifier_bias) the display map')
+  return ('class activation map M in logit units; mean(M) + classifier_bias is the logit, '
+          'sigmoid(M + classifier_bias) the display map')
 
 
 def _temperature_meaning(temperature: float) -> str:
@@ -234,15 +245,17 @@ def export(workdir, which: str | int = 'best', out_dir=None, config=None) -> dic
     written.workdir = os.fspath(workdir)
   spec_ = {'model': predictor.spec['model'], 'preprocessing': predictor.spec['preprocessing'],
            'temperature': predictor.spec.get('temperature'),  # applied inside model.jax_export
+           'cam': {'flip_average': predictor.flip_average},  # how the artifacts' maps are made
            **checkpoints.scope(predictor.spec)}  # body parts, data (model_card.scope_card)
   staging = export_folder.temporary(out_dir, 'partial')
   try:
     staging.mkdir(parents=True)
     variables = jax.device_get(predictor.variables)
     bias = predictor.classifier_bias
-    serve = serving_function(predictor.model, predictor.preprocessing, predictor.temperature)
+    serve = serving_function(predictor.model, predictor.preprocessing, predictor.temperature,
+                             predictor.flip_average)
     sidecar = export_jax(functools.partial(serve, variables), predictor.preprocessing, staging,
-                         bias, predictor.temperature)
+                         bias, predictor.temperature, predictor.flip_average)
     export_torchvision(variables, predictor.model, staging)
     saved_model = export_saved_model(serve, variables, predictor.preprocessing, staging)
     parameters = int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
