@@ -247,6 +247,21 @@ def test_a_changed_key_the_mode_does_not_own_is_refused(humerus_workdir, mode):
       'run with it into a new --workdir.')
 
 
+def test_export_may_choose_how_its_maps_are_made(tmp_path):
+  """cam.flip_average is the export's own to give (its artifacts carry the maps); the CAM
+  report's other keys are not."""
+  from mura_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_config(tmp_path, demo.get_config())  # trained with mirror-averaged maps
+  config = demo.get_config()
+  config.mode, config.cam.flip_average = 'export', False
+  merged = workdir_lib.config_of_run(tmp_path, config, given={'mode', 'cam.flip_average'})
+  assert merged.cam.flip_average is False
+  config.cam.randomisation_draws = 2
+  with pytest.raises(ConfigError, match='--config.cam.randomisation_draws'):
+    workdir_lib.config_of_run(tmp_path, config,
+                              given={'mode', 'cam.flip_average', 'cam.randomisation_draws'})
+
+
 def test_the_command_line_refuses_only_the_keys_it_changes(humerus_workdir):
   """main.py passes the --config.KEY overrides: the demo file's own values are not refused."""
   workdir, _ = humerus_workdir
