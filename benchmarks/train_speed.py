@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from mura_jax.data import input_pipeline
+from mura_jax.runtime import host
 from mura_jax.runtime import parallel
+from mura_jax.runtime import start
 from mura_jax.configs import base as common
 from mura_jax.configs import demo
 from mura_jax.training import state as train_state
@@ -82,6 +84,10 @@ def densenet169(args):
 
 
 def main():
+  # What main.py's runs set up first (mimalloc, XLA:CPU's own convolutions): without them the
+  # demo's step measured 73 img/s at 128 px, with them 200 (BENCHMARKS.md, "Training steps").
+  host.restart_with_allocator()
+  start.before_jax()
   parser = argparse.ArgumentParser()
   parser.add_argument('what', choices=['pipeline', 'demo_steps', 'densenet169'])
   parser.add_argument('--data_dir')

@@ -104,7 +104,7 @@ def test_help_lists_the_modes_flags_and_every_config_key():
     assert f'\n  {mode} ' in out.stdout
   assert '--workdir' in out.stdout and '--verbose' in out.stdout and 'densenet169.py' in out.stdout
   # Every key, with its value in the demo config and base.py's comment.
-  assert '--config.data.image_size=128' in out.stdout
+  assert '--config.data.image_size=160' in out.stdout
   assert "--config.data.resize='squash'" in out.stdout and 'keeps the aspect ratio' in out.stdout
   assert '--config.allow_config_change=False' in out.stdout
   # With --config, that config's values.
@@ -166,6 +166,8 @@ def test_a_config_file_that_does_not_exist_or_raises(tmp_path):
     ('data.rotation_degrees', -5.0, 'a finite number in [0, 180]'),
     ('train.keep_best', 0, 'an integer >= 1'),
     ('model.block_config', (2, 0), 'dense layers per block, integers >= 1'),
+    ('cam.randomisation_draws', 0, 'an integer >= 1 (default: --config.cam.randomisation_draws=5)'),
+    ('cam.randomisation_seed', -1, 'an integer >= 0'),
 ])
 def test_a_bad_value_is_one_sentence_naming_the_key_before_any_work(tmp_path, key, value, message):
   config = _tiny(tmp_path)
