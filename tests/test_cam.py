@@ -72,6 +72,20 @@ def test_flip_averaged_map_is_the_mean_of_the_view_and_its_mirror():
   assert np.abs(averaged - plain).max() > 1e-2
 
 
+def test_how_maps_are_made_comes_from_the_config_or_the_workdir(tmp_path):
+  """A predictor makes mirror-averaged maps where the config given, else the workdir's
+  config.json, says cam.flip_average; a config.json that predates the key means plain maps."""
+  from mura_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from mura_jax.configs import demo  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_config(tmp_path, demo.get_config())
+  assert predictor_lib.flip_average_of(workdir_lib.read_config(tmp_path)) is True
+  old = json.loads((tmp_path / 'config.json').read_text())
+  del old['cam']['flip_average']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  assert predictor_lib.flip_average_of(workdir_lib.read_config(tmp_path)) is False
+  assert predictor_lib.flip_average_of(None) is False
+
+
 def _aligned_map(image, spec, cells):
   """A map that is exactly the fitted input, average-pooled to cells x cells (what a feature map
   of perfect localisation would be)."""
