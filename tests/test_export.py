@@ -30,7 +30,6 @@ class Blocked(importlib.abc.MetaPathFinder):
     if name.split('.')[0] in ('mura_jax', 'flax', 'tfds_mura', 'tensorflow', 'torch'):
       raise ImportError(f'{name} must not be needed')
 sys.meta_path.insert(0, Blocked())
-import jax
 import numpy as np
 from jax import export
 model = export.deserialize(open(sys.argv[1], 'rb').read())
