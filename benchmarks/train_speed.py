@@ -85,7 +85,8 @@ def densenet169(args):
 
 def main():
   # What main.py's runs set up first (mimalloc, XLA:CPU's own convolutions): without them the
-  # demo's step measured 73 img/s at 128 px, with them 200 (BENCHMARKS.md, "Training steps").
+  # demo's step measured 68-71 img/s at 128 px, with them 126-139 (BENCHMARKS.md, "Training
+  # steps").
   host.restart_with_allocator()
   start.before_jax()
   parser = argparse.ArgumentParser()
