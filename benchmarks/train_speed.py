@@ -11,18 +11,21 @@ Prints markdown rows for BENCHMARKS.md.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 
 from mura_jax.data import input_pipeline
-from mura_jax.runtime import host
 from mura_jax.runtime import parallel
-from mura_jax.runtime import start
 from mura_jax.configs import base as common
 from mura_jax.configs import demo
 from mura_jax.training import state as train_state
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pipeline(args):
@@ -87,8 +90,7 @@ def main():
   # What main.py's runs set up first (mimalloc, XLA:CPU's own convolutions): without them the
   # demo's step measured 68-71 img/s at 128 px, with them 126-139 (BENCHMARKS.md, "Training
   # steps").
-  host.restart_with_allocator()
-  start.before_jax()
+  vs_torch.start_jax_process()
   parser = argparse.ArgumentParser()
   parser.add_argument('what', choices=['pipeline', 'demo_steps', 'densenet169'])
   parser.add_argument('--data_dir')

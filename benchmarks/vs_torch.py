@@ -294,10 +294,9 @@ def random_views(batch_size: int, size: int) -> dict:
 def start_jax_process():
   """As main.py starts: this process again with the malloc that keeps XLA:CPU's buffers (host.py),
   then XLA:CPU's convolutions chosen (parallel.py), before JAX starts its backends."""
-  from mura_jax.runtime import host  # pylint: disable=g-import-not-at-top
+  from mura_jax.runtime import host, start  # pylint: disable=g-import-not-at-top
   host.restart_with_allocator()
-  from mura_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
-  parallel.use_xla_cpu_convolutions()
+  start.before_jax()
 
 
 def jax_setup(spec: dict, **compile_options) -> types.SimpleNamespace:
