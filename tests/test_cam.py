@@ -119,6 +119,25 @@ def test_peak_of_a_border_cell_is_its_centre_not_the_corner():
   assert hist[0, 0] == 10 and hist.sum() == 10  # a fixed hotspot fills one bin
 
 
+def test_peak_is_placed_within_its_cell_by_a_parabola():
+  # Samples of a parabola peaking 0.3 cells past the middle one: its vertex, exactly.
+  assert maps_lib.subcell_offset(*[-(x - 0.3) ** 2 for x in (-1, 0, 1)]) == pytest.approx(0.3)
+  assert maps_lib.subcell_offset(1.0, 3.0, 1.0) == 0  # equal neighbours: the cell's centre
+  assert maps_lib.subcell_offset(3.0, 3.0, 1.0) == -0.5  # a tie: on the edge between the two
+  assert maps_lib.subcell_offset(1.0, 3.0, 3.0) == 0.5
+  assert maps_lib.subcell_offset(2.0, 2.0, 2.0) == 0  # flat
+  # A smooth evidence peaking off its cell's centre, on a 400 x 320 radiograph (squash, 8 x 8
+  # map: cells of 50 x 40 px): the peak found is nearer the true one than the cell's centre is.
+  spec = preprocessing.Preprocessing(64, 'squash', 3)
+  cy, cx = 3.3, 5.85  # in cells; cell i's centre is at i + 0.5
+  centres = np.arange(8) + 0.5
+  raw = np.exp(-((centres[:, None] - cy) ** 2 + (centres[None, :] - cx) ** 2) / 2)
+  row, column = maps_lib.peak(raw, 400, 320, spec)
+  assert abs(row - cy * 50) <= 4 and abs(column - cx * 40) <= 4, (row, column)
+  assert abs(3.5 * 50 - cy * 50) == pytest.approx(10)  # the cell's centre: 10 px off
+  assert abs(5.5 * 40 - cx * 40) == pytest.approx(14)
+
+
 def test_localisation_measures_on_hand_made_maps():
   box = ('lesion', 40, 20, 60, 50)  # x0, y0, x1, y1
   assert localisation.distance_to_box(30, 50, box) == 0

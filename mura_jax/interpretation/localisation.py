@@ -1,6 +1,7 @@
 """How well class activation maps point: localisation on annotated boxes (the synthetic MURA's
 `synthetic_annotations.csv`), per view with an abnormality:
-  pointing game   the upsampled raw map's argmax lies inside the box (tolerance 0), within one
+  pointing game   the map's peak (`maps.peak`: in its largest cell, where a parabola through
+                  the cell's neighbours peaks) lies inside the box (tolerance 0), within one
                   map cell of it (row- and column-wise: is a miss a cell beside the box, where a
                   map cannot be sharper, or elsewhere?), or within 15 px of it at original
                   resolution (Zhang et al.'s tolerance);
@@ -220,8 +221,9 @@ def format_localisation(summary: dict) -> str:
     lines += [summary['no_boxes'], '']
   if local:
     lines += [f'{local["n_views"]} abnormal views with a box; 95% CIs from bootstrap resamples of '
-              'views. Pointing: the map\'s peak inside the box (or within one CAM cell of it '
-              'along each axis, the map\'s own resolution, the same tolerance for the baselines; '
+              'views. Pointing: the map\'s peak (placed within its cell) inside the box (or '
+              'within one CAM cell of it along each axis, the map\'s own resolution, the same '
+              'tolerance for the baselines; '
               f'or within {POINTING_TOLERANCE_PX} px); Otsu: the largest region above Otsu\'s '
               f'threshold, its box against the box (hit: IoU >= {IOU_HIT}).', '',
               '| method | pointing | pointing, 1 cell | pointing 15 px | Otsu hit | '
