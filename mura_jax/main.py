@@ -16,14 +16,10 @@ Errors in the input, config or workdir are a sentence (exit 2); --verbose adds t
 """
 
 from mura_jax.runtime import host
+if __name__ == '__main__':  # first, before the imports below (3 s): it starts this process again
+  host.restart_with_allocator()  # with the malloc XLA:CPU's buffers want (host.py)
 
-if __name__ == '__main__':
-  # First, before the imports below (about 3 s): it starts this process again with the malloc
-  # XLA:CPU's buffers want (host.py), and what ran before is lost.
-  host.restart_with_allocator()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import functools
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib
 
 from absl import app
@@ -35,7 +31,6 @@ from mura_jax import cli
 from mura_jax import workdir as workdir_lib
 from mura_jax.errors import ConfigError
 from mura_jax.runtime import start
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file('config', None, 'Python file with get_config() (default: the '
                                 'demo, mura_jax/configs/demo.py).')
@@ -98,7 +93,6 @@ def main(argv):
 
 
 def entry_point():
-  host.restart_with_allocator()  # where no `python -m` ran the module's own first lines
   app.run(main, flags_parser=functools.partial(cli.parse_flags, usage=__doc__))
 
 
